@@ -1,0 +1,97 @@
+"""``rlsys`` command line.
+
+    rlsys train [hydra overrides ...]     train (e.g. ``rlsys train experiment=tiny steps=50``)
+    rlsys train --cfg job                 print the composed config and exit (Hydra's flag)
+    rlsys build-model [overrides ...]     build (or find in the cache) the tiny model, print its path
+
+Overrides are Hydra's: ``key=value``, ``group=option``; a typo fails with the key named.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+USAGE = __doc__
+
+
+def _train_main(argv: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from rlsys.config import ConfigError, conf_dir, register_schema, to_run_config
+
+    register_schema()
+    result = {"rc": 0}
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def _main(dcfg) -> None:
+        from rlsys.controller import run_training
+
+        try:
+            cfg = to_run_config(dcfg)
+        except ConfigError as e:
+            print(f"rlsys: {e}", file=sys.stderr)
+            result["rc"] = 2
+            return
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
+        summary = run_training(cfg, run_dir)
+        _print_table(summary)
+
+    sys.argv = ["rlsys train", *argv]
+    _main()
+    return result["rc"]
+
+
+def _print_table(s: dict) -> None:
+    rows = [
+        ("eval accuracy (held-out, greedy)", f"{s['eval_accuracy_before']:.3f}", f"{s['eval_accuracy_after']:.3f}"),
+        ("train reward (first/last steps)", _fmt(s["reward_first"]), _fmt(s["reward_last"])),
+    ]
+    print()
+    print(f"{'':34s} {'before':>8s} {'after':>8s}")
+    for name, a, b in rows:
+        print(f"{name:34s} {a:>8s} {b:>8s}")
+    print(f"\nsteps {s['steps']}  train {s['train_seconds']:.0f}s  samples/s {s['samples_per_s']:.0f}  "
+          f"tokens/s {s['tokens_per_s']:.0f}  reward failures {s['reward_failures']}")
+    print(f"run directory: {s['run_dir']}")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _build_model_main(argv: list[str]) -> int:
+    from rlsys.config import compose, to_run_config
+    from rlsys.tinymodel import ensure_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = to_run_config(compose(argv))
+    path = ensure_model(cfg.model, cfg.task)
+    ws = path / "warmstart.json"
+    print(path)
+    if ws.is_file():
+        print(json.dumps(json.loads(ws.read_text()), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        return _train_main(rest)
+    if cmd == "build-model":
+        return _build_model_main(rest)
+    print(f"rlsys: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The run's configuration: one typed dataclass per component, composed by Hydra.
+
+Every component's dataclass lives next to its code (``rollout.RolloutConfig``,
+``learner.LearnerConfig`` ...) and holds the only defaults. ``RunConfig`` gathers them and is
+registered once as Hydra's structured schema (``rlsys_schema``); the YAML files under
+``conf/`` only select and override, so a mistyped key fails at composition.
+
+``to_run_config`` converts the composed DictConfig into typed objects exactly once, running
+every ``__post_init__`` check; the result is then treated as read-only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from rlsys.learner import LearnerConfig
+from rlsys.replay import ReplayConfig
+from rlsys.reward import RewardConfig
+from rlsys.rollout import RolloutConfig
+from rlsys.scheduler import SchedulerConfig
+from rlsys.task import TaskConfig
+from rlsys.tinymodel import ModelConfig
+
+
+@dataclass
+class ClusterConfig:
+    """Where the actors run."""
+
+    address: Optional[str] = None
+    """Ray cluster to join ('auto' or 'ray://host:10001'); None starts a local one."""
+    num_cpus: int = 2
+    """Logical CPUs of the local Ray cluster (ignored when joining one)."""
+    temp_dir: str = "/tmp/rlsys"
+    """Ray's session directory for a local cluster (keep it short: unix socket paths)."""
+    loopback_only: bool = True
+    """Keep a local Ray cluster on 127.0.0.1."""
+    actor_start_timeout_s: float = 300.0
+    """Give up (with the cluster's resources in the message) if actors are not up by then."""
+    metrics_host: str = "127.0.0.1"
+    """Address the controller's Prometheus endpoint binds to."""
+    metrics_port: int = 0
+    """Port of the Prometheus endpoint; 0 picks a free one (logged); -1 disables it."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 1:
+            raise ValueError(f"cluster.num_cpus must be >= 1, got {self.num_cpus}")
+        if not (-1 <= self.metrics_port <= 65535):
+            raise ValueError(f"cluster.metrics_port must be -1 (off), 0 (any) or a port, got {self.metrics_port}")
+
+
+@dataclass
+class RunConfig:
+    """A training run."""
+
+    name: str = "tiny"
+    """Run name (used in the run directory name)."""
+    steps: int = 100
+    """Learner steps to train."""
+    max_train_seconds: float = 0.0
+    """Stop training after this much wall time even if ``steps`` are not done; 0 = no limit."""
+    eval_every: int = 0
+    """Evaluate on held-out prompts every k steps (0: only before and after training)."""
+    log_every: int = 1
+    """Print a progress line every k steps."""
+    run_root: str = "runs"
+    """Parent directory of run directories."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.max_train_seconds < 0 or self.eval_every < 0 or self.log_every < 1:
+            raise ValueError("max_train_seconds and eval_every must be >= 0 and log_every >= 1")
+
+
+class ConfigError(ValueError):
+    """The composed configuration is invalid; the message names the key to change."""
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="rlsys_schema", node=RunConfig)
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` directory: $RLSYS_CONF_DIR, else the repository's ``conf/``."""
+    env = os.environ.get("RLSYS_CONF_DIR")
+    d = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    if not (d / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {d}; set RLSYS_CONF_DIR to rlsys's conf/ directory")
+    return d
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Typed, validated config (runs every component's __post_init__ once)."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except Exception as e:  # OmegaConf wraps __post_init__ errors; re-raise as one clear error
+        cause = e.__cause__ or e
+        raise ConfigError(f"invalid configuration: {cause}") from e
+    if not isinstance(obj, RunConfig):
+        raise ConfigError("the composed config is not a RunConfig; is conf/config.yaml's schema 'rlsys_schema'?")
+    return obj
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose the config as ``rlsys train`` would (for tests, benchmarks, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))

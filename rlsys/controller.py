@@ -1,0 +1,358 @@
+"""Controller: starts the actors and runs the training loops (``rlsys train``).
+
+    dataset ─▶ scheduler.plan ─ RolloutRequest(prompt, n_i) ─▶ rollout_loop × R ─▶ RolloutWorker (vLLM)
+                  ▲                                                   │ Group(n_i completions,
+                  │ (prompt_id, rewards)                              ▼  behaviour logprobs, version v)
+                  └──────────────── scheduler.observe ◀─── RewardWorker.score (rule verifier)
+                                                                      │
+                                                     replay.put ◀─────┘   (replay.reserve gates
+                                                         │                 admission: staleness +
+                                                         ▼                 backpressure)
+                                learner_loop: replay.take(M groups) → LearnerRank × L (DeepSpeed)
+                                                         │ train_step, then gather_weights
+                                                         ▼
+                           RolloutWorker.update_weights(v + 1) on every worker → replay.ack
+
+Two kinds of loop, joined by the replay store:
+
+* ``rollout_loop`` (one per rollout worker) consumes admission slots from
+  ``replay.reserve`` — it waits there when the store plus in-flight work is full or the
+  learner is too far behind (staleness) — and produces scored groups into ``replay.put``.
+* ``learner_loop`` consumes ``replay.take(M)`` (waits for M fresh groups), takes one optimizer
+  step on all ranks, publishes the weights to every worker, then advances the learner
+  version, which unblocks producers waiting in ``reserve``.
+
+With ``replay.max_staleness = 0`` this is synchronous on-policy GRPO; with η ≥ 1 generation of
+the next batch overlaps the learner step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from rlsys.batch import build_batch, shard_indices
+from rlsys.config import ClusterConfig, RunConfig
+from rlsys.learner import LearnerRank
+from rlsys.losses import LossNormalizer
+from rlsys.metrics import Metrics, MetricsServer, serve
+from rlsys.records import Group
+from rlsys.replay import InProcessReplayStore, StoreClosed
+from rlsys.reward import RewardWorker
+from rlsys.rollout import RolloutWorker
+from rlsys.scheduler import BudgetScheduler, Prompt
+from rlsys.task import DatasetError, Example, load_task, verify_answer
+from rlsys.tinymodel import encode_prompt, ensure_model
+
+log = logging.getLogger(__name__)
+
+
+def start_ray(cfg: ClusterConfig, namespace: str) -> None:
+    """Join ``cluster.address`` or start a local cluster on loopback with explicit CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.address is not None:
+        ray.init(address=cfg.address, namespace=namespace, log_to_driver=False)
+        return
+    if cfg.loopback_only:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps Ray on loopback (PLATFORM.md)
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=cfg.temp_dir, namespace=namespace,
+             _node_ip_address="127.0.0.1" if cfg.loopback_only else None, log_to_driver=False)
+
+
+def check_resources(cfg: RunConfig, available: dict) -> None:
+    """Fail fast (instead of waiting forever for placement) when the actors cannot fit."""
+    need_cpu = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_workers * cfg.reward.num_cpus
+                + cfg.learner.num_ranks * cfg.learner.num_cpus)
+    need_gpu = cfg.rollout.num_workers * cfg.rollout.num_gpus + cfg.learner.num_ranks * cfg.learner.num_gpus
+    have_cpu, have_gpu = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    if need_cpu > have_cpu + 1e-9 or need_gpu > have_gpu + 1e-9:
+        raise RuntimeError(
+            f"the actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the Ray cluster has {have_cpu:g} CPUs and "
+            f"{have_gpu:g} GPUs; lower rollout.num_cpus / learner.num_cpus / reward.num_cpus or the worker counts, "
+            f"or raise cluster.num_cpus"
+        )
+
+
+def tokenize_prompts(tok, examples: list[Example], max_prompt_tokens: int) -> list[Prompt]:
+    out = []
+    for ex in examples:
+        ids = encode_prompt(tok, ex.prompt)
+        if len(ids) > max_prompt_tokens:
+            raise DatasetError(f"prompt {ex.id!r} has {len(ids)} tokens, more than the {max_prompt_tokens} that fit "
+                               f"before rollout.max_new_tokens in the model's context; shorten it or raise "
+                               f"rollout.max_model_len")
+        out.append(Prompt(ex.id, ex.prompt, tuple(ids), ex.answer))
+    return out
+
+
+@dataclass
+class Timing:
+    """Busy seconds per activity during training (summed over calls)."""
+
+    generation: float = 0.0
+    reward: float = 0.0
+    learner: float = 0.0
+    weight_sync: float = 0.0
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    reward_failures: int = 0
+    step_rewards: list = field(default_factory=list)
+    step_losses: list = field(default_factory=list)
+    timing: Timing = field(default_factory=Timing)
+
+
+class Controller:
+    """Owns the actors of one run. ``await run()`` trains and returns the summary."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.metrics = Metrics()
+        self.progress = Progress()
+        self.metrics_server: Optional[MetricsServer] = None
+        self._dropped_seen = 0
+
+    # -- setup -------------------------------------------------------------------------
+    def setup(self) -> None:
+        import ray
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.model_path = str(ensure_model(cfg.model, cfg.task))
+        data = load_task(cfg.task)
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = tok.pad_token_id
+        hf = json.loads((Path(self.model_path) / "config.json").read_text())
+        ctx = cfg.rollout.max_model_len or int(hf.get("max_position_embeddings", 2048))
+        limit = ctx - cfg.rollout.max_new_tokens
+        self.train_prompts = tokenize_prompts(tok, list(data.train), limit)
+        self.eval_prompts = tokenize_prompts(tok, list(data.eval), limit)
+        log.info("model %s; %d train / %d eval prompts (%.1fs)", self.model_path, len(self.train_prompts),
+                 len(self.eval_prompts), time.perf_counter() - t0)
+
+        start_ray(cfg.cluster, namespace=f"rlsys-{self.run_dir.name}")
+        check_resources(cfg, ray.cluster_resources())
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+        opts = {"runtime_env": {"env_vars": env}}
+        rc, lc = cfg.rollout, cfg.learner
+        self.scheduler = ray.remote(num_cpus=0)(BudgetScheduler).remote(cfg.scheduler, self.train_prompts)
+        self.rewards = [ray.remote(num_cpus=cfg.reward.num_cpus)(RewardWorker).options(**opts).remote(cfg.reward)
+                        for _ in range(cfg.reward.num_workers)]
+        self.workers = [
+            ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)(RolloutWorker).options(**opts)
+            .remote(rc, self.model_path, i, str(self.run_dir))
+            for i in range(rc.num_workers)
+        ]
+        port = _free_port()
+        self.ranks = [
+            ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus)(LearnerRank).options(**opts)
+            .remote(lc, self.model_path, r, lc.num_ranks, port, rc.temperature, rc.max_new_tokens)
+            for r in range(lc.num_ranks)
+        ]
+        try:
+            ray.get([a.ready.remote() for a in self.workers + self.rewards + self.ranks],
+                    timeout=cfg.cluster.actor_start_timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise RuntimeError(f"actors did not start within cluster.actor_start_timeout_s="
+                               f"{cfg.cluster.actor_start_timeout_s}s; Ray resources: {ray.available_resources()}") from e
+        self.store = InProcessReplayStore(cfg.replay, cfg.scheduler.prompts_per_step)
+        if cfg.cluster.metrics_port >= 0:
+            self.metrics_server = serve(self.metrics, cfg.cluster.metrics_host, cfg.cluster.metrics_port)
+        log.info("actors up: %d rollout, %d reward, %d learner rank(s) (%.1fs)", len(self.workers),
+                 len(self.rewards), len(self.ranks), time.perf_counter() - t0)
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        for a in getattr(self, "workers", []) + getattr(self, "rewards", []) + getattr(self, "ranks", []):
+            ray.kill(a)
+
+    # -- evaluation ----------------------------------------------------------------------
+    async def evaluate(self) -> float:
+        """Greedy accuracy on the held-out prompts, split over the rollout workers."""
+        prompts = self.eval_prompts
+        shards = [prompts[i:: len(self.workers)] for i in range(len(self.workers))]
+        outs = await asyncio.gather(*[w.generate_greedy.remote([list(p.prompt_token_ids) for p in s])
+                                      for w, s in zip(self.workers, shards)])
+        correct = sum(verify_answer(text, p.reference) for s, o in zip(shards, outs) for p, text in zip(s, o))
+        acc = correct / max(len(prompts), 1)
+        self.metrics.eval_accuracy.set(acc)
+        return acc
+
+    # -- loops ---------------------------------------------------------------------------
+    async def rollout_loop(self, worker, index: int) -> None:
+        """Consumes admission slots (replay.reserve) and produces scored groups (replay.put)."""
+        per_call = min(self.cfg.rollout.prompts_per_call,
+                       math.ceil(self.cfg.scheduler.prompts_per_step / len(self.workers)))
+        reward = self.rewards[index % len(self.rewards)]
+        while True:
+            try:
+                k = await self.store.reserve(per_call)
+            except StoreClosed:
+                return
+            requests = await self.scheduler.plan.remote(k)
+            result = await worker.generate.remote(requests)
+            t0 = time.perf_counter()
+            groups: list[Group] = await reward.score.remote(result.groups)
+            self.progress.timing.reward += time.perf_counter() - t0
+            self.progress.timing.generation += result.generate_seconds
+            self.scheduler.observe.remote([(g.prompt_id, g.rewards.tolist()) for g in groups])
+            samples = sum(g.size for g in groups)
+            failures = sum(g.reward_failures for g in groups)
+            self.progress.samples += samples
+            self.progress.tokens += result.num_tokens
+            self.progress.reward_failures += failures
+            self.metrics.samples.inc(samples)
+            self.metrics.tokens.inc(result.num_tokens)
+            self.metrics.reward_failures.inc(failures)
+            self.metrics.gen_seconds.observe(result.generate_seconds)
+            await self.store.put(groups)
+
+    async def learner_loop(self, t_start: float) -> None:
+        """Consumes M fresh groups per step; trains; publishes weights; advances the version."""
+        cfg = self.cfg
+        m = cfg.scheduler.prompts_per_step
+        for step in range(cfg.steps):
+            if cfg.max_train_seconds and time.perf_counter() - t_start > cfg.max_train_seconds:
+                log.warning("stopping after %d steps: max_train_seconds=%s reached", step, cfg.max_train_seconds)
+                break
+            groups = await self.store.take(m)
+            version = self.store.learner_version
+            t0 = time.perf_counter()
+            batch = build_batch(groups, cfg.learner.loss, self.pad_id)
+            norm = LossNormalizer(batch.num_tokens, batch.num_seqs, cfg.rollout.max_new_tokens)
+            lengths = batch.attention_mask.sum(1)
+            shards = [batch.select(ix) for ix in shard_indices(lengths, len(self.ranks))]
+            stats = await asyncio.gather(*[r.train_step.remote(s, norm) for r, s in zip(self.ranks, shards)])
+            t1 = time.perf_counter()
+            weight_refs = [r.gather_weights.remote() for r in self.ranks]
+            await asyncio.gather(*[w.update_weights.remote(version + 1, weight_refs[0]) for w in self.workers])
+            await asyncio.gather(*weight_refs[1:])
+            t2 = time.perf_counter()
+            await self.store.set_learner_version(version + 1)
+            await self.store.ack([g.group_id for g in groups])
+            self._record_step(step, groups, stats, t1 - t0, t2 - t1, t_start)
+        await self.store.close()
+
+    def _record_step(self, step: int, groups: list[Group], stats, train_s: float, sync_s: float,
+                     t_start: float) -> None:
+        p, m = self.progress, self.metrics
+        p.step = step + 1
+        p.timing.learner += train_s
+        p.timing.weight_sync += sync_s
+        reward = float(np.mean(np.concatenate([g.rewards for g in groups])))
+        loss = float(sum(s.loss for s in stats))
+        lag = [self.store.learner_version - 1 - g.policy_version for g in groups]
+        p.step_rewards.append(reward)
+        p.step_losses.append(loss)
+        m.steps.inc()
+        m.policy_version.set(self.store.learner_version)
+        m.loss.set(loss)
+        m.grad_norm.set(stats[0].grad_norm)
+        m.reward_mean.set(reward)
+        m.step_seconds.observe(train_s)
+        m.sync_seconds.observe(sync_s)
+        m.replay_depth.set(self.store.depth())
+        for x in lag:
+            m.replay_staleness.observe(x)
+        m.replay_dropped_stale.inc(self.store.counters.dropped_stale - self._dropped_seen)
+        self._dropped_seen = self.store.counters.dropped_stale
+        if p.step % self.cfg.log_every == 0 or p.step == self.cfg.steps:
+            el = time.perf_counter() - t_start
+            log.info("step %4d/%d | reward %.3f | loss %+.4f | grad %.3f | clip %.3f | tokens/s %6.0f | "
+                     "samples/s %5.0f | staleness %.2f | %.0fs", p.step, self.cfg.steps, reward, loss,
+                     stats[0].grad_norm, stats[0].extra.get("clip_fraction", 0.0), p.tokens / el, p.samples / el,
+                     float(np.mean(lag)), el)
+
+    # -- the run -------------------------------------------------------------------------
+    async def run(self) -> dict:
+        t_wall = time.perf_counter()
+        self.setup()
+        acc_before = await self.evaluate()
+        log.info("eval accuracy before training: %.3f (%d held-out prompts)", acc_before, len(self.eval_prompts))
+        t_start = time.perf_counter()
+        learner = asyncio.create_task(self.learner_loop(t_start), name="learner_loop")
+        rollouts = [asyncio.create_task(self.rollout_loop(w, i), name=f"rollout_loop_{i}")
+                    for i, w in enumerate(self.workers)]
+        try:
+            done, _ = await asyncio.wait([learner, *rollouts], return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()  # re-raise the first failure
+            await learner
+        finally:
+            for t in rollouts:
+                t.cancel()
+            await asyncio.gather(*rollouts, return_exceptions=True)
+        train_seconds = time.perf_counter() - t_start
+        acc_after = await self.evaluate()
+        log.info("eval accuracy after training: %.3f", acc_after)
+        return self._summary(acc_before, acc_after, train_seconds, time.perf_counter() - t_wall)
+
+    def _summary(self, acc_before: float, acc_after: float, train_s: float, wall_s: float) -> dict:
+        p = self.progress
+        k = max(1, min(10, len(p.step_rewards) // 2))
+        c = self.store.counters
+        return {
+            "name": self.cfg.name,
+            "steps": p.step,
+            "wall_seconds": round(wall_s, 3),
+            "train_seconds": round(train_s, 3),
+            "eval_accuracy_before": acc_before,
+            "eval_accuracy_after": acc_after,
+            "samples": p.samples,
+            "tokens_generated": p.tokens,
+            "samples_per_s": p.samples / train_s,
+            "tokens_per_s": p.tokens / train_s,
+            "reward_first": float(np.mean(p.step_rewards[:k])) if p.step_rewards else None,
+            "reward_last": float(np.mean(p.step_rewards[-k:])) if p.step_rewards else None,
+            "reward_failures": p.reward_failures,
+            "replay": {"put": c.put, "taken": c.taken, "acked": c.acked, "dropped_stale": c.dropped_stale,
+                       "staleness_hist": {str(k): v for k, v in sorted(c.staleness_hist.items())}},
+            "busy_seconds": asdict(p.timing),
+            "share_generation": p.timing.generation / train_s,
+            "share_reward": p.timing.reward / train_s,
+            "share_learner": p.timing.learner / train_s,
+            "share_weight_sync": p.timing.weight_sync / train_s,
+            "model_path": self.model_path,
+            "run_dir": str(self.run_dir),
+        }
+
+
+def run_training(cfg: RunConfig, run_dir: Path) -> dict:
+    """Train, write ``summary.json`` into ``run_dir`` and return the summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctl = Controller(cfg, run_dir)
+    try:
+        summary = asyncio.run(ctl.run())
+    finally:
+        ctl.shutdown()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,235 @@
+"""Learner: DeepSpeed ranks (Ray actors) that take a policy-gradient step per batch.
+
+One ``LearnerRank`` per data-parallel rank. The controller shards each step's batch over
+the ranks (balanced by tokens) and calls ``train_step`` on all of them; DeepSpeed averages
+gradients across ranks, so each rank scales its share of the loss by ``world_size`` and the
+result is the loss over the whole global batch, however it is sharded (see
+``losses.LossNormalizer``). Ranks therefore stay bit-identical (tested).
+
+Weight publication: every rank calls ``gather_weights`` (with ZeRO-3 the parameters are
+sharded, and gathering is a collective); rank 0 returns ``[(hf_name, tensor), ...]`` in
+Hugging Face naming, the others return None.
+
+On CPU the accelerator is DeepSpeed's CPU accelerator with gloo; the optimizer is torch's
+AdamW (``torch_adam``) so no JIT-compiled op is needed. The ``deepspeed_shm_comm`` op (only
+used for inference all-reduce) is switched off: it would otherwise be compiled (~45 s)
+inside ``init_distributed`` on a cold machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from rlsys.batch import TrainBatch, micro_batches
+from rlsys.losses import LossConfig, LossNormalizer, policy_loss, token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnerConfig:
+    """DeepSpeed learner ranks and the optimizer."""
+
+    num_ranks: int = 1
+    """Data-parallel DeepSpeed ranks (one Ray actor each)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    lr: float = 1e-4
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    grad_accum_steps: int = 1
+    """Micro-batches per rank per optimizer step."""
+    dtype: str = "fp32"
+    """fp32 (CPU) or bf16 (GPU)."""
+    num_cpus: float = 0.5
+    """Ray CPUs reserved per rank (logical; on CPU machines rollout and learner mostly alternate)."""
+    num_gpus: float = 0.0
+    """Ray GPUs per rank (1 on GPU clusters)."""
+    torch_threads: int = 0
+    """torch intra-op threads per rank; 0 leaves torch's default."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The policy-gradient objective."""
+
+    def __post_init__(self) -> None:
+        if self.num_ranks < 1:
+            raise ValueError(f"learner.num_ranks must be >= 1, got {self.num_ranks}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.lr <= 0:
+            raise ValueError(f"learner.lr must be > 0, got {self.lr}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"learner.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"learner.dtype must be fp32 or bf16, got {self.dtype!r}")
+
+
+def deepspeed_config(cfg: LearnerConfig, world_size: int) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.grad_accum_steps * world_size,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": 1e-8,
+                       "weight_decay": cfg.weight_decay, "torch_adam": True},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.grad_clip
+    if cfg.dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+    extra: dict
+
+
+class LearnerRank:
+    """Ray actor (``learner`` role): one DeepSpeed data-parallel rank."""
+
+    def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int, master_port: int,
+                 temperature: float, max_new_tokens: int):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        import torch
+
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "RANK": str(rank),
+                           "LOCAL_RANK": "0" if torch.cuda.is_available() else str(rank),
+                           "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)})
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        if cfg.torch_threads > 0:
+            torch.set_num_threads(cfg.torch_threads)
+        import deepspeed
+        import deepspeed.ops
+
+        if not on_gpu:
+            # Not needed for training; avoids a ~45 s JIT build on a cold machine.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=deepspeed_config(cfg, world_size))
+        self.steps = 0
+        log.info("learner rank %d/%d ready (ZeRO-%d)", rank, world_size, cfg.zero_stage)
+
+    def _tensors(self, b: TrainBatch):
+        import torch
+
+        d = self.device
+        return (torch.from_numpy(b.input_ids).to(d), torch.from_numpy(b.attention_mask).to(d),
+                torch.from_numpy(b.mask).to(d), torch.from_numpy(b.behav_logprobs).to(d),
+                torch.from_numpy(b.advantages).to(d))
+
+    def _logprobs(self, input_ids, attn):
+        logits = self.engine(input_ids=input_ids, attention_mask=attn).logits
+        return token_logprobs(logits, input_ids, self.temperature)
+
+    def train_step(self, shard: TrainBatch, norm: LossNormalizer) -> StepStats:
+        """One optimizer step on this rank's shard of the global batch."""
+        import torch
+
+        t0 = time.perf_counter()
+        self.engine.train()
+        total, agg = 0.0, {}
+        chunks = micro_batches(shard.num_seqs, self.cfg.grad_accum_steps)
+        for idx in chunks:
+            mb = shard.select(idx) if len(idx) else None
+            if mb is None:  # keep the collective schedule identical on every rank
+                mb = shard.select(np.arange(1))
+                weight = 0.0
+            else:
+                weight = 1.0
+            ids, attn, mask, behav, adv = self._tensors(mb)
+            logp = self._logprobs(ids, attn)
+            loss, stats = policy_loss(logp, logp.detach(), behav, adv, mask * weight, self.cfg.loss, norm)
+            # DeepSpeed averages gradients over ranks; the loss is already this shard's share
+            # of the global mean, so undo the average (and do not divide by accumulation steps).
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            self.engine.step()
+            total += float(loss.detach())
+            for k, v in stats.items():
+                agg[k] = agg.get(k, 0.0) + v * stats["tokens"] if k != "tokens" else agg.get(k, 0.0) + v
+        self.steps += 1
+        ntok = agg.get("tokens", 0.0)
+        extra = {k: v / max(ntok, 1.0) for k, v in agg.items() if k != "tokens"}
+        gn = self.engine.get_global_grad_norm()
+        return StepStats(total, float(gn) if gn is not None else float("nan"), int(ntok),
+                         time.perf_counter() - t0, extra)
+
+    def compute_logprobs(self, batch: TrainBatch) -> np.ndarray:
+        """Per-token logprobs of ``batch`` under the current weights (tests, diagnostics)."""
+        import torch
+
+        self.engine.eval()
+        with torch.no_grad():
+            ids, attn, *_ = self._tensors(batch)
+            return self._logprobs(ids, attn).float().cpu().numpy()
+
+    def gather_weights(self) -> Optional[list[tuple[str, object]]]:
+        """Full HF-named weights on rank 0 (collective under ZeRO-3); None on other ranks."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.named_parameters())
+        if self.cfg.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                out = [(n, p.detach().float().cpu().clone()) for n, p in params] if self.rank == 0 else None
+        else:
+            out = [(n, p.detach().float().cpu().clone()) for n, p in params] if self.rank == 0 else None
+        return out
+
+    def weights_digest(self) -> str:
+        """sha256 over all (gathered) parameters: equal digests mean identical ranks."""
+        import hashlib
+
+        import deepspeed
+
+        h = hashlib.sha256()
+        params = list(self.engine.module.named_parameters())
+        ctx = deepspeed.zero.GatheredParameters([p for _, p in params]) if self.cfg.zero_stage == 3 else _Null()
+        with ctx:
+            for n, p in params:
+                h.update(n.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def ready(self) -> bool:
+        return True
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

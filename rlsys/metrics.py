@@ -1,0 +1,66 @@
+"""Prometheus metric names (one vocabulary: ``rlsys_<role>_<name>_<unit>``) and the
+controller's endpoint.
+
+Every metric rlsys exports is declared here and nowhere else. Labels are bounded (role,
+worker index); there are no per-prompt labels. Issue 7 extends export to every actor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    """The controller's metrics, on their own registry (so tests can run several)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.steps = Counter("rlsys_learner_steps", "Optimizer steps committed", registry=r)
+        self.policy_version = Gauge("rlsys_learner_policy_version", "Current policy version", registry=r)
+        self.loss = Gauge("rlsys_learner_loss", "Policy loss of the last step", registry=r)
+        self.grad_norm = Gauge("rlsys_learner_grad_norm", "Global gradient norm of the last step", registry=r)
+        self.step_seconds = Histogram("rlsys_learner_step_seconds", "Learner step wall time", registry=r,
+                                      buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.sync_seconds = Histogram("rlsys_learner_weight_sync_seconds", "Weight sync wall time", registry=r,
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.samples = Counter("rlsys_rollout_samples", "Completions generated", registry=r)
+        self.tokens = Counter("rlsys_rollout_tokens", "Completion tokens generated", registry=r)
+        self.gen_seconds = Histogram("rlsys_rollout_generation_seconds", "Generate call latency", registry=r,
+                                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.reward_mean = Gauge("rlsys_reward_mean", "Mean reward of the last learner batch", registry=r)
+        self.reward_failures = Counter("rlsys_reward_failures", "Completions whose reward function failed",
+                                       registry=r)
+        self.replay_depth = Gauge("rlsys_replay_depth_groups", "Groups waiting in the replay store", registry=r)
+        self.replay_dropped_stale = Counter("rlsys_replay_dropped_stale_groups",
+                                            "Groups dropped for exceeding max_staleness", registry=r)
+        self.replay_staleness = Histogram("rlsys_replay_staleness_versions", "Policy-version lag of trained groups",
+                                          registry=r, buckets=(0, 1, 2, 3, 4, 8))
+        self.eval_accuracy = Gauge("rlsys_controller_eval_accuracy", "Held-out greedy accuracy", registry=r)
+
+
+@dataclass
+class MetricsServer:
+    host: str
+    port: int
+    _server: object
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve(metrics: Metrics, host: str, port: int) -> MetricsServer:
+    """Start the endpoint (port 0 picks a free port). Binds localhost unless configured."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    actual = server.server_address[1]
+    log.info("Prometheus metrics at http://%s:%d/metrics", host, actual)
+    return MetricsServer(host, actual, server)
