@@ -100,7 +100,7 @@ class ModelConfig:
     """AdamW learning rate of the warm start (constant)."""
     warmstart_target_accuracy: float = 0.2
     """Stop the warm start as soon as greedy accuracy on the validation split reaches this."""
-    warmstart_eval_every: int = 25
+    warmstart_eval_every: int = 5
     """Check validation accuracy every this many warm-start steps."""
     seed: int = 0
     """Seed of the initialisation and of the warm-start batch order."""
@@ -331,7 +331,8 @@ def _build(model_cfg: ModelConfig, task_cfg: TaskConfig, out_dir: Path) -> None:
     started = time.monotonic()
     data = load_task(task_cfg)
     tok = build_tokenizer(model_cfg.max_position)
-    longest = max(len(seq) for seq in _training_sequences(tok, [*data.train, *data.val, *data.eval])[0])
+    train_pack, val_pack, eval_pack = (_pack(tok, split) for split in (data.train, data.val, data.eval))
+    longest = max(ids_NL.shape[1] for ids_NL, _ in (train_pack, val_pack, eval_pack))
     if longest > model_cfg.max_position:
         raise ValueError(
             f"model.max_position={model_cfg.max_position} is shorter than the task's longest "
@@ -342,7 +343,7 @@ def _build(model_cfg: ModelConfig, task_cfg: TaskConfig, out_dir: Path) -> None:
         torch.manual_seed(model_cfg.seed)
         model = LlamaForCausalLM(_llama_config(model_cfg, tok))
         model.to(torch.float32)
-        steps, history = _warm_start(model, tok, model_cfg, data.train, data.val)
+        steps, history = _warm_start(model, model_cfg, train_pack, val_pack)
         val_accuracy = greedy_accuracy(model, tok, data.val)
         eval_accuracy = greedy_accuracy(model, tok, data.eval)
 
@@ -422,26 +423,25 @@ def _teacher_forced_exact_match(model: PreTrainedModel, ids_NL: torch.Tensor, ta
     was_training = model.training
     model.eval()
     try:
-        logits_NLV = model(input_ids=ids_NL[:, :-1], use_cache=False).logits
+        logits_NLV = model(input_ids=ids_NL[:, :-1], use_cache=False).logits  # V: vocabulary
     finally:
         model.train(was_training)
     hit_NL = (logits_NLV.argmax(dim=-1) == ids_NL[:, 1:]) | ~target_mask_NL[:, 1:]
-    return hit_NL.all(dim=1).float().mean().item()
+    return int(hit_NL.all(dim=1).sum()) / ids_NL.shape[0]
 
 
 def _warm_start(
     model: LlamaForCausalLM,
-    tok: PreTrainedTokenizerFast,
     cfg: ModelConfig,
-    train: Sequence[Example],
-    val: Sequence[Example],
+    train_pack: tuple[torch.Tensor, torch.Tensor],
+    val_pack: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[int, list[list[float]]]:
     """Teacher-forced training on answer+eos tokens until the validation target or the step cap.
 
-    Returns (steps taken, [[step, validation accuracy], ...]).
+    Takes :func:`_pack` output of the train and val splits. Returns (steps taken,
+    [[step, validation accuracy], ...]).
     """
-    ids_NL, target_mask_NL = _pack(tok, train)
-    val_ids_NL, val_mask_NL = _pack(tok, val)
+    ids_NL, target_mask_NL = train_pack
     n = ids_NL.shape[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr, weight_decay=0.0)
     order = torch.Generator().manual_seed(cfg.seed)
@@ -463,7 +463,7 @@ def _warm_start(
         optimizer.step()
         step += 1
         if step % cfg.warmstart_eval_every == 0 or step == cfg.warmstart_max_steps:
-            accuracy = _teacher_forced_exact_match(model, val_ids_NL, val_mask_NL)
+            accuracy = _teacher_forced_exact_match(model, *val_pack)
             history.append([step, accuracy])
             if len(history) % 10 == 0 or accuracy >= cfg.warmstart_target_accuracy:
                 log.info("warm start step %d: loss %.4f, val accuracy %.3f", step, loss.item(), accuracy)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from rlsys import tinymodel
-from rlsys.task import ALPHABET, TaskConfig, load_task
+from rlsys.task import ALPHABET, Example, TaskConfig, load_task
 from rlsys.tinymodel import (
     ModelConfig,
     build_tokenizer,
@@ -148,11 +148,20 @@ def test_greedy_generate_matches_hf_generate_one_prompt_at_a_time(tok, random_mo
         assert len(completion) <= 5
 
 
-def test_greedy_accuracy_equals_teacher_forced_exact_match(tok, built):
+def test_greedy_accuracy_counts_exact_answers_and_equals_teacher_forced_exact_match(tok, built):
     model = AutoModelForCausalLM.from_pretrained(built)
     val = load_task(TINY_TASK).val
-    ids_NL, mask_NL = tinymodel._pack(tok, val)
-    assert greedy_accuracy(model, tok, val) == pytest.approx(tinymodel._teacher_forced_exact_match(model, ids_NL, mask_NL))
+    completions = greedy_generate(model, [encode_prompt(tok, ex.prompt) for ex in val], 6, tok.eos_token_id)
+    assert all(c[-1] == tok.eos_token_id for c in completions)
+    # Even rows: the answer is what the model says; odd rows: one digit more, which it does not say.
+    said = [decode_completion(tok, c) for c in completions]
+    examples = [
+        Example(ex.id, ex.prompt, text if i % 2 == 0 else text + "0") for i, (ex, text) in enumerate(zip(val, said))
+    ]
+    expected = sum(1 for i in range(len(val)) if i % 2 == 0) / len(val)
+    assert greedy_accuracy(model, tok, examples, batch_size=7) == expected
+    ids_NL, mask_NL = tinymodel._pack(tok, examples)
+    assert tinymodel._teacher_forced_exact_match(model, ids_NL, mask_NL) == pytest.approx(expected)
 
 
 def test_greedy_accuracy_rejects_empty_input(tok, random_model):

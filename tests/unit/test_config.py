@@ -1,0 +1,96 @@
+"""Every YAML under conf/ composes against the schema; bad overrides fail with the key named."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlsys.config import ConfigError, RunConfig, compose, conf_dir, to_run_config
+
+GROUPS = sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+
+
+def all_options():
+    for group in GROUPS:
+        for f in sorted((conf_dir() / group).glob("*.yaml")):
+            yield group, f.stem
+
+
+def test_every_group_has_options():
+    assert {"rollout", "reward", "scheduler", "replay", "learner", "cluster", "experiment"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize("group,option", list(all_options()))
+def test_every_yaml_composes(group, option):
+    cfg = to_run_config(compose([f"{group}={option}"]))
+    assert isinstance(cfg, RunConfig)
+
+
+def test_default_is_tiny_experiment():
+    cfg = to_run_config(compose())
+    assert cfg.name == "tiny"
+    assert cfg.replay.max_staleness == 0
+    assert cfg.scheduler.strategy == "uniform"
+
+
+def test_tiny_async_inherits_tiny():
+    cfg = to_run_config(compose(["experiment=tiny_async"]))
+    assert cfg.replay.max_staleness == 1 and cfg.steps == to_run_config(compose()).steps
+
+
+def test_unknown_key_fails_at_composition():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["learner.learning_rate=0.1"])
+    assert "learning_rate" in str(e.value) or "learning_rate" in str(e.value.__cause__)
+
+
+def test_wrong_type_fails_at_composition():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["steps=many"])
+    assert "steps" in str(e.value) or "steps" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("learner.zero_stage=5", "learner.zero_stage"),
+        ("replay.max_staleness=-1", "replay.max_staleness"),
+        ("scheduler.min_per_prompt=100", "scheduler.max_per_prompt"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("reward.function=nope", "reward.function"),
+        ("learner.loss.aggregation=mean", "learner.loss.aggregation"),
+        ("steps=0", "steps"),
+    ],
+)
+def test_invalid_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        to_run_config(compose([override]))
+    assert key in str(e.value)
+
+
+def _rlsys(*args, **kw):
+    exe = Path(sys.executable).parent / "rlsys"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_cli_prints_composed_config():
+    out = _rlsys("train", "--cfg", "job", "learner.lr=3e-4")
+    assert out.returncode == 0, out.stderr
+    assert "lr: 0.0003" in out.stdout and "max_staleness: 0" in out.stdout
+
+
+def test_cli_unknown_key_is_a_clear_error(tmp_path):
+    out = _rlsys("train", "learner.learning_rate=0.1", f"run_root={tmp_path}")
+    assert out.returncode != 0
+    assert "learning_rate" in out.stderr
+
+
+def test_cli_invalid_value_is_a_clear_error(tmp_path):
+    out = _rlsys("train", "learner.zero_stage=7", f"run_root={tmp_path}")
+    assert out.returncode == 2
+    assert "learner.zero_stage must be 0, 1, 2 or 3" in out.stderr
