@@ -23,6 +23,9 @@ def _train_main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from rlsys.config import ConfigError, conf_dir, register_schema, to_run_config
+    from rlsys.task import DatasetError
+
+    USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError)
 
     register_schema()
     result = {"rc": 0}
@@ -39,7 +42,12 @@ def _train_main(argv: list[str]) -> int:
             return
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
-        summary = run_training(cfg, run_dir)
+        try:
+            summary = run_training(cfg, run_dir)
+        except USER_ERRORS as e:
+            print(f"rlsys: {e}", file=sys.stderr)
+            result["rc"] = 2
+            return
         _print_table(summary)
 
     sys.argv = ["rlsys train", *argv]

