@@ -46,7 +46,7 @@ from rlsys.learner import LearnerRank
 from rlsys.losses import LossNormalizer
 from rlsys.metrics import Metrics, MetricsServer, serve
 from rlsys.records import Group
-from rlsys.replay import InProcessReplayStore, StoreClosed
+from rlsys.replay import StoreClosed, make_store
 from rlsys.reward import RewardWorker
 from rlsys.rollout import RolloutWorker
 from rlsys.scheduler import BudgetScheduler, Prompt
@@ -128,6 +128,9 @@ class Controller:
         self.progress = Progress()
         self.metrics_server: Optional[MetricsServer] = None
         self._dropped_seen = 0
+        self.learner_restarts = 0
+        self.store = None
+        self._committed_weights = None  # ObjectRef of the last published weights (owned here)
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -161,23 +164,51 @@ class Controller:
             .remote(rc, self.model_path, i, str(self.run_dir))
             for i in range(rc.num_workers)
         ]
-        port = _free_port()
-        self.ranks = [
-            ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus)(LearnerRank).options(**opts)
-            .remote(lc, self.model_path, r, lc.num_ranks, port, rc.temperature, rc.max_new_tokens)
-            for r in range(lc.num_ranks)
-        ]
+        self._actor_opts = opts
+        self.ranks = self._start_ranks(None)
         try:
             ray.get([a.ready.remote() for a in self.workers + self.rewards + self.ranks],
                     timeout=cfg.cluster.actor_start_timeout_s)
         except ray.exceptions.GetTimeoutError as e:
             raise RuntimeError(f"actors did not start within cluster.actor_start_timeout_s="
                                f"{cfg.cluster.actor_start_timeout_s}s; Ray resources: {ray.available_resources()}") from e
-        self.store = InProcessReplayStore(cfg.replay, cfg.scheduler.prompts_per_step)
+        self.store = make_store(cfg.replay, cfg.scheduler.prompts_per_step, run_id=self.run_dir.name)
         if cfg.cluster.metrics_port >= 0:
             self.metrics_server = serve(self.metrics, cfg.cluster.metrics_host, cfg.cluster.metrics_port)
         log.info("actors up: %d rollout, %d reward, %d learner rank(s) (%.1fs)", len(self.workers),
                  len(self.rewards), len(self.ranks), time.perf_counter() - t0)
+
+    def _start_ranks(self, weights_ref) -> list:
+        """Create the learner ranks (from the model, or from a committed weights ObjectRef)."""
+        import ray
+
+        lc, rc = self.cfg.learner, self.cfg.rollout
+        port = _free_port()
+        return [
+            ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(LearnerRank)
+            .options(**self._actor_opts)
+            .remote(lc, self.model_path, r, lc.num_ranks, port, rc.temperature, rc.max_new_tokens, weights_ref)
+            for r in range(lc.num_ranks)
+        ]
+
+    async def _recover_learner(self, error: Exception) -> None:
+        """A rank died mid-step: nothing of that step was committed. Recreate every rank (the
+        collective group is broken) from the last committed weights and redeliver the batch."""
+        import ray
+
+        self.learner_restarts += 1
+        if self.learner_restarts > self.cfg.learner.max_restarts:
+            raise RuntimeError(f"learner failed {self.learner_restarts} times (learner.max_restarts="
+                               f"{self.cfg.learner.max_restarts}); last error: {error}") from error
+        n = await self.store.requeue_pending()
+        log.error("learner rank died during step %d (%s); restarting %d rank(s) from policy version %d, "
+                  "redelivering %d uncommitted group(s) [restart %d/%d]", self.progress.step + 1,
+                  type(error).__name__, len(self.ranks), self.store.learner_version, n, self.learner_restarts,
+                  self.cfg.learner.max_restarts)
+        for r in self.ranks:
+            ray.kill(r)
+        self.ranks = self._start_ranks(self._committed_weights)
+        await asyncio.gather(*[r.ready.remote() for r in self.ranks])
 
     def shutdown(self) -> None:
         import ray
@@ -226,13 +257,19 @@ class Controller:
             self.metrics.tokens.inc(result.num_tokens)
             self.metrics.reward_failures.inc(failures)
             self.metrics.gen_seconds.observe(result.generate_seconds)
-            await self.store.put(groups)
+            try:
+                await self.store.put(groups)
+            except StoreClosed:
+                return
 
     async def learner_loop(self, t_start: float) -> None:
         """Consumes M fresh groups per step; trains; publishes weights; advances the version."""
         cfg = self.cfg
         m = cfg.scheduler.prompts_per_step
-        for step in range(cfg.steps):
+        import ray
+
+        step = 0
+        while step < cfg.steps:
             if cfg.max_train_seconds and time.perf_counter() - t_start > cfg.max_train_seconds:
                 log.warning("stopping after %d steps: max_train_seconds=%s reached", step, cfg.max_train_seconds)
                 break
@@ -243,16 +280,23 @@ class Controller:
             norm = LossNormalizer(batch.num_tokens, batch.num_seqs, cfg.rollout.max_new_tokens)
             lengths = batch.attention_mask.sum(1)
             shards = [batch.select(ix) for ix in shard_indices(lengths, len(self.ranks))]
-            stats = await asyncio.gather(*[r.train_step.remote(s, norm) for r, s in zip(self.ranks, shards)])
-            t1 = time.perf_counter()
-            weight_refs = [r.gather_weights.remote() for r in self.ranks]
+            try:
+                stats = await asyncio.gather(*[r.train_step.remote(s, norm) for r, s in zip(self.ranks, shards)])
+                t1 = time.perf_counter()
+                weight_refs = [r.gather_weights.remote() for r in self.ranks]
+                await asyncio.gather(*weight_refs)
+            except ray.exceptions.RayActorError as e:
+                await self._recover_learner(e)
+                continue
             await asyncio.gather(*[w.update_weights.remote(version + 1, weight_refs[0]) for w in self.workers])
-            await asyncio.gather(*weight_refs[1:])
             t2 = time.perf_counter()
+            self._committed_weights = weight_refs[0]
             await self.store.set_learner_version(version + 1)
-            await self.store.ack([g.group_id for g in groups])
+            await self.store.ack([g.group_id for g in groups])  # committed: weights are published
+            self.metrics.replay_depth.set(await self.store.depth())
             self._record_step(step, groups, stats, t1 - t0, t2 - t1, t_start)
-        await self.store.close()
+            step += 1
+        await self.store.stop()
 
     def _record_step(self, step: int, groups: list[Group], stats, train_s: float, sync_s: float,
                      t_start: float) -> None:
@@ -272,7 +316,6 @@ class Controller:
         m.reward_mean.set(reward)
         m.step_seconds.observe(train_s)
         m.sync_seconds.observe(sync_s)
-        m.replay_depth.set(self.store.depth())
         for x in lag:
             m.replay_staleness.observe(x)
         m.replay_dropped_stale.inc(self.store.counters.dropped_stale - self._dropped_seen)
@@ -287,7 +330,15 @@ class Controller:
     # -- the run -------------------------------------------------------------------------
     async def run(self) -> dict:
         t_wall = time.perf_counter()
-        self.setup()
+        if self.store is None:
+            self.setup()
+        await self.store.start()
+        try:
+            return await self._train(t_wall)
+        finally:
+            await self.store.close()
+
+    async def _train(self, t_wall: float) -> dict:
         acc_before = await self.evaluate()
         log.info("eval accuracy before training: %.3f (%d held-out prompts)", acc_before, len(self.eval_prompts))
         t_start = time.perf_counter()
@@ -326,7 +377,9 @@ class Controller:
             "reward_first": float(np.mean(p.step_rewards[:k])) if p.step_rewards else None,
             "reward_last": float(np.mean(p.step_rewards[-k:])) if p.step_rewards else None,
             "reward_failures": p.reward_failures,
-            "replay": {"put": c.put, "taken": c.taken, "acked": c.acked, "dropped_stale": c.dropped_stale,
+            "learner_restarts": self.learner_restarts,
+            "replay": {"backend": self.cfg.replay.backend, "put": c.put, "taken": c.taken, "acked": c.acked,
+                       "dropped_stale": c.dropped_stale, "duplicates": c.duplicates, "rejected": c.rejected,
                        "staleness_hist": {str(k): v for k, v in sorted(c.staleness_hist.items())}},
             "busy_seconds": asdict(p.timing),
             "share_generation": p.timing.generation / train_s,

@@ -60,6 +60,10 @@ class LearnerConfig:
     """Ray GPUs per rank (1 on GPU clusters)."""
     torch_threads: int = 0
     """torch intra-op threads per rank; 0 leaves torch's default."""
+    max_restarts: int = 3
+    """Learner failures (a rank dies mid-step) survived per run: the ranks are recreated from the
+    last committed weights and the uncommitted batch is redelivered. Adam moments restart from
+    zero (checkpoint restore arrives with issue 6)."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The policy-gradient objective."""
 
@@ -110,7 +114,7 @@ class LearnerRank:
     """Ray actor (``learner`` role): one DeepSpeed data-parallel rank."""
 
     def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int, master_port: int,
-                 temperature: float, max_new_tokens: int):
+                 temperature: float, max_new_tokens: int, initial_weights: Optional[list] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         import torch
 
@@ -137,6 +141,8 @@ class LearnerRank:
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if initial_weights is not None:  # restart after a failure: the last committed policy
+            model.load_state_dict(dict(initial_weights), strict=True)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(cfg, world_size))
         self.steps = 0

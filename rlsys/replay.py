@@ -33,6 +33,7 @@ import asyncio
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Optional, Protocol
 
 from rlsys.records import Group
 
@@ -44,17 +45,60 @@ class StoreClosed(RuntimeError):
 
 
 @dataclass
+class RedisConfig:
+    """Connection and key layout of the Redis backend (replay.backend=redis)."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """redis:// or rediss:// (TLS) URL, without a password (see password_env)."""
+    username: Optional[str] = None
+    """ACL user name; None uses the default user."""
+    password_env: str = "RLSYS_REDIS_PASSWORD"
+    """Environment variable holding the password (never put secrets in config files)."""
+    tls: bool = False
+    """Use TLS (also implied by a rediss:// URL)."""
+    tls_ca_cert: Optional[str] = None
+    """CA bundle to verify the server's certificate with TLS."""
+    key_prefix: str = "rlsys"
+    """Prefix of every key; the run id follows it, so two runs on one Redis never meet."""
+    run_id: Optional[str] = None
+    """Key namespace of this run; None uses the run directory's name. Reuse it to resume."""
+    block_ms: int = 100
+    """How long one XREADGROUP blocks while the learner waits for groups."""
+    delete_acked: bool = True
+    """Retention: delete a record once acknowledged (the stream then holds only unacked work)."""
+    dedupe_window_versions: int = 1000
+    """Committed group ids are remembered this many policy versions for de-duplication."""
+    key_ttl_s: int = 7 * 24 * 3600
+    """When the run closes, its keys expire after this long (0 keeps them forever)."""
+    reconnect_timeout_s: float = 60.0
+    """Keep retrying a lost connection this long before failing the run."""
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"replay.redis.url must start with redis://, rediss:// or unix://, got {self.url!r}")
+        if "@" in self.url.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError("replay.redis.url must not contain credentials; put the password in the environment "
+                             "variable named by replay.redis.password_env")
+        if ":" in self.key_prefix or not self.key_prefix:
+            raise ValueError(f"replay.redis.key_prefix must be non-empty without ':', got {self.key_prefix!r}")
+        if self.block_ms < 1 or self.reconnect_timeout_s <= 0 or self.dedupe_window_versions < 1:
+            raise ValueError("replay.redis.block_ms, reconnect_timeout_s and dedupe_window_versions must be positive")
+
+
+@dataclass
 class ReplayConfig:
     """Where scored groups wait for the learner, and how stale they may get."""
 
     backend: str = "inprocess"
-    """'inprocess' (embedded default). 'redis' arrives with issue 3."""
+    """'inprocess' (embedded default, inside the controller) or 'redis' (durable, multi-node)."""
     max_staleness: int = 0
     """η: a group generated at policy version v trains learner version u only if u - v <= η."""
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    """Used when backend=redis."""
 
     def __post_init__(self) -> None:
-        if self.backend not in ("inprocess",):
-            raise ValueError(f"replay.backend must be 'inprocess' (redis arrives with issue 3), got {self.backend!r}")
+        if self.backend not in ("inprocess", "redis"):
+            raise ValueError(f"replay.backend must be 'inprocess' or 'redis', got {self.backend!r}")
         if self.max_staleness < 0:
             raise ValueError(f"replay.max_staleness must be >= 0, got {self.max_staleness}")
 
@@ -71,62 +115,141 @@ def admission_cap(learner_version: int, max_staleness: int, groups_per_step: int
 
 @dataclass
 class ReplayCounters:
+    """What this store instance has seen (the Redis backend also keeps run-wide totals)."""
+
     put: int = 0
     taken: int = 0
     acked: int = 0
     dropped_stale: int = 0
     duplicates: int = 0
+    rejected: int = 0
     requeued: int = 0
     staleness_hist: dict = field(default_factory=dict)
 
+    def count_taken(self, groups: list[Group], learner_version: int) -> None:
+        self.taken += len(groups)
+        for g in groups:
+            lag = learner_version - g.policy_version
+            self.staleness_hist[lag] = self.staleness_hist.get(lag, 0) + 1
+
+
+class ReplayStore(Protocol):
+    """The contract both backends implement (tests/integration/test_replay_contract.py)."""
+
+    counters: ReplayCounters
+    learner_version: int
+
+    async def start(self) -> None:
+        """Connect, and recover what an earlier incarnation of this consumer left pending."""
+
+    async def reserve(self, k: int) -> int:
+        """Admit up to k groups for generation (blocks on backpressure/staleness)."""
+
+    async def release(self, k: int) -> None:
+        """Return admitted slots whose groups will never be produced."""
+
+    async def put(self, groups: list[Group]) -> None:
+        """Store scored groups (a group id already stored or committed is ignored, counted)."""
+
+    async def take(self, k: int) -> list[Group]:
+        """Wait for k fresh groups; stale ones are dropped and counted; taken ones are pending."""
+
+    async def ack(self, group_ids: list[str]) -> None:
+        """The learner step that used these groups is committed: forget them for good."""
+
+    async def requeue_pending(self) -> int:
+        """Give every pending (taken, unacked) group back for redelivery."""
+
+    async def set_learner_version(self, version: int) -> None:
+        """The learner's weights are now at ``version`` (unblocks admission)."""
+
+    async def depth(self) -> int:
+        """Groups stored and not yet taken."""
+
+    async def stop(self) -> None:
+        """Stop admitting producers and wake every waiter with StoreClosed (connections stay
+        open, so in-flight put/ack still complete)."""
+
+    async def close(self) -> None:
+        """stop(), then release connections."""
+
+
+class AdmissionGate:
+    """Producer admission: backpressure plus the staleness cap (see the module docstring).
+
+    Admission is decided by one process (the controller), so it is local state; a store that
+    outlives the controller (Redis) re-derives ``admitted`` from what it holds on start.
+    """
+
+    def __init__(self, max_staleness: int, groups_per_step: int, learner_version: int = 0, admitted: int = 0):
+        self.max_staleness = max_staleness
+        self.groups_per_step = groups_per_step
+        self.learner_version = learner_version
+        self.admitted = admitted
+        self.closed = False
+        self._changed = asyncio.Condition()
+
+    @property
+    def capacity(self) -> int:
+        return (self.max_staleness + 1) * self.groups_per_step
+
+    def _room(self) -> int:
+        return admission_cap(self.learner_version, self.max_staleness, self.groups_per_step) - self.admitted
+
+    async def reserve(self, k: int) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.closed or self._room() > 0)
+            if self.closed:
+                raise StoreClosed("replay store closed")
+            granted = min(k, self._room())
+            self.admitted += granted
+            return granted
+
+    async def release(self, k: int) -> None:
+        async with self._changed:
+            self.admitted -= k
+            self._changed.notify_all()
+
+    async def advance(self, version: int) -> None:
+        async with self._changed:
+            self.learner_version = version
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        async with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
 
 class InProcessReplayStore:
-    """asyncio implementation of the ReplayStore contract (single event loop)."""
+    """asyncio implementation of the ReplayStore contract (single event loop, no persistence:
+    a controller crash loses what it holds — use replay=redis when that matters)."""
 
     def __init__(self, cfg: ReplayConfig, groups_per_step: int):
         self.cfg = cfg
-        self.groups_per_step = groups_per_step
-        self.learner_version = 0
         self.counters = ReplayCounters()
-        self._admitted = 0
+        self.gate = AdmissionGate(cfg.max_staleness, groups_per_step)
         self._ready: deque[Group] = deque()
         self._pending: OrderedDict[str, Group] = OrderedDict()
         self._seen: set[str] = set()
         self._changed = asyncio.Condition()
-        self._closed = False
 
-    # -- producers ---------------------------------------------------------------------
+    @property
+    def learner_version(self) -> int:
+        return self.gate.learner_version
+
     @property
     def capacity(self) -> int:
-        return (self.cfg.max_staleness + 1) * self.groups_per_step
+        return self.gate.capacity
 
-    def can_admit(self, k: int) -> bool:
-        cap = admission_cap(self.learner_version, self.cfg.max_staleness, self.groups_per_step)
-        return self._admitted + k <= cap
+    async def start(self) -> None:
+        pass
 
     async def reserve(self, k: int) -> int:
-        """Wait until at least one more group may be generated; admit up to ``k`` and return
-        how many were admitted. Raises StoreClosed once the store is closed."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._closed or self.can_admit(1))
-            if self._closed:
-                raise StoreClosed("replay store closed")
-            cap = admission_cap(self.learner_version, self.cfg.max_staleness, self.groups_per_step)
-            granted = min(k, cap - self._admitted)
-            self._admitted += granted
-            return granted
-
-    async def close(self) -> None:
-        """Wake every waiting producer and consumer with StoreClosed."""
-        async with self._changed:
-            self._closed = True
-            self._changed.notify_all()
+        return await self.gate.reserve(k)
 
     async def release(self, k: int) -> None:
-        """Give back ``k`` reserved slots whose groups will never arrive (failed rollouts)."""
-        async with self._changed:
-            self._admitted -= k
-            self._changed.notify_all()
+        await self.gate.release(k)
 
     async def put(self, groups: list[Group]) -> None:
         async with self._changed:
@@ -139,36 +262,33 @@ class InProcessReplayStore:
                 self.counters.put += 1
             self._changed.notify_all()
 
-    # -- learner -----------------------------------------------------------------------
-    def _drop_stale(self) -> None:
-        kept = deque()
+    async def _drop_stale(self) -> None:
+        kept, dropped = deque(), 0
         for g in self._ready:
             if staleness_ok(g.policy_version, self.learner_version, self.cfg.max_staleness):
                 kept.append(g)
             else:
-                self.counters.dropped_stale += 1
-                self._admitted -= 1
+                dropped += 1
                 log.warning("dropped stale group %s (version %d, learner %d, max_staleness %d)",
                             g.group_id, g.policy_version, self.learner_version, self.cfg.max_staleness)
         self._ready = kept
+        if dropped:
+            self.counters.dropped_stale += dropped
+            await self.gate.release(dropped)  # their slots may be generated again
 
     async def take(self, k: int) -> list[Group]:
-        """Wait for ``k`` fresh groups (oldest first); they become pending until acked."""
         async with self._changed:
             while True:
-                if self._closed:
+                if self.gate.closed:
                     raise StoreClosed("replay store closed")
-                self._drop_stale()
+                await self._drop_stale()
                 if len(self._ready) >= k:
                     break
-                self._changed.notify_all()  # drops freed admission slots
                 await self._changed.wait()
             batch = [self._ready.popleft() for _ in range(k)]
             for g in batch:
                 self._pending[g.group_id] = g
-                lag = self.learner_version - g.policy_version
-                self.counters.staleness_hist[lag] = self.counters.staleness_hist.get(lag, 0) + 1
-            self.counters.taken += k
+            self.counters.count_taken(batch, self.learner_version)
             return batch
 
     async def ack(self, group_ids: list[str]) -> None:
@@ -178,7 +298,6 @@ class InProcessReplayStore:
                     self.counters.acked += 1
 
     async def requeue_pending(self) -> int:
-        """Put every unacknowledged group back in front of the queue (learner failure)."""
         async with self._changed:
             n = len(self._pending)
             self._ready.extendleft(reversed(list(self._pending.values())))
@@ -188,13 +307,26 @@ class InProcessReplayStore:
             return n
 
     async def set_learner_version(self, version: int) -> None:
+        await self.gate.advance(version)
         async with self._changed:
-            self.learner_version = version
             self._changed.notify_all()
 
-    def depth(self) -> int:
+    async def depth(self) -> int:
         return len(self._ready)
 
-    def in_flight(self) -> int:
-        """Groups admitted but not yet stored (being generated or scored)."""
-        return self._admitted - len(self._ready) - len(self._pending) - self.counters.acked
+    async def stop(self) -> None:
+        await self.gate.close()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        await self.stop()
+
+
+def make_store(cfg: ReplayConfig, groups_per_step: int, run_id: str, consumer: str = "controller") -> ReplayStore:
+    """The configured backend (replay.backend)."""
+    if cfg.backend == "redis":
+        from rlsys.replay_redis import RedisReplayStore
+
+        return RedisReplayStore(cfg, groups_per_step, run_id=run_id, consumer=consumer)
+    return InProcessReplayStore(cfg, groups_per_step)

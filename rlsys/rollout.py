@@ -65,6 +65,8 @@ class RolloutConfig:
     """Prompts a worker takes per generate call (the engine batches them)."""
     seed: int = 0
     """Engine seed (worker i uses seed + i)."""
+    compile_cache_dir: str = "~/.cache/rlsys/compile"
+    """Persistent cache of vLLM's and torch inductor's compiled kernels (shared by runs)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -128,10 +130,14 @@ class RolloutWorker:
     def __init__(self, cfg: RolloutConfig, model_path: str, worker_index: int, work_dir: str):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        cache = Path(work_dir) / "vllm" / f"worker{worker_index}"
-        cache.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("VLLM_CACHE_ROOT", str(cache))
-        os.environ["TMPDIR"] = str(cache)
+        scratch = Path(work_dir) / "vllm" / f"worker{worker_index}"  # sockets and temp files of this run
+        scratch.mkdir(parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = str(scratch)
+        # Compiled kernels are content-addressed: share them across runs instead of recompiling
+        # (tens of seconds on CPU) in every run's temp directory.
+        compiled = Path(cfg.compile_cache_dir).expanduser()
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(compiled / "vllm"))
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compiled / "inductor"))
         from transformers import AutoTokenizer
         from vllm import LLM
 

@@ -52,3 +52,13 @@ def tiny_model():
     from rlsys.tinymodel import ModelConfig, ensure_model
 
     return str(ensure_model(ModelConfig(), TaskConfig()))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A private redis-server (AOF on) on a free loopback port for the whole session."""
+    from helpers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

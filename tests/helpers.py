@@ -22,3 +22,60 @@ def flaky_reward(completion: str, reference: str) -> float:
     if "7" in completion:
         raise ZeroDivisionError("user bug")
     return 1.0 if completion.strip() == reference.strip() else 0.0
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port (started and stopped by the tests)."""
+
+    def __init__(self, directory, appendonly=True, password=None):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = str(directory)
+        self.appendonly = appendonly
+        self.password = password
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        import shutil
+        import subprocess
+        import time
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed; run scripts/setup.sh (it installs it)")
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+                "--daemonize", "yes", "--dir", self.dir, "--logfile", f"{self.dir}/redis.log",
+                "--pidfile", f"{self.dir}/redis.pid"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        subprocess.run(args, check=True)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if self._cli("ping").stdout.strip() in ("PONG", "NOAUTH Authentication required."):
+                return self
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.dir}/redis.log")
+
+    def _cli(self, *cmd):
+        import subprocess
+
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        return subprocess.run(["redis-cli", "-p", str(self.port), *auth, *cmd], capture_output=True, text=True)
+
+    def stop(self, save=False):
+        import time
+
+        self._cli("shutdown", "save" if save else "nosave")
+        deadline = time.time() + 10
+        while time.time() < deadline and self._cli("ping").returncode == 0:
+            time.sleep(0.02)
+
+    def flushall(self):
+        self._cli("flushall")

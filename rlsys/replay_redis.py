@@ -1,0 +1,351 @@
+"""Redis backend of the ReplayStore contract: streams + a consumer group, durable across
+learner and controller crashes (and, with AOF, Redis restarts).
+
+Keys (``<prefix>`` = ``replay.redis.key_prefix:run_id``; two runs never share a key)::
+
+    <prefix>:stream      XADD per scored group: gid, v (policy version), rec (codec bytes)
+    <prefix>:version     learner policy version (survives a controller restart)
+    <prefix>:committed   ZSET gid -> version of groups whose learner step is committed (dedupe)
+    <prefix>:counters    HASH of run-wide totals: put, acked, dropped_stale, duplicates, rejected
+    <prefix>:dead        XADD of rejected records (corrupt, unknown codec version) for inspection
+
+Delivery: ``take`` reads with XREADGROUP (consumer group ``learners``), so every record is
+delivered to one consumer and stays in that consumer's pending list until ``ack``, which —
+in one MULTI transaction — XACKs it, records its group id as committed, and (retention
+``delete_acked``) deletes it. A consumer that restarts under the same name first re-reads
+its own pending entries (at-least-once); a live consumer claims entries another consumer has
+left idle longer than ``claim_idle_ms`` (XAUTOCLAIM). A redelivered group whose id is already
+committed, or already held by this consumer, is acknowledged and counted as a duplicate,
+never trained twice.
+
+Accounting (asserted by the crash tests): ``put = acked + dropped_stale + rejected +
+duplicates_in_stream + still held``, i.e. nothing produced is lost without a counter.
+
+Connection loss (Redis restart, failover) is retried with backoff for
+``replay.redis.reconnect_timeout_s``; a retried XADD may duplicate a record, which the dedupe
+rule absorbs. Records are decoded with rlsys.codec (never pickle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl as _ssl
+import time
+from collections import deque
+from typing import Any, Awaitable, Callable, Optional
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from rlsys.codec import CodecError, decode_group, encode_group
+from rlsys.records import Group
+from rlsys.replay import AdmissionGate, ReplayConfig, ReplayCounters, StoreClosed, staleness_ok
+
+log = logging.getLogger(__name__)
+
+GROUP = b"learners"
+TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError)
+
+
+class ReplayUnavailable(RuntimeError):
+    """Redis could not be reached (or refused us) for longer than the reconnect timeout."""
+
+
+class ReplayConfigError(RuntimeError):
+    """Redis is reachable but cannot be used as configured (auth, key type)."""
+
+
+def connect(cfg: ReplayConfig) -> aioredis.Redis:
+    rc = cfg.redis
+    kwargs: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5,
+                              "socket_timeout": max(10.0, rc.block_ms / 1000 * 4), "health_check_interval": 15}
+    password = os.environ.get(rc.password_env) or None
+    if password is not None:
+        kwargs["password"] = password
+    if rc.username:
+        kwargs["username"] = rc.username
+    if rc.tls or rc.url.startswith("rediss://"):
+        url = rc.url.replace("redis://", "rediss://", 1)
+        kwargs["ssl_cert_reqs"] = _ssl.CERT_REQUIRED
+        if rc.tls_ca_cert:
+            kwargs["ssl_ca_certs"] = rc.tls_ca_cert
+    else:
+        url = rc.url
+    return aioredis.Redis.from_url(url, **kwargs)
+
+
+class RedisReplayStore:
+    """ReplayStore on Redis streams. One instance per consumer (the controller by default)."""
+
+    def __init__(self, cfg: ReplayConfig, groups_per_step: int, run_id: str, consumer: str = "controller",
+                 claim_idle_ms: int = 60_000):
+        self.cfg = cfg
+        self.rc = cfg.redis
+        run = self.rc.run_id or run_id
+        self.prefix = f"{self.rc.key_prefix}:{run}"
+        self.k_stream = f"{self.prefix}:stream".encode()
+        self.k_version = f"{self.prefix}:version".encode()
+        self.k_committed = f"{self.prefix}:committed".encode()
+        self.k_counters = f"{self.prefix}:counters".encode()
+        self.k_dead = f"{self.prefix}:dead".encode()
+        self.consumer = consumer.encode()
+        self.claim_idle_ms = claim_idle_ms
+        self.counters = ReplayCounters()
+        self.gate = AdmissionGate(cfg.max_staleness, groups_per_step)
+        self._r: Optional[aioredis.Redis] = None
+        self._buffer: deque[tuple[bytes, dict]] = deque()  # redelivered / claimed entries, served first
+        self._pending: dict[str, tuple[bytes, Group]] = {}  # gid -> (stream id, group), taken not acked
+
+    # -- plumbing ------------------------------------------------------------------------
+    @property
+    def learner_version(self) -> int:
+        return self.gate.learner_version
+
+    @property
+    def capacity(self) -> int:
+        return self.gate.capacity
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one Redis operation, retrying transient connection failures with backoff."""
+        deadline = time.monotonic() + self.rc.reconnect_timeout_s
+        delay, warned = 0.05, False
+        while True:
+            if self._r is None:
+                raise StoreClosed(f"replay store closed (during {what})")
+            try:
+                return await fn()
+            except rexc.AuthenticationError as e:
+                raise ReplayConfigError(f"Redis at {self.rc.url} refused authentication"
+                                        f"{' for user ' + repr(self.rc.username) if self.rc.username else ''}: {e}; "
+                                        f"set the password in ${self.rc.password_env}") from e
+            except rexc.ResponseError as e:
+                if "WRONGTYPE" in str(e):
+                    raise ReplayConfigError(f"a Redis key under {self.prefix!r} holds the wrong type ({e}); another "
+                                            "program uses this prefix: set replay.redis.key_prefix or run_id") from e
+                if "NOAUTH" in str(e) or "NOPERM" in str(e):
+                    raise ReplayConfigError(f"Redis at {self.rc.url} denied {what}: {e}; check the ACL user and "
+                                            f"${self.rc.password_env}") from e
+                if "NOGROUP" in str(e):
+                    log.error("consumer group missing on %s (Redis restarted without persistence?); recreating it",
+                              self.k_stream.decode())
+                    await self._ensure_group()
+                    continue
+                raise
+            except TRANSIENT as e:
+                if self.gate.closed:
+                    raise StoreClosed("replay store closed") from e
+                if time.monotonic() > deadline:
+                    raise ReplayUnavailable(f"Redis at {self.rc.url} unreachable for {self.rc.reconnect_timeout_s}s "
+                                            f"during {what}: {e}") from e
+                if not warned:
+                    log.warning("Redis connection lost during %s (%s); reconnecting", what, e)
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self._r.xgroup_create(self.k_stream, GROUP, id=b"0", mkstream=True)
+        except rexc.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._r = connect(self.cfg)
+        await self._call("ping", self._r.ping)
+        await self._call("create group", self._ensure_group)
+        version = await self._call("get version", lambda: self._r.get(self.k_version))
+        if version is None:
+            await self._call("set version", lambda: self._r.set(self.k_version, 0))
+            version = 0
+        self.gate.learner_version = int(version)
+        totals = await self.totals()
+        groups = await self._call("xinfo", lambda: self._r.xinfo_groups(self.k_stream))
+        info = next(g for g in groups if g["name"] == GROUP)
+        in_store = int(info.get("lag") or 0) + int(info["pending"])
+        # admitted = everything committed, dropped-and-regenerable excluded, plus what the store holds
+        self.gate.admitted = totals.get("acked", 0) + in_store
+        recovered = await self._read(b"0", count=100_000, block=None)
+        self._buffer.extend(recovered)
+        if recovered:
+            self.counters.requeued += len(recovered)
+            log.warning("recovered %d unacknowledged group(s) pending for consumer %s", len(recovered),
+                        self.consumer.decode())
+        log.info("replay store on Redis: prefix %s, learner version %d, %d stored", self.prefix,
+                 self.gate.learner_version, in_store)
+
+    async def stop(self) -> None:
+        await self.gate.close()
+
+    async def close(self) -> None:
+        await self.stop()
+        if self._r is not None:
+            if self.rc.key_ttl_s:
+                keys = (self.k_stream, self.k_version, self.k_committed, self.k_counters, self.k_dead)
+                try:
+                    async with self._r.pipeline(transaction=False) as p:
+                        for k in keys:
+                            p.expire(k, self.rc.key_ttl_s)
+                        await p.execute()
+                except TRANSIENT:
+                    log.warning("could not set the expiry of %s:* while closing", self.prefix)
+            await self._r.aclose()
+            self._r = None
+
+    # -- producers -----------------------------------------------------------------------
+    async def reserve(self, k: int) -> int:
+        return await self.gate.reserve(k)
+
+    async def release(self, k: int) -> None:
+        await self.gate.release(k)
+
+    async def put(self, groups: list[Group]) -> None:
+        if not groups:
+            return
+        records = [(g.group_id, g.policy_version, encode_group(g)) for g in groups]
+
+        async def op():
+            async with self._r.pipeline(transaction=False) as p:
+                for gid, _, _ in records:
+                    p.zscore(self.k_committed, gid)
+                committed = (await p.execute())
+            async with self._r.pipeline(transaction=False) as p:
+                fresh = [r for r, c in zip(records, committed) if c is None]
+                for gid, v, rec in fresh:
+                    p.xadd(self.k_stream, {b"gid": gid.encode(), b"v": str(v).encode(), b"rec": rec})
+                p.hincrby(self.k_counters, "put", len(fresh))
+                if len(fresh) < len(records):
+                    p.hincrby(self.k_counters, "duplicates", len(records) - len(fresh))
+                await p.execute()
+            return len(fresh)
+
+        fresh = await self._call("put", op)
+        self.counters.put += fresh
+        self.counters.duplicates += len(records) - fresh
+
+    # -- consumers -----------------------------------------------------------------------
+    async def _read(self, start: bytes, count: int, block: Optional[int]) -> list[tuple[bytes, dict]]:
+        resp = await self._call("read", lambda: self._r.xreadgroup(
+            GROUP, self.consumer, {self.k_stream: start}, count=count, block=block))
+        if not resp:
+            return []
+        _, entries = resp[0]
+        return [(eid, fields) for eid, fields in entries if fields]  # deleted entries come back empty
+
+    async def _claim(self) -> None:
+        if self.claim_idle_ms <= 0:
+            return
+        resp = await self._call("claim", lambda: self._r.xautoclaim(
+            self.k_stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id=b"0-0", count=1000))
+        claimed = [(eid, f) for eid, f in resp[1] if f]
+        mine = {eid for eid, _ in self._pending.values()}
+        fresh = [(eid, f) for eid, f in claimed if eid not in mine]
+        if fresh:
+            log.warning("claimed %d group(s) left idle by another consumer", len(fresh))
+            self._buffer.extend(fresh)
+            self.counters.requeued += len(fresh)
+
+    async def _discard(self, eid: bytes, counter: str) -> None:
+        async def op():
+            async with self._r.pipeline(transaction=True) as p:
+                p.xack(self.k_stream, GROUP, eid)
+                p.xdel(self.k_stream, eid)
+                p.hincrby(self.k_counters, counter, 1)
+                await p.execute()
+
+        await self._call("discard", op)
+
+    async def _accept(self, eid: bytes, fields: dict) -> Optional[Group]:
+        """Decode and vet one delivered entry; None if it was discarded (and counted)."""
+        try:
+            group = decode_group(fields[b"rec"])
+        except (CodecError, KeyError) as e:
+            self.counters.rejected += 1
+            log.error("rejected replay record %s: %s (moved to %s)", eid.decode(), e, self.k_dead.decode())
+            await self._call("dead-letter", lambda: self._r.xadd(
+                self.k_dead, {**{k: v for k, v in fields.items() if isinstance(k, bytes)}, b"error": str(e).encode(),
+                              b"id": eid}, maxlen=10_000, approximate=True))
+            await self._discard(eid, "rejected")
+            await self.gate.release(1)
+            return None
+        gid = group.group_id
+        committed = await self._call("dedupe", lambda: self._r.zscore(self.k_committed, gid))
+        if committed is not None or (gid in self._pending and self._pending[gid][0] != eid):
+            self.counters.duplicates += 1
+            await self._discard(eid, "duplicates")
+            return None
+        if not staleness_ok(group.policy_version, self.learner_version, self.cfg.max_staleness):
+            self.counters.dropped_stale += 1
+            log.warning("dropped stale group %s (version %d, learner %d, max_staleness %d)", gid,
+                        group.policy_version, self.learner_version, self.cfg.max_staleness)
+            await self._discard(eid, "dropped_stale")
+            await self.gate.release(1)
+            return None
+        return group
+
+    async def take(self, k: int) -> list[Group]:
+        out: list[Group] = []
+        claimed_once = False
+        while len(out) < k:
+            if self.gate.closed:
+                raise StoreClosed("replay store closed")
+            if self._buffer:
+                entries = [self._buffer.popleft() for _ in range(min(k - len(out), len(self._buffer)))]
+            else:
+                entries = await self._read(b">", count=k - len(out), block=self.rc.block_ms)
+                if not entries and not claimed_once:
+                    await self._claim()
+                    claimed_once = True
+            for eid, fields in entries:
+                g = await self._accept(eid, fields)
+                if g is not None:
+                    self._pending[g.group_id] = (eid, g)
+                    out.append(g)
+        self.counters.count_taken(out, self.learner_version)
+        return out
+
+    async def ack(self, group_ids: list[str]) -> None:
+        held = [(gid, self._pending[gid][0]) for gid in group_ids if gid in self._pending]
+        if not held:
+            return
+        version = self.learner_version
+
+        async def op():
+            async with self._r.pipeline(transaction=True) as p:
+                p.xack(self.k_stream, GROUP, *[eid for _, eid in held])
+                p.zadd(self.k_committed, {gid: version for gid, _ in held})
+                if self.rc.delete_acked:
+                    p.xdel(self.k_stream, *[eid for _, eid in held])
+                p.hincrby(self.k_counters, "acked", len(held))
+                p.zremrangebyscore(self.k_committed, "-inf", version - self.rc.dedupe_window_versions)
+                await p.execute()
+
+        await self._call("ack", op)
+        for gid, _ in held:
+            del self._pending[gid]
+        self.counters.acked += len(held)
+
+    async def requeue_pending(self) -> int:
+        n = len(self._pending)
+        for eid, g in sorted(self._pending.values(), key=lambda x: x[0], reverse=True):
+            self._buffer.appendleft((eid, {b"rec": encode_group(g)}))
+        self._pending.clear()
+        self.counters.requeued += n
+        return n
+
+    async def set_learner_version(self, version: int) -> None:
+        await self._call("set version", lambda: self._r.set(self.k_version, version))
+        await self.gate.advance(version)
+
+    async def depth(self) -> int:
+        groups = await self._call("xinfo", lambda: self._r.xinfo_groups(self.k_stream))
+        info = next(g for g in groups if g["name"] == GROUP)
+        return int(info.get("lag") or 0) + len(self._buffer)
+
+    async def totals(self) -> dict[str, int]:
+        """Run-wide counters (all consumers, all incarnations)."""
+        raw = await self._call("totals", lambda: self._r.hgetall(self.k_counters))
+        return {k.decode(): int(v) for k, v in raw.items()}

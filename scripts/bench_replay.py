@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Replay store throughput (in-process vs Redis) and what the store costs a training step.
+
+1. Throughput: put / take / ack of realistic groups (default 16 completions x 512 tokens,
+   ~70 KB encoded) through each backend, in batches (Redis pipelines each batch).
+2. Share of a step: the store operations of one tiny-experiment step (put, take and ack of
+   16 groups x 8 completions), timed on Redis, divided by the step time of a short real
+   tiny run with replay=redis in the same process.
+
+    .venv/bin/python scripts/bench_replay.py [--groups 4000] [--batch 256] [--steps 30] [--json out.json]
+
+Starts its own redis-server (AOF everysec, as in production) on a free loopback port.
+JSON keys: redis_groups_per_s, memory_groups_per_s, store_share_of_step (+ details).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from helpers import RedisServer  # noqa: E402  (the tests' private-server helper)
+from rlsys.records import Completion, Group  # noqa: E402
+from rlsys.replay import RedisConfig, ReplayConfig, make_store  # noqa: E402
+
+
+def make_groups(n: int, completions: int, tokens: int, seed: int = 0) -> list[Group]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        comps = [Completion(rng.integers(0, 32000, tokens, dtype=np.int32), -rng.random(tokens, dtype=np.float32),
+                            "x" * 64, "stop") for _ in range(completions)]
+        out.append(Group(f"p{i}:{uuid.uuid4().hex[:12]}", f"p{i}", "prompt " * 20, tuple(range(64)), "42", 0, comps,
+                         rewards=rng.random(completions, dtype=np.float32)))
+    return out
+
+
+async def throughput(cfg: ReplayConfig, groups: list[Group], batch: int) -> dict:
+    store = make_store(cfg, groups_per_step=len(groups), run_id=uuid.uuid4().hex[:8])
+    await store.start()
+    t_put = t_take = t_ack = 0.0
+    await store.reserve(len(groups))
+    for i in range(0, len(groups), batch):
+        chunk = groups[i:i + batch]
+        t0 = time.perf_counter()
+        await store.put(chunk)
+        t1 = time.perf_counter()
+        got = await store.take(len(chunk))
+        t2 = time.perf_counter()
+        await store.ack([g.group_id for g in got])
+        t3 = time.perf_counter()
+        t_put, t_take, t_ack = t_put + t1 - t0, t_take + t2 - t1, t_ack + t3 - t2
+    await store.close()
+    n = len(groups)
+    total = t_put + t_take + t_ack
+    return {"groups_per_s": n / total, "put_per_s": n / t_put, "take_per_s": n / t_take, "ack_per_s": n / t_ack}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--groups", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--completions", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=30, help="steps of the tiny run for the step-share figure (0 skips)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from rlsys.codec import encode_group
+
+    groups = make_groups(args.groups, args.completions, args.tokens)
+    record_kb = len(encode_group(groups[0])) / 1024
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as d:
+        server = RedisServer(d, appendonly=True).start()
+        try:
+            redis_cfg = ReplayConfig(backend="redis", redis=RedisConfig(url=server.url, block_ms=10))
+            mem = asyncio.run(throughput(ReplayConfig(), groups, args.batch))
+            red = asyncio.run(throughput(redis_cfg, groups, args.batch))
+            per_step_ops = asyncio.run(_ops_per_step(redis_cfg, reps=50))
+            step_s = None
+            if args.steps:
+                step_s = _tiny_step_seconds(server.url, args.steps)
+        finally:
+            server.stop()
+
+    share = per_step_ops / step_s if step_s else None
+    print(f"\nbench_replay: {args.groups} groups of {args.completions} x {args.tokens} tokens "
+          f"({record_kb:.0f} KB encoded), batches of {args.batch}\n")
+    print(f"{'backend':10s} {'groups/s':>10s} {'put/s':>10s} {'take/s':>10s} {'ack/s':>10s} {'x memory':>9s}")
+    for name, r in (("memory", mem), ("redis", red)):
+        print(f"{name:10s} {r['groups_per_s']:10.0f} {r['put_per_s']:10.0f} {r['take_per_s']:10.0f} "
+              f"{r['ack_per_s']:10.0f} {r['groups_per_s'] / mem['groups_per_s']:9.3f}")
+    print(f"\ntiny step on Redis: store ops {per_step_ops * 1000:.2f} ms per step (put+take+ack of 16 groups)"
+          + (f", step {step_s * 1000:.0f} ms -> store share {share:.2%}" if step_s else ""))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "redis_groups_per_s": red["groups_per_s"], "memory_groups_per_s": mem["groups_per_s"],
+            "store_share_of_step": share, "store_ms_per_step": per_step_ops * 1000,
+            "tiny_step_ms": step_s * 1000 if step_s else None, "record_kb": record_kb,
+            "redis": red, "memory": mem, "groups": args.groups, "batch": args.batch,
+            "completions": args.completions, "tokens": args.tokens}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+async def _ops_per_step(cfg: ReplayConfig, reps: int) -> float:
+    """Mean seconds of put + take + ack of one tiny step's 16 groups x 8 completions."""
+    store = make_store(cfg, groups_per_step=16, run_id=uuid.uuid4().hex[:8])
+    await store.start()
+    total = 0.0
+    for r in range(reps):
+        gs = make_groups(16, 8, 6, seed=100 + r)
+        await store.reserve(16)
+        t0 = time.perf_counter()
+        await store.put(gs)
+        got = await store.take(16)
+        await store.ack([g.group_id for g in got])
+        total += time.perf_counter() - t0
+        await store.set_learner_version(r + 1)
+    await store.close()
+    return total / reps
+
+
+def _tiny_step_seconds(url: str, steps: int) -> float:
+    from rlsys.config import compose, to_run_config
+    from rlsys.controller import run_training
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = to_run_config(compose([f"steps={steps}", "max_train_seconds=0", "cluster.metrics_port=-1",
+                                 "replay=redis", f"replay.redis.url={url}"]))
+    with tempfile.TemporaryDirectory(prefix="bench-replay-run-") as d:
+        s = run_training(cfg, Path(d))
+    return s["train_seconds"] / s["steps"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
