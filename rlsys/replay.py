@@ -41,7 +41,7 @@ Invariants:
 
 * **Accounting.** ``put = acked + dropped_stale + rejected + held`` (held: stored or pending);
   nothing produced disappears without a counter.
-""""""
+"""
 
 from __future__ import annotations
 

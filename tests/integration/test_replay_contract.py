@@ -233,7 +233,18 @@ def test_two_runs_on_one_redis_never_see_each_other(redis_store):
     assert len(run(scenario())) == 1
 
 
-def test_corrupt_record_is_rejected_counted_and_dead_lettered(redis_store, redis_server):
+def _bad_records():
+    from rlsys.codec import encode_group
+
+    good = encode_group(make_group(0))
+    newer = good[:3] + bytes([9]) + good[4:]
+    flipped = good[:-5] + bytes([good[-5] ^ 0xFF]) + good[-4:]
+    return {"corrupt": flipped, "truncated": good[: len(good) // 2], "newer_version": newer,
+            "garbage": b"RLG\x01garbage", "not_a_record": b"hello"}
+
+
+@pytest.mark.parametrize("kind", sorted(_bad_records()))
+def test_bad_record_is_rejected_counted_and_dead_lettered(redis_store, redis_server, kind):
     import redis as sync_redis
 
     run_id = uuid.uuid4().hex[:8]
@@ -243,7 +254,7 @@ def test_corrupt_record_is_rejected_counted_and_dead_lettered(redis_store, redis
         await s.reserve(2)
         good = make_group(0)
         r = sync_redis.Redis.from_url(redis_server.url)
-        r.xadd(f"rlsys:{run_id}:stream", {"gid": "bad", "v": "0", "rec": b"RLG\x01garbage"})
+        r.xadd(f"rlsys:{run_id}:stream", {"gid": "bad", "v": "0", "rec": _bad_records()[kind]})
         await s.put([good])
         got = await s.take(1)
         totals = await s.totals()
