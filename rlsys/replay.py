@@ -109,10 +109,16 @@ class ReplayConfig:
     """'inprocess' (embedded default, inside the controller) or 'redis' (durable, multi-node)."""
     max_staleness: int = 0
     """η: a group generated at policy version v trains learner version u only if u - v <= η."""
+    stale_policy: str = "drop"
+    """What happens to a group older than the bound: 'drop' it (counted as dropped_stale), or
+    'correct': train it anyway, relying on the loss's truncated importance sampling (counted
+    as stale_corrected). Admission control makes either rare; 'drop' keeps the bound strict."""
     redis: RedisConfig = field(default_factory=RedisConfig)
     """Used when backend=redis."""
 
     def __post_init__(self) -> None:
+        if self.stale_policy not in ("drop", "correct"):
+            raise ValueError(f"replay.stale_policy must be 'drop' or 'correct', got {self.stale_policy!r}")
         if self.backend not in ("inprocess", "redis"):
             raise ValueError(f"replay.backend must be 'inprocess' or 'redis', got {self.backend!r}")
         if self.max_staleness < 0:
@@ -122,6 +128,14 @@ class ReplayConfig:
 def staleness_ok(group_version: int, learner_version: int, max_staleness: int) -> bool:
     """True if a group from ``group_version`` may train the learner at ``learner_version``."""
     return 0 <= learner_version - group_version <= max_staleness
+
+
+def must_drop(group_version: int, learner_version: int, cfg: "ReplayConfig") -> bool:
+    """Whether a group is discarded at ``take`` (stale under stale_policy=drop, or from a
+    future version, which can only mean a store shared by mistake)."""
+    if group_version > learner_version:
+        return True
+    return cfg.stale_policy == "drop" and not staleness_ok(group_version, learner_version, cfg.max_staleness)
 
 
 def admission_cap(learner_version: int, max_staleness: int, groups_per_step: int) -> int:
@@ -140,13 +154,15 @@ class ReplayCounters:
     duplicates: int = 0
     rejected: int = 0
     requeued: int = 0
+    stale_corrected: int = 0
     staleness_hist: dict = field(default_factory=dict)
 
-    def count_taken(self, groups: list[Group], learner_version: int) -> None:
+    def count_taken(self, groups: list[Group], learner_version: int, max_staleness: int) -> None:
         self.taken += len(groups)
         for g in groups:
             lag = learner_version - g.policy_version
             self.staleness_hist[lag] = self.staleness_hist.get(lag, 0) + 1
+            self.stale_corrected += lag > max_staleness
 
 
 class ReplayStore(Protocol):
@@ -281,7 +297,7 @@ class InProcessReplayStore:
     async def _drop_stale(self) -> None:
         kept, dropped = deque(), 0
         for g in self._ready:
-            if staleness_ok(g.policy_version, self.learner_version, self.cfg.max_staleness):
+            if not must_drop(g.policy_version, self.learner_version, self.cfg):
                 kept.append(g)
             else:
                 dropped += 1
@@ -304,7 +320,7 @@ class InProcessReplayStore:
             batch = [self._ready.popleft() for _ in range(k)]
             for g in batch:
                 self._pending[g.group_id] = g
-            self.counters.count_taken(batch, self.learner_version)
+            self.counters.count_taken(batch, self.learner_version, self.cfg.max_staleness)
             return batch
 
     async def ack(self, group_ids: list[str]) -> None:

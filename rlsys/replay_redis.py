@@ -41,7 +41,7 @@ from redis import exceptions as rexc
 
 from rlsys.codec import CodecError, decode_group, encode_group
 from rlsys.records import Group
-from rlsys.replay import AdmissionGate, ReplayConfig, ReplayCounters, StoreClosed, staleness_ok
+from rlsys.replay import AdmissionGate, ReplayConfig, ReplayCounters, StoreClosed, must_drop
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class RedisReplayStore:
             self.counters.duplicates += 1
             await self._discard(eid, "duplicates")
             return None
-        if not staleness_ok(group.policy_version, self.learner_version, self.cfg.max_staleness):
+        if must_drop(group.policy_version, self.learner_version, self.cfg):
             self.counters.dropped_stale += 1
             log.warning("dropped stale group %s (version %d, learner %d, max_staleness %d)", gid,
                         group.policy_version, self.learner_version, self.cfg.max_staleness)
@@ -304,7 +304,7 @@ class RedisReplayStore:
                 if g is not None:
                     self._pending[g.group_id] = (eid, g)
                     out.append(g)
-        self.counters.count_taken(out, self.learner_version)
+        self.counters.count_taken(out, self.learner_version, self.cfg.max_staleness)
         return out
 
     async def ack(self, group_ids: list[str]) -> None:

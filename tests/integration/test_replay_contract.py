@@ -17,12 +17,14 @@ def new_store(request):
     """Factory: new_store(max_staleness, groups_per_step, run_id=None, consumer=...) -> started store."""
     made = []
 
-    async def factory(max_staleness=0, groups_per_step=2, run_id=None, consumer="controller", **redis_kw):
+    async def factory(max_staleness=0, groups_per_step=2, run_id=None, consumer="controller", stale_policy="drop",
+                      **redis_kw):
         redis_cfg = RedisConfig()
         if request.param == "redis":
             server = request.getfixturevalue("redis_server")
             redis_cfg = RedisConfig(url=server.url, block_ms=20, **redis_kw)
-        cfg = ReplayConfig(backend=request.param, max_staleness=max_staleness, redis=redis_cfg)
+        cfg = ReplayConfig(backend=request.param, max_staleness=max_staleness, stale_policy=stale_policy,
+                           redis=redis_cfg)
         store = make_store(cfg, groups_per_step, run_id=run_id or uuid.uuid4().hex[:8], consumer=consumer)
         await store.start()
         made.append(store)
@@ -73,6 +75,22 @@ def test_stale_group_is_never_trained(new_store):
     assert {g.group_id for g in batch}.isdisjoint({g.group_id for g in old})
     assert store.counters.dropped_stale == 2
     assert all(g.policy_version == 2 for g in batch)
+
+
+def test_stale_policy_correct_trains_stale_groups_and_counts_them(new_store):
+    async def scenario():
+        store = await new_store(max_staleness=0, groups_per_step=2, stale_policy="correct")
+        await store.reserve(2)
+        old = [make_group(version=0) for _ in range(2)]
+        await store.put(old)
+        await store.set_learner_version(1)
+        batch = await store.take(2)
+        await store.close()
+        return store, old, batch
+
+    store, old, batch = run(scenario())
+    assert [g.group_id for g in batch] == [g.group_id for g in old]
+    assert store.counters.stale_corrected == 2 and store.counters.dropped_stale == 0
 
 
 def test_synchronous_mode_admits_exactly_one_step(new_store):
