@@ -4,7 +4,7 @@ import pytest
 from helpers import make_group
 from rlsys.batch import build_batch, micro_batches, shard_indices
 from rlsys.losses import LossConfig
-from rlsys.scheduler import BudgetScheduler, Prompt, SchedulerConfig, allocate
+from rlsys.scheduler import BudgetScheduler, Prompt, PromptStats, SchedulerConfig, allocate
 
 
 def test_build_batch_layout():
@@ -74,3 +74,92 @@ def test_scheduler_config_validation_names_keys():
         SchedulerConfig(min_per_prompt=5, max_per_prompt=2)
     with pytest.raises(ValueError, match="scheduler.strategy"):
         SchedulerConfig(strategy="greedy")
+
+
+# ----------------------------------------------------------------- strategies beyond uniform
+
+
+def _observe_rates(s, rates, n=8):
+    """Feed each prompt p{i} a group of n rewards with success rate rates[i]."""
+    s.observe([(f"p{i}", [1.0] * round(r * n) + [0.0] * (n - round(r * n))) for i, r in enumerate(rates)])
+
+
+def test_knapsack_strategy_uses_prompt_stats_and_keeps_the_uniform_budget():
+    cfg = SchedulerConfig(strategy="knapsack", prompts_per_step=4, samples_per_prompt=8)
+    s = BudgetScheduler(cfg, _prompts(4))
+    _observe_rates(s, [0.125, 0.5, 1.0])  # p3 never observed
+    reqs = {r.prompt_id: r.n for r in s.plan()}
+    assert sum(reqs.values()) == 32
+    assert reqs["p3"] == 8  # unseen: the uniform count
+    assert reqs["p0"] > reqs["p1"] > reqs["p2"] == cfg.min_per_prompt
+
+
+def test_prompt_never_seen_is_unseen_not_an_error():
+    stats = PromptStats(history=16)
+    assert np.isnan(stats.success_rate(["nope"])[0]) and stats.observed(["nope"])[0] == 0
+    counts = allocate("knapsack", np.array([np.nan, 0.2]), np.array([0, 8]), 16, 2, 64, unseen_threshold=8)
+    assert counts.tolist() == [8, 8]
+
+
+def test_few_observations_count_as_unseen():
+    counts = allocate("knapsack", np.array([0.0, 0.5, 0.5]), np.array([4, 8, 8]), 24, 2, 64, unseen_threshold=8)
+    assert counts[0] == 8 and counts.sum() == 24
+
+
+def test_window_is_recent_rewards_or_the_whole_last_big_group():
+    stats = PromptStats(history=4)
+    stats.observe("a", [1, 1, 1, 1])
+    stats.observe("a", [0, 0])
+    assert stats.success_rate(["a"])[0] == 0.5  # last 4 rewards
+    stats.observe("a", [0] * 9 + [1])
+    assert stats.success_rate(["a"])[0] == 0.1  # the whole last group of 10
+    assert stats.observed(["a"])[0] == 16
+
+
+def test_beta_prior_smooths_the_estimate():
+    stats = PromptStats(history=16, prior_alpha=1.0, prior_beta=1.0)
+    stats.observe("a", [0.0] * 8)
+    assert stats.success_rate(["a"])[0] == pytest.approx(1 / 10)
+    assert np.isnan(stats.success_rate(["b"])[0])  # the prior does not make an unseen prompt seen
+
+
+def test_knapsack_state_roundtrip_gives_the_same_plans():
+    cfg = SchedulerConfig(strategy="knapsack", prompts_per_step=3, prior_alpha=0.5, prior_beta=0.5)
+    a = BudgetScheduler(cfg, _prompts(6))
+    _observe_rates(a, [0.125, 0.5, 1.0, 0.0, 0.75, 0.25])
+    a.plan()
+    b = BudgetScheduler(cfg, _prompts(6))
+    b.load_state_dict(a.state_dict())
+    assert [(r.prompt_id, r.n) for r in a.plan(4)] == [(r.prompt_id, r.n) for r in b.plan(4)]
+    ids = [f"p{i}" for i in range(6)]
+    np.testing.assert_array_equal(a.stats.success_rate(ids), b.stats.success_rate(ids))
+
+
+def test_ar3po_and_dapo_return_their_first_stage():
+    nan = np.full(3, np.nan)
+    assert allocate("ar3po", nan, np.zeros(3), 24, 2, 64, ar3po_stage_size=2).tolist() == [2, 2, 2]
+    assert allocate("dapo", nan, np.zeros(3), 24, 2, 64).tolist() == [8, 8, 8]
+    s = BudgetScheduler(SchedulerConfig(strategy="ar3po", prompts_per_step=4, ar3po_stage_size=3), _prompts(4))
+    assert [r.n for r in s.plan()] == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="ar3po_stage_size"):
+        allocate("ar3po", nan, np.zeros(3), 24, 2, 64)
+    with pytest.raises(ValueError, match="unknown allocation strategy"):
+        allocate("greedy", nan, np.zeros(3), 24, 2, 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(strategy="knapsack", samples_per_prompt=1), "scheduler.min_per_prompt <= scheduler.samples_per_prompt"),
+        (dict(strategy="knapsack", samples_per_prompt=100), "scheduler.samples_per_prompt <= scheduler.max_per_prompt"),
+        (dict(strategy="knapsack", zero_cap=1), "scheduler.zero_cap >= scheduler.min_per_prompt"),
+        (dict(unseen_threshold=-1), "scheduler.unseen_threshold"),
+        (dict(prior_beta=-1.0), "scheduler.prior_beta"),
+        (dict(ar3po_stages=0), "scheduler.ar3po_stages"),
+        (dict(ar3po_stage_size=0), "scheduler.ar3po_stage_size"),
+        (dict(dapo_max_rounds=0), "scheduler.dapo_max_rounds"),
+    ],
+)
+def test_new_scheduler_fields_are_validated_by_name(kwargs, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        SchedulerConfig(**kwargs)
