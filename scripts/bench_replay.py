@@ -35,13 +35,13 @@ from rlsys.records import Completion, Group  # noqa: E402
 from rlsys.replay import RedisConfig, ReplayConfig, make_store  # noqa: E402
 
 
-def make_groups(n: int, completions: int, tokens: int, seed: int = 0) -> list[Group]:
+def make_groups(n: int, completions: int, tokens: int, seed: int = 0, version: int = 0) -> list[Group]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         comps = [Completion(rng.integers(0, 32000, tokens, dtype=np.int32), -rng.random(tokens, dtype=np.float32),
                             "x" * 64, "stop") for _ in range(completions)]
-        out.append(Group(f"p{i}:{uuid.uuid4().hex[:12]}", f"p{i}", "prompt " * 20, tuple(range(64)), "42", 0, comps,
+        out.append(Group(f"p{i}:{uuid.uuid4().hex[:12]}", f"p{i}", "prompt " * 20, tuple(range(64)), "42", version, comps,
                          rewards=rng.random(completions, dtype=np.float32)))
     return out
 
@@ -68,6 +68,9 @@ async def throughput(cfg: ReplayConfig, groups: list[Group], batch: int) -> dict
 
 
 def main() -> int:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(int(os.environ.get("RLSYS_BENCH_WATCHDOG_S", "0")) or 10**9, exit=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=256)
@@ -81,26 +84,33 @@ def main() -> int:
 
     groups = make_groups(args.groups, args.completions, args.tokens)
     record_kb = len(encode_group(groups[0])) / 1024
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as d:
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as d, \
+            tempfile.TemporaryDirectory(prefix="bench-redis-noaof-") as d2:
         server = RedisServer(d, appendonly=True).start()
+        plain = RedisServer(d2, appendonly=False).start()
         try:
             redis_cfg = ReplayConfig(backend="redis", redis=RedisConfig(url=server.url, block_ms=10))
+            plain_cfg = ReplayConfig(backend="redis", redis=RedisConfig(url=plain.url, block_ms=10))
             mem = asyncio.run(throughput(ReplayConfig(), groups, args.batch))
             red = asyncio.run(throughput(redis_cfg, groups, args.batch))
+            red_plain = asyncio.run(throughput(plain_cfg, groups, args.batch))
             per_step_ops = asyncio.run(_ops_per_step(redis_cfg, reps=50))
             step_s = None
             if args.steps:
                 step_s = _tiny_step_seconds(server.url, args.steps)
         finally:
             server.stop()
+            plain.stop()
 
     share = per_step_ops / step_s if step_s else None
     print(f"\nbench_replay: {args.groups} groups of {args.completions} x {args.tokens} tokens "
           f"({record_kb:.0f} KB encoded), batches of {args.batch}\n")
-    print(f"{'backend':10s} {'groups/s':>10s} {'put/s':>10s} {'take/s':>10s} {'ack/s':>10s} {'x memory':>9s}")
-    for name, r in (("memory", mem), ("redis", red)):
-        print(f"{name:10s} {r['groups_per_s']:10.0f} {r['put_per_s']:10.0f} {r['take_per_s']:10.0f} "
+    print(f"{'backend':12s} {'groups/s':>10s} {'put/s':>10s} {'take/s':>10s} {'ack/s':>10s} {'x memory':>9s}")
+    for name, r in (("memory", mem), ("redis", red), ("redis-noaof", red_plain)):
+        print(f"{name:12s} {r['groups_per_s']:10.0f} {r['put_per_s']:10.0f} {r['take_per_s']:10.0f} "
               f"{r['ack_per_s']:10.0f} {r['groups_per_s'] / mem['groups_per_s']:9.3f}")
+    print("groups/s = a full put + take + ack round trip; redis = AOF everysec (production), "
+          "redis-noaof = no persistence")
     print(f"\ntiny step on Redis: store ops {per_step_ops * 1000:.2f} ms per step (put+take+ack of 16 groups)"
           + (f", step {step_s * 1000:.0f} ms -> store share {share:.2%}" if step_s else ""))
     if args.json:
@@ -108,7 +118,7 @@ def main() -> int:
             "redis_groups_per_s": red["groups_per_s"], "memory_groups_per_s": mem["groups_per_s"],
             "store_share_of_step": share, "store_ms_per_step": per_step_ops * 1000,
             "tiny_step_ms": step_s * 1000 if step_s else None, "record_kb": record_kb,
-            "redis": red, "memory": mem, "groups": args.groups, "batch": args.batch,
+            "redis": red, "redis_no_aof": red_plain, "memory": mem, "groups": args.groups, "batch": args.batch,
             "completions": args.completions, "tokens": args.tokens}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
@@ -120,7 +130,7 @@ async def _ops_per_step(cfg: ReplayConfig, reps: int) -> float:
     await store.start()
     total = 0.0
     for r in range(reps):
-        gs = make_groups(16, 8, 6, seed=100 + r)
+        gs = make_groups(16, 8, 6, seed=100 + r, version=r)
         await store.reserve(16)
         t0 = time.perf_counter()
         await store.put(gs)

@@ -141,6 +141,22 @@ def test_requeue_redelivers_unacked_and_duplicates_are_ignored(new_store):
     assert store.counters.duplicates == 1 and depth == 0
 
 
+def test_a_group_put_twice_before_commit_is_taken_once(new_store):
+    async def scenario():
+        store = await new_store(groups_per_step=2)
+        await store.reserve(2)
+        g, h = make_group(0), make_group(0)
+        await store.put([g, g])  # a retried producer call
+        await store.put([h])
+        got = await store.take(2)
+        await store.close()
+        return g, h, got, store
+
+    g, h, got, store = run(scenario())
+    assert sorted(x.group_id for x in got) == sorted([g.group_id, h.group_id])
+    assert store.counters.duplicates == 1
+
+
 def test_close_wakes_waiters(new_store):
     async def scenario():
         store = await new_store(groups_per_step=1)
