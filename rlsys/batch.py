@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rlsys.losses import LossConfig, group_advantages
-from rlsys.records import Group
+from rlsys.records import STOP_GRADIENT, Group
 
 
 @dataclass
@@ -51,7 +51,10 @@ def build_batch(groups: list[Group], loss_cfg: LossConfig, pad_id: int) -> Train
         if g.rewards is None:
             raise ValueError(f"group {g.group_id} has no rewards; score it before training")
         adv = group_advantages(g.rewards, loss_cfg)
-        for c, a in zip(g.completions, adv):
+        frozen = set(g.meta.get(STOP_GRADIENT, ()))
+        for i, (c, a) in enumerate(zip(g.completions, adv)):
+            if i in frozen:  # in the baseline above, not in the loss
+                continue
             rows.append((np.asarray(g.prompt_token_ids, np.int64), c.token_ids.astype(np.int64), c.logprobs, a))
     t = max(len(p) + len(c) for p, c, _, _ in rows)
     b = len(rows)

@@ -49,6 +49,8 @@ from rlsys.records import Group
 from rlsys.replay import StoreClosed, make_store
 from rlsys.reward import RewardWorker
 from rlsys.rollout import RolloutWorker
+from rlsys.allocation import effective_gradient_ratio, effective_prompt_ratio
+from rlsys.sampling import Sampler
 from rlsys.scheduler import BudgetScheduler, Prompt
 from rlsys.task import DatasetError, Example, load_task, verify_answer
 from rlsys.tinymodel import encode_prompt, ensure_model
@@ -113,7 +115,12 @@ class Progress:
     samples: int = 0
     tokens: int = 0
     reward_failures: int = 0
+    filtered: int = 0
     step_rewards: list = field(default_factory=list)
+    step_egr: list = field(default_factory=list)
+    egr_rollouts: int = 0
+    trained_rollouts: int = 0
+    samples_at_last_step: int = 0
     step_losses: list = field(default_factory=list)
     timing: Timing = field(default_factory=Timing)
 
@@ -157,6 +164,7 @@ class Controller:
         opts = {"runtime_env": {"env_vars": env}}
         rc, lc = cfg.rollout, cfg.learner
         self.scheduler = ray.remote(num_cpus=0)(BudgetScheduler).remote(cfg.scheduler, self.train_prompts)
+        self.sampler = Sampler(cfg.scheduler)
         self.rewards = [ray.remote(num_cpus=cfg.reward.num_cpus)(RewardWorker).options(**opts).remote(cfg.reward)
                         for _ in range(cfg.reward.num_workers)]
         self.workers = [
@@ -242,21 +250,25 @@ class Controller:
             except StoreClosed:
                 return
             requests = await self.scheduler.plan.remote(k)
-            result = await worker.generate.remote(requests)
-            t0 = time.perf_counter()
-            groups: list[Group] = await reward.score.remote(result.groups)
-            self.progress.timing.reward += time.perf_counter() - t0
-            self.progress.timing.generation += result.generate_seconds
-            self.scheduler.observe.remote([(g.prompt_id, g.rewards.tolist()) for g in groups])
-            samples = sum(g.size for g in groups)
-            failures = sum(g.reward_failures for g in groups)
-            self.progress.samples += samples
-            self.progress.tokens += result.num_tokens
-            self.progress.reward_failures += failures
-            self.metrics.samples.inc(samples)
-            self.metrics.tokens.inc(result.num_tokens)
-            self.metrics.reward_failures.inc(failures)
-            self.metrics.gen_seconds.observe(result.generate_seconds)
+            groups, scored, rs = await self.sampler.run(requests, worker.generate.remote, reward.score.remote,
+                                                        self.store.learner_version)
+            self.scheduler.observe.remote([(g.prompt_id, g.rewards.tolist()) for g in scored])
+            p, m = self.progress, self.metrics
+            failures = sum(g.reward_failures for g in scored)
+            p.timing.reward += rs.reward_seconds
+            p.timing.generation += rs.generate_seconds
+            p.samples += rs.samples
+            p.tokens += rs.tokens
+            p.reward_failures += failures
+            p.filtered += rs.filtered
+            m.samples.inc(rs.samples)
+            m.tokens.inc(rs.tokens)
+            m.reward_failures.inc(failures)
+            m.gen_seconds.observe(rs.generate_seconds)
+            m.filtered.inc(rs.filtered)
+            m.reused.inc(rs.reused)
+            if len(groups) < k:  # filtered by dynamic sampling: let producers sample more
+                await self.store.release(k - len(groups))
             try:
                 await self.store.put(groups)
             except StoreClosed:
@@ -309,6 +321,18 @@ class Controller:
         lag = [self.store.learner_version - 1 - g.policy_version for g in groups]
         p.step_rewards.append(reward)
         p.step_losses.append(loss)
+        group_rewards = [g.rewards for g in groups]
+        egr = effective_gradient_ratio(group_rewards)
+        sizes = [g.size for g in groups]
+        p.step_egr.append(egr)
+        p.egr_rollouts += round(egr * sum(sizes))
+        p.trained_rollouts += sum(sizes)
+        m.effective_gradient_ratio.set(egr)
+        m.effective_prompt_ratio.set(effective_prompt_ratio(group_rewards))
+        m.rollouts_per_step.set(p.samples - p.samples_at_last_step)
+        p.samples_at_last_step = p.samples
+        for n in sizes:
+            m.group_size.observe(n)
         m.steps.inc()
         m.policy_version.set(self.store.learner_version)
         m.loss.set(loss)
@@ -323,9 +347,9 @@ class Controller:
         if p.step % self.cfg.log_every == 0 or p.step == self.cfg.steps:
             el = time.perf_counter() - t_start
             log.info("step %4d/%d | reward %.3f | loss %+.4f | grad %.3f | clip %.3f | tokens/s %6.0f | "
-                     "samples/s %5.0f | staleness %.2f | %.0fs", p.step, self.cfg.steps, reward, loss,
+                     "samples/s %5.0f | staleness %.2f | eff.grad %.2f | %.0fs", p.step, self.cfg.steps, reward, loss,
                      stats[0].grad_norm, stats[0].extra.get("clip_fraction", 0.0), p.tokens / el, p.samples / el,
-                     float(np.mean(lag)), el)
+                     float(np.mean(lag)), egr, el)
 
     # -- the run -------------------------------------------------------------------------
     async def run(self) -> dict:
@@ -377,6 +401,10 @@ class Controller:
             "reward_first": float(np.mean(p.step_rewards[:k])) if p.step_rewards else None,
             "reward_last": float(np.mean(p.step_rewards[-k:])) if p.step_rewards else None,
             "reward_failures": p.reward_failures,
+            "strategy": self.cfg.scheduler.strategy,
+            "effective_gradient_ratio": p.egr_rollouts / max(p.trained_rollouts, 1),
+            "filtered_groups": p.filtered,
+            "curves": {"reward": p.step_rewards, "effective_gradient_ratio": p.step_egr},
             "learner_restarts": self.learner_restarts,
             "replay": {"backend": self.cfg.replay.backend, "put": c.put, "taken": c.taken, "acked": c.acked,
                        "dropped_stale": c.dropped_stale, "stale_corrected": c.stale_corrected, "duplicates": c.duplicates,

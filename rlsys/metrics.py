@@ -40,6 +40,20 @@ class Metrics:
                                             "Groups dropped for exceeding max_staleness", registry=r)
         self.replay_staleness = Histogram("rlsys_replay_staleness_versions", "Policy-version lag of trained groups",
                                           registry=r, buckets=(0, 1, 2, 3, 4, 8))
+        self.group_size = Histogram("rlsys_scheduler_group_size_rollouts", "Rollouts per trained group (allocation)",
+                                    registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.effective_gradient_ratio = Gauge(
+            "rlsys_scheduler_effective_gradient_ratio", "Fraction of the last batch's rollouts in groups with "
+            "non-zero reward variance", registry=r)
+        self.effective_prompt_ratio = Gauge("rlsys_scheduler_effective_prompt_ratio",
+                                            "Fraction of the last batch's groups with non-zero reward variance",
+                                            registry=r)
+        self.rollouts_per_step = Gauge("rlsys_scheduler_rollouts_per_step",
+                                       "Rollouts generated since the previous step", registry=r)
+        self.filtered = Counter("rlsys_scheduler_filtered_groups", "Groups discarded by dynamic sampling",
+                                registry=r)
+        self.reused = Counter("rlsys_scheduler_reused_responses", "Stored correct responses swapped in (AR3PO)",
+                              registry=r)
         self.eval_accuracy = Gauge("rlsys_controller_eval_accuracy", "Held-out greedy accuracy", registry=r)
 
 

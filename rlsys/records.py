@@ -15,6 +15,10 @@ from typing import Optional
 
 import numpy as np
 
+STOP_GRADIENT = "stop_gradient"
+"""``Group.meta`` key: indices of completions that count in the group's advantage baseline but
+are not trained on (e.g. a reused response, sampling.reuse_correct)."""
+
 
 @dataclass(frozen=True)
 class RolloutRequest:

@@ -76,6 +76,9 @@ class SchedulerConfig:
     """dapo: generation rounds per step, the first included (the retry cap, like the DAPO
     recipe's max_num_gen_batches); each later round samples as many prompts as the batch is
     short. 1 = no resampling. When the cap is hit the batch trains short."""
+    max_prompts: int = 0
+    """Train on only the first N training prompts (0 = all). Per-prompt statistics need prompts
+    to recur: with a pool of N, each prompt comes back every N / prompts_per_step steps."""
     seed: int = 0
     """Shuffling seed for the pass over the training prompts."""
 
@@ -103,6 +106,8 @@ class SchedulerConfig:
                 "scheduler.ar3po_stages and scheduler.ar3po_stage_size must be >= 1, "
                 f"got {self.ar3po_stages}, {self.ar3po_stage_size}"
             )
+        if self.max_prompts < 0:
+            raise ValueError(f"scheduler.max_prompts must be >= 0 (0 = all), got {self.max_prompts}")
         if self.dapo_max_rounds < 1:
             raise ValueError(f"scheduler.dapo_max_rounds must be >= 1 (1 = no resampling), got {self.dapo_max_rounds}")
         if self.strategy == "knapsack":
@@ -230,7 +235,7 @@ class BudgetScheduler:
         if not prompts:
             raise ValueError("the scheduler needs at least one training prompt")
         self.cfg = cfg
-        self._prompts = list(prompts)
+        self._prompts = list(prompts)[: cfg.max_prompts or None]
         self._rng = np.random.default_rng(cfg.seed)
         self._order = self._rng.permutation(len(self._prompts))
         self._cursor = 0

@@ -163,3 +163,9 @@ def test_ar3po_and_dapo_return_their_first_stage():
 def test_new_scheduler_fields_are_validated_by_name(kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         SchedulerConfig(**kwargs)
+
+
+def test_max_prompts_limits_the_pool():
+    s = BudgetScheduler(SchedulerConfig(prompts_per_step=4, max_prompts=3), _prompts(10))
+    ids = {r.prompt_id for _ in range(5) for r in s.plan()}
+    assert ids == {"p0", "p1", "p2"}
