@@ -11,6 +11,19 @@ from rlsys.controller import Controller, run_training
 pytestmark = pytest.mark.integration
 
 
+def run_and_scrape(cfg, run_dir):
+    """Train, and scrape the controller's Prometheus endpoint before it closes."""
+    import asyncio
+
+    ctl = Controller(cfg, run_dir)
+    try:
+        summary = asyncio.run(ctl.run())
+        text = urllib.request.urlopen(ctl.metrics_server.url, timeout=5).read().decode()
+    finally:
+        ctl.shutdown()
+    return summary, text
+
+
 def test_short_run_improves_reward_and_accuracy(ray_cluster, tiny_model, tmp_path):
     cfg = to_run_config(compose(["steps=40", "max_train_seconds=300"]))
     summary = run_training(cfg, tmp_path)
@@ -33,14 +46,7 @@ def test_multi_actor_async_run_survives_a_raising_reward_function(ray_cluster, t
         "replay.max_staleness=1", "scheduler.prompts_per_step=8", "rollout.prompts_per_call=4",
         "reward.target=helpers.flaky_reward",
     ]))
-    ctl = Controller(cfg, tmp_path)
-    import asyncio
-
-    try:
-        summary = asyncio.run(ctl.run())
-        text = urllib.request.urlopen(ctl.metrics_server.url, timeout=5).read().decode()
-    finally:
-        ctl.shutdown()
+    summary, text = run_and_scrape(cfg, tmp_path)
     assert summary["steps"] == 6
     assert summary["reward_failures"] > 0
     assert "rlsys_reward_failures_total" in text and "rlsys_learner_steps_total 6.0" in text
@@ -57,14 +63,7 @@ def test_each_sampling_strategy_runs_end_to_end(ray_cluster, tiny_model, tmp_pat
         f"scheduler.samples_per_prompt={n}", "scheduler.min_per_prompt=1", "scheduler.max_prompts=8",
         "scheduler.unseen_threshold=4", "scheduler.ar3po_stages=3", "scheduler.ar3po_stage_size=2",
     ]))
-    ctl = Controller(cfg, tmp_path)
-    import asyncio
-
-    try:
-        summary = asyncio.run(ctl.run())
-        text = urllib.request.urlopen(ctl.metrics_server.url, timeout=5).read().decode()
-    finally:
-        ctl.shutdown()
+    summary, text = run_and_scrape(cfg, tmp_path)
     assert summary["steps"] == steps and summary["strategy"] == strategy
     assert 0 <= summary["effective_gradient_ratio"] <= 1
     assert "rlsys_scheduler_effective_gradient_ratio" in text
