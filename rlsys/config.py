@@ -19,6 +19,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from rlsys.judge import JudgeConfig
 from rlsys.learner import LearnerConfig
 from rlsys.replay import ReplayConfig
 from rlsys.reward import RewardConfig
@@ -74,6 +75,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)

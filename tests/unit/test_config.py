@@ -18,7 +18,7 @@ def all_options():
 
 
 def test_every_group_has_options():
-    assert {"rollout", "reward", "scheduler", "replay", "learner", "cluster", "experiment"} <= set(GROUPS)
+    assert {"rollout", "reward", "judge", "scheduler", "replay", "learner", "cluster", "experiment"} <= set(GROUPS)
 
 
 @pytest.mark.parametrize("group,option", list(all_options()))

@@ -1,0 +1,245 @@
+"""JudgeWorker: an LLM judge behind an async queue, with a budget.
+
+    RewardWorker ── judge_pairs([JudgePair]) ──▶ JudgeQueue
+                                                   │ concurrency semaphore, token-bucket rate limit,
+                                                   │ per-call timeout, retries on transport errors
+                                                   ▼
+                                    backend: OpenAI-compatible chat endpoint (httpx)
+                                             or a vLLM engine owned by the worker
+                                                   │ text
+                                                   ▼
+                                    routing.parse_verdict (strict) ──▶ +1 / -1 / 0, or None
+
+``None`` means "no verdict": the call timed out after its retries, the endpoint failed, the
+answer did not parse, or the step's budget (``judge.max_pairs_per_step``) was exhausted. The
+router then keeps the reward model's score for that pair (a *fallback*, counted) — a judge
+never blocks or drops a group.
+
+Secrets: the API key is read from the environment variable named by ``judge.api_key_env``
+(never from config files) and is never logged. Position bias: each pair is shown in a random
+order (seeded) and the verdict is flipped back, so A/B position cannot favour either response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+import numpy as np
+
+from rlsys.routing import JudgeParseError, parse_verdict, render_judge_prompt
+
+log = logging.getLogger(__name__)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.HTTPError, OSError, RuntimeError, ValueError)
+
+
+TRANSPORT_ERRORS = _transport_errors()
+
+BACKENDS = ("none", "openai")
+
+
+@dataclass
+class JudgeConfig:
+    """The LLM judge."""
+
+    backend: str = "none"
+    """'none' (no judge: the RM decides) or 'openai' (any OpenAI-compatible chat endpoint, e.g.
+    `vllm serve` next to the run). An engine owned by the worker is still to come."""
+    url: str = "http://127.0.0.1:8000/v1"
+    """Base URL of the OpenAI-compatible endpoint (…/v1); requests go to {url}/chat/completions."""
+    model: str = ""
+    """Model name sent to the endpoint."""
+    api_key_env: str = "RLSYS_JUDGE_API_KEY"
+    """Environment variable holding the endpoint's API key (may be unset for local servers)."""
+    concurrency: int = 8
+    """Judge calls in flight at once."""
+    rate_limit_per_s: float = 0.0
+    """Most calls started per second (token bucket); 0 = unlimited."""
+    timeout_s: float = 30.0
+    """Deadline of one call; a call past it is retried, then falls back."""
+    retries: int = 1
+    """Extra attempts after a timeout or transport error (a garbage answer is not retried)."""
+    max_pairs_per_step: int = 64
+    """Budget: judge calls per learner step; pairs beyond it fall back to the RM."""
+    max_tokens: int = 16
+    """Tokens the judge may answer with (the verdict line is ~5)."""
+    cost_per_call: float = 0.0
+    """Spend per call (your currency), for the spend metric."""
+    seed: int = 0
+    """Seed of the A/B order shuffling."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"judge.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "openai" and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"judge.url must be an http(s) URL, got {self.url!r}")
+        if self.backend != "none" and not self.model:
+            raise ValueError("set judge.model (the model name the endpoint serves)")
+        if self.concurrency < 1 or self.timeout_s <= 0 or self.retries < 0 or self.max_pairs_per_step < 0:
+            raise ValueError("judge.concurrency >= 1, judge.timeout_s > 0, judge.retries >= 0 and "
+                             "judge.max_pairs_per_step >= 0 are required")
+        if self.rate_limit_per_s < 0 or self.cost_per_call < 0:
+            raise ValueError("judge.rate_limit_per_s and judge.cost_per_call must be >= 0")
+
+
+@dataclass(frozen=True)
+class JudgePair:
+    prompt: str
+    response_a: str
+    response_b: str
+
+
+@dataclass
+class JudgeStats:
+    calls: int = 0
+    verdicts: int = 0
+    timeouts: int = 0
+    errors: int = 0
+    garbage: int = 0
+    over_budget: int = 0
+    spend: float = 0.0
+    latency_s: deque = field(default_factory=lambda: deque(maxlen=4096))
+
+    @property
+    def fallbacks(self) -> int:
+        return self.timeouts + self.errors + self.garbage + self.over_budget
+
+
+class JudgeBackend(Protocol):
+    async def complete(self, prompt: str, max_tokens: int) -> str:
+        """The judge's raw answer text to one prompt."""
+
+
+class OpenAIChatBackend:
+    """Any OpenAI-compatible ``/chat/completions`` endpoint (vLLM's server, hosted APIs)."""
+
+    def __init__(self, cfg: JudgeConfig):
+        import httpx
+
+        headers = {}
+        key = os.environ.get(cfg.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self.cfg = cfg
+        self.client = httpx.AsyncClient(base_url=cfg.url.rstrip("/"), headers=headers, timeout=None)
+
+    async def complete(self, prompt: str, max_tokens: int) -> str:
+        body = {"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens, "temperature": 0.0}
+        resp = await self.client.post("/chat/completions", json=body)
+        resp.raise_for_status()
+        data = resp.json()
+        try:
+            content = data["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise JudgeParseError(f"endpoint answered without choices[0].message.content: {str(data)[:200]}") from e
+        return content if isinstance(content, str) else ""
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class TokenBucket:
+    """Starts at most ``rate`` calls per second (bursts up to ``rate``)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.tokens = max(rate, 1.0)
+        self.stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        if self.rate <= 0:
+            return
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.stamp) * self.rate)
+                self.stamp = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
+class JudgeQueue:
+    """Budgeted, concurrent, rate-limited judge calls with timeouts, retries and strict parsing."""
+
+    def __init__(self, cfg: JudgeConfig, backend: JudgeBackend):
+        self.cfg = cfg
+        self.backend = backend
+        self.stats = JudgeStats()
+        self._sem = asyncio.Semaphore(cfg.concurrency)
+        self._bucket = TokenBucket(cfg.rate_limit_per_s)
+        self._rng = np.random.default_rng(cfg.seed)
+        self._step_used = 0
+        self.in_flight = 0
+        self.queued = 0
+
+    def new_step(self) -> None:
+        """Reset the per-step budget."""
+        self._step_used = 0
+
+    async def judge_pairs(self, pairs: list[JudgePair]) -> list[Optional[int]]:
+        """Verdicts (+1: A better, -1: B better, 0: tie) or None (fallback), in order."""
+        allowed = max(0, min(len(pairs), self.cfg.max_pairs_per_step - self._step_used))
+        self._step_used += allowed
+        self.stats.over_budget += len(pairs) - allowed
+        swaps = self._rng.random(allowed) < 0.5
+        results = await asyncio.gather(*[self._one(p, bool(s)) for p, s in zip(pairs[:allowed], swaps)])
+        return list(results) + [None] * (len(pairs) - allowed)
+
+    async def _one(self, pair: JudgePair, swap: bool) -> Optional[int]:
+        a, b = (pair.response_b, pair.response_a) if swap else (pair.response_a, pair.response_b)
+        prompt = render_judge_prompt(pair.prompt, a, b)
+        self.queued += 1
+        async with self._sem:
+            self.queued -= 1
+            for attempt in range(self.cfg.retries + 1):
+                await self._bucket.acquire()
+                self.stats.calls += 1
+                self.stats.spend += self.cfg.cost_per_call
+                self.in_flight += 1
+                t0 = time.perf_counter()
+                try:
+                    text = await asyncio.wait_for(self.backend.complete(prompt, self.cfg.max_tokens),
+                                                  self.cfg.timeout_s)
+                except asyncio.TimeoutError:
+                    if attempt == self.cfg.retries:
+                        self.stats.timeouts += 1
+                        log.warning("judge call timed out after %ss (%d attempts); falling back to the RM",
+                                    self.cfg.timeout_s, attempt + 1)
+                        return None
+                    continue
+                except JudgeParseError as e:
+                    self.stats.garbage += 1
+                    log.warning("judge answered in an unusable shape: %s", e)
+                    return None
+                except TRANSPORT_ERRORS as e:  # connection refused, HTTP 5xx/4xx, engine errors
+                    if attempt == self.cfg.retries:
+                        self.stats.errors += 1
+                        log.warning("judge call failed (%s: %s); falling back to the RM", type(e).__name__, e)
+                        return None
+                    continue
+                finally:
+                    self.in_flight -= 1
+                    self.stats.latency_s.append(time.perf_counter() - t0)
+                try:
+                    verdict = parse_verdict(text)
+                except JudgeParseError as e:
+                    self.stats.garbage += 1
+                    log.warning("judge answer rejected: %s", e)
+                    return None
+                self.stats.verdicts += 1
+                return -verdict if swap else verdict
+        return None
