@@ -50,7 +50,12 @@ def build_batch(groups: list[Group], loss_cfg: LossConfig, pad_id: int) -> Train
     for g in groups:
         if g.rewards is None:
             raise ValueError(f"group {g.group_id} has no rewards; score it before training")
-        adv = group_advantages(g.rewards, loss_cfg)
+        if g.advantages is not None:  # pairwise (leave-one-out) advantages from the reward stage
+            adv = np.asarray(g.advantages, np.float32)
+            if loss_cfg.advantage_clip > 0:
+                adv = np.clip(adv, -loss_cfg.advantage_clip, loss_cfg.advantage_clip)
+        else:
+            adv = group_advantages(g.rewards, loss_cfg)
         frozen = set(g.meta.get(STOP_GRADIENT, ()))
         for i, (c, a) in enumerate(zip(g.completions, adv)):
             if i in frozen:  # in the baseline above, not in the loss

@@ -24,6 +24,7 @@ Version 1 payload, a map with exactly these keys::
                   text:          [str] * n
                   finish_reason: [str] * n}
     rewards: array <f4 [n] | nil
+    advantages: array <f4 [n] | nil     (version 2 only; absent from version 1 records)
     meta:    map of str -> str/int/float/bool/nil/list/map (str keys all the way down)
 
 An *array* is the map ``{dtype: "<i4"|"<i8"|"<f4", shape: [d], data: bin}`` holding the raw
@@ -68,7 +69,7 @@ import numpy as np
 
 from rlsys.records import Completion, Group
 
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 """The version this build writes, and the highest it reads."""
 
 MAGIC = b"RLG"
@@ -122,6 +123,8 @@ _ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
 _COMPLETIONS_KEYS = frozenset({"lengths", "token_ids", "logprobs", "text", "finish_reason"})
 _GROUP_KEYS = frozenset({"group_id", "prompt_id", "prompt", "prompt_token_ids", "reference", "policy_version",
                          "completions", "rewards", "reward_failures", "meta"})
+_GROUP_KEYS_V2 = _GROUP_KEYS | {"advantages"}
+_KEYS_BY_VERSION = {1: _GROUP_KEYS, 2: _GROUP_KEYS_V2}
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what a msgpack int can carry
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -175,6 +178,12 @@ def encode_group(group: Group) -> bytes:
         if len(group.rewards) != len(comps):
             raise UnencodableGroupError(f"rewards has {len(group.rewards)} entries but the group has {len(comps)} "
                                         f"completions; there must be one reward per completion")
+    advantages = group.advantages
+    if advantages is not None:
+        advantages = _encode_array(_check_array(advantages, _F32, "advantages"), "<f4")
+        if len(group.advantages) != len(comps):
+            raise UnencodableGroupError(f"advantages has {len(group.advantages)} entries but the group has "
+                                        f"{len(comps)} completions; there must be one per completion")
     if not isinstance(group.meta, dict):
         raise UnencodableGroupError(f"meta must be a dict, got {_tname(group.meta)}")
     if group.meta:
@@ -192,6 +201,7 @@ def encode_group(group: Group) -> bytes:
                         "text": texts,
                         "finish_reason": finishes},
         "rewards": rewards,
+        "advantages": advantages,
         "reward_failures": _check_int(group.reward_failures, "reward_failures"),
         "meta": group.meta,
     }
@@ -386,7 +396,7 @@ def decode_group(data: bytes | bytearray | memoryview) -> Group:
                               max_map_len=MAX_MAP_LEN, max_ext_len=0)
     except (ValueError, msgpack.UnpackException) as e:  # FormatError, StackError, ExtraData, bad UTF-8, limits
         raise CorruptRecordError(f"payload is not valid msgpack within the codec's limits: {e}") from e
-    return _decode_v1(obj)
+    return _decode_payload(obj, version)
 
 
 def _check_version(version: int) -> None:
@@ -397,17 +407,24 @@ def _check_version(version: int) -> None:
         raise CorruptRecordError(f"record has codec version {version}, which no rlsys ever wrote")
 
 
-def _decode_v1(obj: Any) -> Group:
+def _decode_payload(obj: Any, version: int) -> Group:
+    """Versions 1 and 2 differ only in v2's ``advantages`` (array <f4 [n] | nil)."""
     if type(obj) is not dict:
         raise CorruptRecordError(f"payload must be a map of group fields, got {_tname(obj)}")
-    if obj.keys() != _GROUP_KEYS:
-        _key_mismatch(obj, _GROUP_KEYS, "payload")
+    keys = _KEYS_BY_VERSION[version]
+    if obj.keys() != keys:
+        _key_mismatch(obj, keys, "payload")
     comps = _decode_completions(obj["completions"])
     rewards = obj["rewards"]
     if rewards is not None:
         rewards = _column(_array_data(rewards, "<f4", "rewards"), "<f4")
         if len(rewards) != len(comps):
             raise CorruptRecordError(f"field 'rewards' has {len(rewards)} entries for {len(comps)} completions")
+    advantages = obj.get("advantages")
+    if advantages is not None:
+        advantages = _column(_array_data(advantages, "<f4", "advantages"), "<f4")
+        if len(advantages) != len(comps):
+            raise CorruptRecordError(f"field 'advantages' has {len(advantages)} entries for {len(comps)} completions")
     meta = obj["meta"]
     if type(meta) is not dict:
         raise CorruptRecordError(f"field 'meta' must be a map, got {_tname(meta)}")
@@ -425,6 +442,7 @@ def _decode_v1(obj: Any) -> Group:
         rewards=rewards,
         reward_failures=_int(obj, "reward_failures"),
         meta=meta,
+        advantages=advantages,
     )
 
 

@@ -58,6 +58,9 @@ class Group:
     reward_failures: int = 0
     """How many completions the reward function failed on (scored 0 and counted)."""
     meta: dict = field(default_factory=dict)
+    advantages: Optional[np.ndarray] = None
+    """float32 [n]: per-completion advantages set by the reward stage (pairwise preference
+    routing); when present the learner uses them instead of normalising ``rewards``."""
 
     @property
     def size(self) -> int:

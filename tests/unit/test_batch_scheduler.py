@@ -169,3 +169,10 @@ def test_max_prompts_limits_the_pool():
     s = BudgetScheduler(SchedulerConfig(prompts_per_step=4, max_prompts=3), _prompts(10))
     ids = {r.prompt_id for _ in range(5) for r in s.plan()}
     assert ids == {"p0", "p1", "p2"}
+
+
+def test_pairwise_advantages_override_normalised_rewards_and_are_clipped():
+    g = make_group(rewards=(1.0, 0.0, 0.0))
+    g.advantages = np.array([0.7, -9.0, 0.2], np.float32)
+    b = build_batch([g], LossConfig(advantage_clip=5.0), pad_id=0)
+    np.testing.assert_allclose(b.advantages, [0.7, -5.0, 0.2])

@@ -178,8 +178,9 @@ def test_random_groups_round_trip():
 # ---------------------------------------------------------------------------- record format
 
 
-def frame(payload, version=CODEC_VERSION, magic=b"RLG"):
-    """A record built by hand: the documented header around any msgpack-able payload."""
+def frame(payload, version=1, magic=b"RLG"):
+    """A record built by hand: the documented header around any msgpack-able payload
+    (version 1 by default: ``valid_payload`` is written in the version-1 layout)."""
     body = payload if isinstance(payload, bytes) else msgpack.packb(payload, use_bin_type=True)
     return struct.pack("<3sBII", magic, version, len(body), zlib.crc32(body)) + body
 
@@ -272,7 +273,7 @@ def test_trailing_bytes_are_corruption():
 def test_newer_version_is_unsupported_even_if_the_rest_differs(record):
     with pytest.raises(UnsupportedVersionError) as e:
         decode_group(record)
-    assert str(e.value) == "record has codec version 7; this rlsys reads versions <= 1 — upgrade rlsys on this node"
+    assert str(e.value) == "record has codec version 7; this rlsys reads versions <= 2 — upgrade rlsys on this node"
 
 
 def test_version_zero_is_corrupt():
@@ -446,3 +447,20 @@ def test_numpy_ints_in_int_fields_are_accepted_as_ints():
 def test_encode_refuses_what_is_not_a_group():
     with pytest.raises(UnencodableGroupError, match="needs an rlsys.records.Group, got dict"):
         encode_group({"group_id": "g"})
+
+
+def test_version_2_carries_advantages_and_version_1_records_still_decode():
+    g = sample_group()
+    g.advantages = np.linspace(-1, 1, len(g.completions)).astype(np.float32)
+    back = decode_group(encode_group(g))
+    np.testing.assert_array_equal(back.advantages, g.advantages)
+    assert decode_group(frame(valid_payload(), version=1)).advantages is None
+    v2 = dict(valid_payload(), advantages=arr([0.5, -0.5], "<f4"))
+    np.testing.assert_array_equal(decode_group(frame(v2, version=2)).advantages, [0.5, -0.5])
+    with pytest.raises(CorruptRecordError, match="missing field"):
+        decode_group(frame(valid_payload(), version=2))  # v2 requires the key (nil allowed)
+    with pytest.raises(CorruptRecordError, match="'advantages' has 1 entries for 2 completions"):
+        decode_group(frame(dict(valid_payload(), advantages=arr([0.5], "<f4")), version=2))
+    g.advantages = np.zeros(len(g.completions) + 1, np.float32)
+    with pytest.raises(UnencodableGroupError, match="advantages has"):
+        encode_group(g)
