@@ -42,12 +42,14 @@ import numpy as np
 
 from rlsys.batch import build_batch, shard_indices
 from rlsys.config import ClusterConfig, RunConfig
+from rlsys.judge import JudgeWorker
 from rlsys.learner import LearnerRank
 from rlsys.losses import LossNormalizer
 from rlsys.metrics import Metrics, MetricsServer, serve
 from rlsys.records import Group
 from rlsys.replay import StoreClosed, make_store
 from rlsys.reward import RewardWorker
+from rlsys.reward_model import ensure_reward_model
 from rlsys.rollout import RolloutWorker
 from rlsys.allocation import effective_gradient_ratio, effective_prompt_ratio
 from rlsys.sampling import Sampler
@@ -165,8 +167,15 @@ class Controller:
         rc, lc = cfg.rollout, cfg.learner
         self.scheduler = ray.remote(num_cpus=0)(BudgetScheduler).remote(cfg.scheduler, self.train_prompts)
         self.sampler = Sampler(cfg.scheduler)
-        self.rewards = [ray.remote(num_cpus=cfg.reward.num_cpus)(RewardWorker).options(**opts).remote(cfg.reward)
-                        for _ in range(cfg.reward.num_workers)]
+        self.judge = None
+        if cfg.judge.backend != "none":
+            self.judge = ray.remote(num_cpus=0)(JudgeWorker).options(**opts).remote(cfg.judge)
+        rm_path = None
+        if cfg.reward.mode == "rm_judge_router":
+            rm_path = str(ensure_reward_model(cfg.reward.model, cfg.task))
+            log.info("pairwise reward model %s", rm_path)
+        self.rewards = [ray.remote(num_cpus=cfg.reward.num_cpus)(RewardWorker).options(**opts)
+                        .remote(cfg.reward, rm_path, self.judge) for _ in range(cfg.reward.num_workers)]
         self.workers = [
             ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)(RolloutWorker).options(**opts)
             .remote(rc, self.model_path, i, str(self.run_dir))
@@ -223,7 +232,8 @@ class Controller:
 
         if self.metrics_server is not None:
             self.metrics_server.close()
-        for a in getattr(self, "workers", []) + getattr(self, "rewards", []) + getattr(self, "ranks", []):
+        judge = [self.judge] if getattr(self, "judge", None) is not None else []
+        for a in getattr(self, "workers", []) + getattr(self, "rewards", []) + getattr(self, "ranks", []) + judge:
             ray.kill(a)
 
     # -- evaluation ----------------------------------------------------------------------
@@ -307,6 +317,8 @@ class Controller:
             await self.store.ack([g.group_id for g in groups])  # committed: weights are published
             self.metrics.replay_depth.set(await self.store.depth())
             self._record_step(step, groups, stats, t1 - t0, t2 - t1, t_start)
+            if self.cfg.reward.mode == "rm_judge_router":
+                await self._record_reward_stats()
             step += 1
         await self.store.stop()
 
@@ -350,6 +362,25 @@ class Controller:
                      "samples/s %5.0f | staleness %.2f | eff.grad %.2f | %.0fs", p.step, self.cfg.steps, reward, loss,
                      stats[0].grad_norm, stats[0].extra.get("clip_fraction", 0.0), p.tokens / el, p.samples / el,
                      float(np.mean(lag)), egr, el)
+
+    async def _record_reward_stats(self) -> None:
+        """Router and judge figures (cumulative in the actors) into gauges and the summary."""
+        per_worker = await asyncio.gather(*[r.stats.remote() for r in self.rewards])
+        tot = {k: sum(w.get(k, 0) for w in per_worker) for k in per_worker[0]} if per_worker else {}
+        m = self.metrics
+        if tot.get("pairs"):
+            m.routed_fraction.set(tot["routed"] / tot["pairs"])
+        if tot.get("agreement_n"):
+            m.rm_judge_agreement.set(tot["agreement_sum"] / tot["agreement_n"])
+        self.reward_stats = tot
+        if self.judge is not None:
+            js = await self.judge.stats.remote()
+            m.judge_calls.set(js["calls"])
+            m.judge_fallbacks.set(js["fallbacks"])
+            m.judge_spend.set(js["spend"])
+            m.judge_latency.set(js["latency_mean_s"])
+            m.judge_queue_depth.set(js["queued"] + js["in_flight"])
+            self.judge_stats = js
 
     # -- the run -------------------------------------------------------------------------
     async def run(self) -> dict:
@@ -406,6 +437,8 @@ class Controller:
             "filtered_groups": p.filtered,
             "curves": {"reward": p.step_rewards, "effective_gradient_ratio": p.step_egr},
             "learner_restarts": self.learner_restarts,
+            "reward_router": getattr(self, "reward_stats", None),
+            "judge": getattr(self, "judge_stats", None),
             "replay": {"backend": self.cfg.replay.backend, "put": c.put, "taken": c.taken, "acked": c.acked,
                        "dropped_stale": c.dropped_stale, "stale_corrected": c.stale_corrected, "duplicates": c.duplicates,
                        "rejected": c.rejected,

@@ -243,3 +243,31 @@ class JudgeQueue:
                 self.stats.verdicts += 1
                 return -verdict if swap else verdict
         return None
+
+
+class JudgeWorker:
+    """Ray actor (``judge`` role): one JudgeQueue shared by every RewardWorker, so concurrency,
+    rate limit and the per-step budget hold for the whole run."""
+
+    def __init__(self, cfg: JudgeConfig):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.cfg = cfg
+        self.queue = JudgeQueue(cfg, OpenAIChatBackend(cfg))
+        self.step: Optional[int] = None
+
+    async def judge_pairs(self, pairs: list[JudgePair], step: int) -> list[Optional[int]]:
+        if step != self.step:  # a new policy version: a new step's budget
+            self.step = step
+            self.queue.new_step()
+        return await self.queue.judge_pairs(pairs)
+
+    def stats(self) -> dict:
+        st = self.queue.stats
+        lat = list(st.latency_s)
+        return {"calls": st.calls, "verdicts": st.verdicts, "fallbacks": st.fallbacks, "timeouts": st.timeouts,
+                "errors": st.errors, "garbage": st.garbage, "over_budget": st.over_budget, "spend": st.spend,
+                "latency_mean_s": float(np.mean(lat)) if lat else 0.0, "in_flight": self.queue.in_flight,
+                "queued": self.queue.queued}
+
+    def ready(self) -> bool:
+        return True

@@ -54,6 +54,17 @@ class Metrics:
                                 registry=r)
         self.reused = Counter("rlsys_scheduler_reused_responses", "Stored correct responses swapped in (AR3PO)",
                               registry=r)
+        self.routed_fraction = Gauge("rlsys_reward_routed_fraction", "Fraction of pairs sent to the judge", registry=r)
+        self.rm_judge_agreement = Gauge("rlsys_reward_rm_judge_agreement",
+                                        "Fraction of judged pairs where the RM agreed with the judge", registry=r)
+        self.judge_calls = Gauge("rlsys_judge_calls", "Judge calls made (cumulative)", registry=r)
+        self.judge_fallbacks = Gauge("rlsys_judge_fallbacks", "Pairs that fell back to the RM (cumulative)",
+                                     registry=r)
+        self.judge_spend = Gauge("rlsys_judge_spend", "Judge spend (cumulative, judge.cost_per_call units)",
+                                 registry=r)
+        self.judge_latency = Gauge("rlsys_judge_latency_seconds", "Mean judge call latency", registry=r)
+        self.judge_queue_depth = Gauge("rlsys_judge_queue_depth_calls", "Judge calls queued or in flight",
+                                       registry=r)
         self.eval_accuracy = Gauge("rlsys_controller_eval_accuracy", "Held-out greedy accuracy", registry=r)
 
 

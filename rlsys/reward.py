@@ -11,22 +11,31 @@ and is counted in ``Group.reward_failures`` (and the ``rlsys_reward_failures_tot
 metric). It never kills the run. The first failure of each kind is logged with the
 exception, later ones only counted.
 
-The fast reward model, the uncertainty router and the LLM judge (ALGORITHMS.md §2) arrive
-with issue 5 as further stages of ``score_group``.
+Pairwise stage (``reward.mode=rm_judge_router``, ALGORITHMS.md §2, arXiv 2510.20369): after
+the rule verifier, every pair of a group that the verifier cannot separate is scored by the
+pairwise preference model in both orders (antisymmetrised); the router sends the most
+uncertain pairs of the batch to the LLM judge within its budget (``reward.router``); verdicts
+replace those pairs' scores (a judge failure keeps the RM's score, counted); the group's
+advantages become A_i = mean_j S_ij and flow through the same loss as scalar rewards
+(``Group.advantages``). ``Group.rewards`` keeps the verifier's rewards for metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
 from rlsys.records import Group
+from rlsys.reward_model import RewardModelConfig
+from rlsys.routing import (RouterConfig, all_pairs, pair_scores, pairwise_advantage, rm_judge_agreement,
+                           route_batch, verifier_separable)
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +84,20 @@ class RewardConfig:
     """RewardWorker actors."""
     num_cpus: float = 0.25
     """Ray CPUs reserved per RewardWorker."""
+    mode: str = "rule"
+    """'rule' (the reward function alone) or 'rm_judge_router' (plus the pairwise RM, the
+    uncertainty router and the LLM judge; see the module docstring)."""
+    use_verifier: bool = True
+    """rm_judge_router: pairs whose rule rewards differ are decided by the verifier and never
+    sent to the RM or the judge."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+    """Which pairs go to the judge."""
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """The pairwise preference model (built and cached locally when model.path is unset)."""
 
     def __post_init__(self) -> None:
+        if self.mode not in ("rule", "rm_judge_router"):
+            raise ValueError(f"reward.mode must be 'rule' or 'rm_judge_router', got {self.mode!r}")
         if self.target is None and self.function not in REWARD_FUNCTIONS:
             raise ValueError(
                 f"reward.function {self.function!r} is not registered; choose one of "
@@ -159,15 +180,103 @@ class GroupScorer:
         return group.with_rewards(rewards, failures)
 
 
-class RewardWorker:
-    """Ray actor shell (``reward`` role) around GroupScorer."""
+@dataclass
+class PairwiseStats:
+    groups: int = 0
+    pairs: int = 0
+    verifier_decided: int = 0
+    routed: int = 0
+    judged: int = 0
+    fallbacks: int = 0
+    agreement_sum: float = 0.0
+    agreement_n: int = 0
 
-    def __init__(self, cfg: RewardConfig):
+
+class PairwiseStage:
+    """RM scores for undecided pairs -> router -> judge -> pairwise advantages (pure but for
+    the injected RM and judge callables)."""
+
+    def __init__(self, cfg: RewardConfig, rm, judge=None):
+        self.cfg = cfg
+        self.rm = rm  # .score_both_orders(prompts, a, b) -> (logit_ij, logit_ji, uncertainty)
+        self.judge = judge  # async (list[JudgePair], step) -> list[Optional[int]], or None
+        self.rng = np.random.default_rng(cfg.router.seed)
+        self.stats = PairwiseStats()
+
+    async def apply(self, groups: list[Group]) -> list[Group]:
+        from rlsys.judge import JudgePair
+
+        todo = [g for g in groups if g.size >= 2]
+        inputs, spans = ([], [], []), []
+        for g in todo:
+            pairs = all_pairs(g.size)
+            decided = verifier_separable(g.rewards) if self.cfg.use_verifier else np.zeros(len(pairs), bool)
+            open_idx = np.flatnonzero(~decided)
+            for i, j in pairs[open_idx]:
+                inputs[0].append(g.prompt)
+                inputs[1].append(g.completions[i].text)
+                inputs[2].append(g.completions[j].text)
+            spans.append((pairs, decided, open_idx))
+        lij_all = lji_all = unc_all = np.zeros(0)
+        if inputs[0]:
+            lij_all, lji_all, unc_all = self.rm.score_both_orders(*inputs)
+        scores, k = [], 0
+        for g, (pairs, decided, open_idx) in zip(todo, spans):
+            lij, lji, unc = (np.full(len(pairs), np.nan) for _ in range(3))
+            lij[open_idx], lji[open_idx], unc[open_idx] = (x[k:k + len(open_idx)] for x in (lij_all, lji_all, unc_all))
+            k += len(open_idx)
+            scores.append(pair_scores(g.rewards if self.cfg.use_verifier else None, lij, lji, unc))
+        plans = route_batch(scores, self.cfg.router, self.rng)
+        requests = [(gi, JudgePair(todo[gi].prompt, todo[gi].completions[a].text, todo[gi].completions[b].text))
+                    for gi, plan in enumerate(plans) for a, b in plan.judge_pairs]
+        verdicts: list = [None] * len(requests)
+        if requests and self.judge is not None:
+            step = max(g.policy_version for g in todo)
+            verdicts = list(await self.judge([r for _, r in requests], step))
+        out, pos = {}, 0
+        st = self.stats
+        for gi, (g, plan) in enumerate(zip(todo, plans)):
+            v = verdicts[pos:pos + len(plan.judge)]
+            pos += len(plan.judge)
+            applied = plan.apply(v, self.cfg.router.verdict_scale)
+            agree = rm_judge_agreement(plan.scores.s[plan.judge], v)
+            if np.isfinite(agree):
+                st.agreement_sum += agree
+                st.agreement_n += 1
+            st.groups += 1
+            st.pairs += len(plan.scores.pairs)
+            st.verifier_decided += int(plan.scores.decided.sum())
+            st.routed += len(plan.judge)
+            st.judged += applied.judged
+            st.fallbacks += applied.fallbacks
+            out[g.group_id] = dataclasses.replace(g, advantages=pairwise_advantage(applied.S).astype(np.float32))
+        return [out.get(g.group_id, g) for g in groups]
+
+
+class RewardWorker:
+    """Ray actor shell (``reward`` role): rule scoring, plus the pairwise stage when configured."""
+
+    def __init__(self, cfg: RewardConfig, reward_model_path: Optional[str] = None, judge=None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.scorer = GroupScorer(cfg)
+        self.pairwise = None
+        if cfg.mode == "rm_judge_router":
+            from rlsys.reward_model import PairwiseRewardModel
 
-    def score(self, groups: list[Group]) -> list[Group]:
-        return [self.scorer.score_group(g) for g in groups]
+            if reward_model_path is None:
+                raise ValueError("reward.mode=rm_judge_router needs a reward model path")
+            rm = PairwiseRewardModel.load(reward_model_path)
+            call = (lambda pairs, step: judge.judge_pairs.remote(pairs, step)) if judge is not None else None
+            self.pairwise = PairwiseStage(cfg, rm, call)
+
+    async def score(self, groups: list[Group]) -> list[Group]:
+        scored = [self.scorer.score_group(g) for g in groups]
+        if self.pairwise is not None:
+            scored = await self.pairwise.apply(scored)
+        return scored
+
+    def stats(self) -> dict:
+        return dataclasses.asdict(self.pairwise.stats) if self.pairwise is not None else {}
 
     def ready(self) -> bool:
         return True
