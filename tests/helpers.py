@@ -79,3 +79,62 @@ class RedisServer:
 
     def flushall(self):
         self._cli("flushall")
+
+
+class OracleJudgeServer:
+    """An OpenAI-compatible chat endpoint (aiohttp, loopback, own thread) that judges the
+    built-in addition task exactly: it prefers the response equal to the true sum."""
+
+    def __init__(self):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.calls = 0
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def _chat(self, request):
+        from aiohttp import web
+
+        self.calls += 1
+        text = (await request.json())["messages"][0]["content"]
+        section = lambda tag: text.split(f"<{tag}>\n")[1].split(f"\n</{tag}>")[0]  # noqa: E731
+        x, y = section("prompt").rstrip("=").split("+")
+        truth = str(int(x) + int(y))
+        a, b = section("response_a").strip() == truth, section("response_b").strip() == truth
+        verdict = "A" if a and not b else "B" if b and not a else "TIE"
+        return web.json_response({"choices": [{"message": {"role": "assistant", "content": f"VERDICT: {verdict}"}}]})
+
+    def start(self):
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        ready = threading.Event()
+
+        def serve():
+            loop = asyncio.new_event_loop()
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self._chat)
+            self._runner = web.AppRunner(app)
+            loop.run_until_complete(self._runner.setup())
+            loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+            self._loop = loop
+            ready.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self):
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)

@@ -78,3 +78,26 @@ def test_each_sampling_strategy_runs_end_to_end(ray_cluster, tiny_model, tmp_pat
         assert summary["samples"] < summary["steps"] * m * 6 + m * 6
     else:
         assert summary["filtered_groups"] > 0
+
+
+def test_rm_judge_router_runs_end_to_end(ray_cluster, tiny_model, tmp_path):
+    """reward=rm_judge_router: the locally trained pairwise RM scores the pairs the verifier
+    cannot separate, the router sends the most uncertain ones to an LLM judge over HTTP."""
+    from helpers import OracleJudgeServer
+
+    judge = OracleJudgeServer().start()
+    try:
+        cfg = to_run_config(compose([
+            "reward=rm_judge_router", "judge=openai", f"judge.url={judge.url}", "judge.model=oracle", "steps=3",
+            "scheduler.prompts_per_step=8", "reward.model.steps=200", "reward.model.pointwise_steps=0",
+            "reward.router.budget_fraction=0.3",
+        ]))
+        summary, text = run_and_scrape(cfg, tmp_path)
+    finally:
+        judge.stop()
+    assert summary["steps"] == 3
+    router, js = summary["reward_router"], summary["judge"]
+    assert router["pairs"] >= 3 * 8 * 28  # every pair of every trained group went through the stage
+    assert router["routed"] > 0 and 0 < js["calls"] <= judge.calls and js["verdicts"] > 0  # later groups may follow
+    assert router["verifier_decided"] > 0  # pairs with different rule rewards never reach the RM
+    assert "rlsys_reward_routed_fraction" in text and "rlsys_judge_calls" in text
