@@ -8,7 +8,6 @@
 # (needs root or sudo). Traps avoided here are listed in docs (see README, "Install").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 EXTRA=${RLSYS_EXTRA:-cpu}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
@@ -35,6 +34,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
   exit 0
 fi
 [ -d .venv ] || { log "creating .venv with $PY"; "$PY" -m venv .venv; }
+# shellcheck source=/dev/null
 . .venv/bin/activate
 python -m pip install -q --upgrade pip wheel setuptools 2> >(grep -v "is ignored" >&2)
 
