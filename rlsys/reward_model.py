@@ -38,27 +38,40 @@ attends to everything before it. Right padding needs no attention mask: causal a
 lets a real token see a later pad.
 
 Uncertainty: SNGP (Liu et al. 2020), chosen over an ensemble because it costs one forward pass
-and one D x D product per pair, and needs one model on disk instead of several. Shape legend:
-N pairs, H = hidden_size, D = rff_features::
+and one D x D product per pair and needs one model on disk, where an ensemble multiplies the
+training time (the build has ~2 CPU-minutes) and the serving cost. Shape legend: N pairs,
+H = hidden_size, D = rff_features::
 
-    h_NH   = LayerNorm(pooled_NH)                      (no affine: fixes the input scale)
-    z_NH   = h + c * SN(W) tanh(h)                     residual, spectral norm of W / sigma(W)
-                                                       = 1, times c = spectral_norm_bound < 1,
-                                                       so (1 - c)|h - h'| <= |z - z'| <= (1 + c)|h - h'|
-    phi_ND = sqrt(2 / D) cos(z W_rff^T / ell + b)      W_rff ~ N(0, 1), b ~ U(0, 2 pi): fixed,
-                                                       ell = rff_lengthscale (RBF kernel width)
+    h_NH   = pooled state (after the backbone's final RMSNorm, whose learned gain sets the
+             scale the kernel sees; an extra LayerNorm here stalled training in our runs)
+    z_NH   = h + c * SN(W) tanh(h)                     residual layer; SN(W) = W / sigma(W) (power
+                                                       iteration), c = spectral_norm_bound < 1, so
+                                                       (1 - c)|h - h'| <= |z - z'| <= (1 + c)|h - h'|
+    phi_ND = sqrt(2 / D) cos(z W_rff^T / ell + b)      W_rff ~ N(0, 1), b ~ U(0, 2 pi): fixed;
+                                                       RBF kernel of width ell = rff_lengthscale
     logit  = phi beta                                  beta trained with the backbone
-    Sigma  = ridge I + sum_train phi phi^T             precision, one pass after training
+    Sigma  = ridge I + sum_train phi phi^T             precision: one pass over the training
+                                                       pairs with the final weights
     var    = ridge phi^T Sigma^-1 phi                  (ALGORITHMS.md section 2)
     uncertainty    = sqrt(1 + a var)                   a = mean_field_factor (pi / 8)
-    adjusted_logit = logit / uncertainty               mean-field approximation of the
-                                                       predictive logit (returned, not used)
+    adjusted_logit = logit / uncertainty               mean-field predictive logit (returned too)
 
-``var`` is close to ``|phi|^2 ~ 1`` far from every training input and close to 0 amid many of
-them, so ``uncertainty`` lies in [1, sqrt(1 + a)] ~ [1, 1.18] with the defaults: a router's
-threshold tau lives in that range. Limitation: the two Llama layers of the backbone are not
-spectrally normalised (only the head is), so distance awareness is only as good as the
-backbone's features; the built-in task's report (scripts/train_rm.py) measures what it buys.
+Training adds an auxiliary linear head on h (loss weight ``aux_loss_weight``): the random
+features give the backbone a weak, noisy gradient early on, and the auxiliary head's BCE
+gets it learning; scores always come from the GP head. Scale: ``|phi|^2 ~ 1`` (at most 2), so
+``var`` is near 1 far from every training input and near 0 among many, and ``uncertainty``
+lies in [1, sqrt(1 + 2a)]. With the defaults (40,000 training pairs) u - 1 is ~1e-5 to 1e-4 on
+held-out in-distribution pairs and ~1e-3 to 1e-2 on degenerate answers: a router's threshold
+tau lives in that range (only the ranking matters for the top-k policy).
+
+What the variance measures: distance from the training inputs in the head's feature space
+(epistemic uncertainty). It rises on inputs unlike the training pairs (strings that are not
+sums, 7-digit numbers, empty answers), but it does not see the errors the model makes on
+*typical* inputs it cannot resolve (a wrong middle digit): those sit in a dense region of
+feature space and get a low variance. On the built-in task the default model's accuracy
+therefore *rises* with u on held-out realistic mistakes and falls with u on degenerate
+answers; scripts/train_rm.py measures both. Limitation: the Llama layers of the backbone are
+not spectrally normalised, only the head.
 
 Batched scoring: ``PairwiseRewardModel.score_pairs(prompts, a, b)`` -> (logit [P],
 uncertainty [P]); ``score_both_orders`` scores (a, b) and (b, a) in one batch and returns
@@ -105,7 +118,10 @@ __all__ = [
     "PointwiseRewardModel",
     "PreferenceData",
     "RewardModelConfig",
+    "encode_pair",
+    "encode_single",
     "ensure_reward_model",
+    "pairwise_accuracy",
     "preference_data",
     "train_pairwise",
     "train_pointwise",
@@ -114,8 +130,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1
-"""Part of the cache key: bump it whenever the build recipe changes what it produces."""
+BUILD_VERSION = 2
+"""Part of the cache key, and recorded in each saved pairwise model: bump it whenever the build
+recipe or the model's computation changes (2: no LayerNorm before the head, auxiliary head)."""
 
 PAIRWISE_DIR, POINTWISE_DIR = "pairwise", "pointwise"
 WEIGHTS_FILE, META_FILE, REPORT_FILE = "model.safetensors", "reward_model.json", "train_report.json"
@@ -143,18 +160,20 @@ class RewardModelConfig:
     """Longest encoded sequence; longer responses are cut (see the module docstring)."""
     rff_features: int = 512
     """D: random Fourier features of the SNGP head (the precision matrix is D x D)."""
-    rff_lengthscale: float = 2.0
-    """ell: width of the RBF kernel the random features approximate, in units of the
-    layer-normalised pooled state (whose norm is sqrt(hidden_size))."""
+    rff_lengthscale: float = 16.0
+    """ell: width of the RBF kernel the random features approximate, in units of the pooled
+    state (norm ~ sqrt(hidden_size) at initialisation; its learned gain rescales it)."""
     spectral_norm_bound: float = 0.95
     """c: spectral norm of the head's residual layer (must be < 1 to keep it distance-preserving)."""
     ridge: float = 1.0
     """lambda: prior precision of the output weights; precision = lambda I + sum phi phi^T."""
     mean_field_factor: float = math.pi / 8
     """a in uncertainty = sqrt(1 + a var) (pi/8: the probit approximation of the logistic)."""
-    steps: int = 3000
+    steps: int = 2000
     """Optimiser steps of the pairwise model."""
-    pointwise_steps: int = 1000
+    aux_loss_weight: float = 1.0
+    """Weight of the auxiliary linear head's BCE in the pairwise loss (0: GP head only)."""
+    pointwise_steps: int = 800
     """Optimiser steps of the pointwise model (0: build no pointwise model)."""
     lr: float = 1e-3
     """AdamW learning rate (linear warm-up over the first 5% of steps, then cosine to 10%)."""
@@ -187,6 +206,8 @@ class RewardModelConfig:
         if not 0.0 < self.spectral_norm_bound < 1.0:
             raise ValueError(f"reward.model.spectral_norm_bound must be in (0, 1) (the head is residual: "
                              f"c >= 1 loses distance preservation), got {self.spectral_norm_bound}")
+        if not (math.isfinite(self.aux_loss_weight) and self.aux_loss_weight >= 0):
+            raise ValueError(f"reward.model.aux_loss_weight must be a finite number >= 0, got {self.aux_loss_weight}")
         for key in ("rff_lengthscale", "ridge", "lr"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
@@ -295,8 +316,8 @@ class BothOrders(NamedTuple):
 
 
 class SNGPHead(nn.Module):
-    """Pooled state -> (logit, variance): LayerNorm, residual spectral-normalised layer, random
-    Fourier features, linear output, and the precision/covariance of the output weights."""
+    """Pooled state -> (logit, variance): residual spectral-normalised layer, random Fourier
+    features, linear output, and the precision/covariance of the output weights."""
 
     def __init__(self, cfg: RewardModelConfig, generator: torch.Generator) -> None:
         super().__init__()
@@ -314,10 +335,22 @@ class SNGPHead(nn.Module):
 
     def features(self, pooled_NH: torch.Tensor) -> torch.Tensor:
         """phi_ND, the random Fourier features of pooled states."""
-        h_NH = F.layer_norm(pooled_NH, pooled_NH.shape[-1:])
-        z_NH = h_NH + self.bound * self.proj(torch.tanh(h_NH))
+        z_NH = pooled_NH + self.bound * self.proj(torch.tanh(pooled_NH))
         d = self.rff_weight.shape[0]
         return math.sqrt(2.0 / d) * torch.cos(z_NH @ self.rff_weight.T + self.rff_bias)
+
+    @torch.no_grad()
+    def refine_spectral_norm(self, iterations: int = 500) -> None:
+        """Run extra power iterations on the residual layer's weight. During training sigma(W) is
+        estimated with one iteration per step and lags the moving weight slightly (by ~0.3% in
+        our runs); after this, ``spectral_norm_of_layer`` is c to float precision."""
+        was_training = self.proj.training
+        self.proj.train()
+        try:
+            for _ in range(iterations):
+                self.proj.weight  # in train mode, reading the weight runs one power iteration
+        finally:
+            self.proj.train(was_training)
 
     def spectral_norm_of_layer(self) -> float:
         """Exact largest singular value of the residual layer's effective weight, c W / sigma(W)."""
@@ -358,12 +391,17 @@ class PairwiseRewardModel(nn.Module):
         generator = torch.Generator().manual_seed(cfg.seed)
         self.backbone = LlamaModel(_backbone_config(cfg, self.tok))
         self.head = SNGPHead(cfg, generator)
+        self.aux = nn.Linear(cfg.hidden_size, 1)
+        """Auxiliary linear head: used only by the training loss (module docstring)."""
+
+    def pooled(self, ids_NL: torch.Tensor, last_N: torch.Tensor) -> torch.Tensor:
+        """pooled_NH: the backbone's hidden state at each row's last real token (the final eos)."""
+        hidden_NLH = self.backbone(input_ids=ids_NL, use_cache=False).last_hidden_state
+        return hidden_NLH[torch.arange(ids_NL.shape[0]), last_N]
 
     def forward(self, ids_NL: torch.Tensor, last_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logit_N, phi_ND) of right-padded sequences whose last real token is at last_N."""
-        hidden_NLH = self.backbone(input_ids=ids_NL, use_cache=False).last_hidden_state
-        pooled_NH = hidden_NLH[torch.arange(ids_NL.shape[0]), last_N]
-        phi_ND = self.head.features(pooled_NH)
+        phi_ND = self.head.features(self.pooled(ids_NL, last_N))
         return self.head.out(phi_ND).squeeze(-1), phi_ND
 
     def encode(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[list[int]]:
@@ -426,9 +464,14 @@ class PairwiseRewardModel(nn.Module):
         meta = json.loads(meta_path.read_text())
         if meta.get("kind") != "pairwise":
             raise ValueError(f"{meta_path} describes a {meta.get('kind')!r} model, not a pairwise one")
+        if meta.get("build_version") != BUILD_VERSION:
+            raise ValueError(f"{directory} holds a pairwise model of build version {meta.get('build_version')}, "
+                             f"this code computes version {BUILD_VERSION}; rebuild it (ensure_reward_model, or "
+                             "scripts/train_rm.py --save)")
         fields = {f.name for f in dataclasses.fields(RewardModelConfig)}
         cfg = RewardModelConfig(**{k: v for k, v in meta["config"].items() if k in fields})
-        model = cls(cfg)
+        with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the caller's RNG
+            model = cls(cfg)
         model.load_state_dict(load_file(directory / WEIGHTS_FILE))
         return model.eval()
 
@@ -486,7 +529,8 @@ class PointwiseRewardModel:
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"{directory} holds no pointwise reward model (no config.json); the build "
                                     "skips it when reward.model.pointwise_steps=0")
-        model = LlamaForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
+        with torch.random.fork_rng(devices=[]):
+            model = LlamaForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
         return cls(model.eval(), build_tokenizer(model.config.max_position_embeddings),
                    model.config.max_position_embeddings)
 
@@ -649,25 +693,31 @@ def _fit(step_loss, params, cfg: RewardModelConfig, steps: int, n: int, what: st
 
 def train_pairwise(cfg: RewardModelConfig, data: PreferenceData,
                    tok: Optional[PreTrainedTokenizerFast] = None) -> tuple[PairwiseRewardModel, dict]:
-    """A seeded pairwise model trained on ``data`` (BCE on ``data.label``), then its precision
-    matrix accumulated in one pass over the same pairs with the final weights. Call under
-    ``torch.random.fork_rng`` / one thread for bit-identical builds (``ensure_reward_model`` does)."""
+    """A seeded pairwise model trained on ``data`` (BCE on ``data.label``, plus the auxiliary
+    head's), then its precision matrix accumulated in one pass over the same pairs with the
+    final weights. Same inputs, same weights (on one torch thread); the caller's RNG is untouched."""
     started = time.monotonic()
-    torch.manual_seed(cfg.seed)
-    model = PairwiseRewardModel(cfg, tok)
-    seqs = model.encode(data.prompts, data.a, data.b)
-    ids_NL, last_N = _pad(seqs, model.tok.pad_token_id)
-    label_N = torch.tensor(data.label, dtype=torch.float32)
-    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = PairwiseRewardModel(cfg, tok)
+        seqs = model.encode(data.prompts, data.a, data.b)
+        ids_NL, last_N = _pad(seqs, model.tok.pad_token_id)
+        label_N = torch.tensor(data.label, dtype=torch.float32)
+        model.train()
 
-    def step_loss(batch: torch.Tensor) -> torch.Tensor:
-        width = int(last_N[batch].max()) + 1
-        logit_B, _ = model(ids_NL[batch, :width], last_N[batch])
-        return F.binary_cross_entropy_with_logits(logit_B, label_N[batch])
+        def step_loss(batch: torch.Tensor) -> torch.Tensor:
+            width = int(last_N[batch].max()) + 1
+            pooled_BH = model.pooled(ids_NL[batch, :width], last_N[batch])
+            logit_B = model.head.out(model.head.features(pooled_BH)).squeeze(-1)
+            loss = F.binary_cross_entropy_with_logits(logit_B, label_N[batch])
+            if cfg.aux_loss_weight > 0:
+                aux_B = model.aux(pooled_BH).squeeze(-1)
+                loss = loss + cfg.aux_loss_weight * F.binary_cross_entropy_with_logits(aux_B, label_N[batch])
+            return loss
 
-    history = _fit(step_loss, [p for p in model.parameters() if p.requires_grad], cfg, cfg.steps, len(seqs),
-                   "pairwise")
+        history = _fit(step_loss, list(model.parameters()), cfg, cfg.steps, len(seqs), "pairwise")
     model.eval()
+    model.head.refine_spectral_norm()
     with torch.no_grad():
         model.head.reset_precision()
         for start in range(0, len(seqs), 1024):
@@ -684,21 +734,24 @@ def train_pairwise(cfg: RewardModelConfig, data: PreferenceData,
 def train_pointwise(cfg: RewardModelConfig, data: PreferenceData,
                     tok: Optional[PreTrainedTokenizerFast] = None) -> tuple[PointwiseRewardModel, dict]:
     """A seeded pointwise model trained on every response of ``data`` with the noisy labels
-    (a correct response is labelled 1 unless its pair's label was flipped)."""
+    (a correct response is labelled 1 unless its pair's label was flipped). Same inputs, same
+    weights (on one torch thread); the caller's RNG is untouched."""
     started = time.monotonic()
-    torch.manual_seed(cfg.seed + 2)
-    model = PointwiseRewardModel.create(cfg, tok)
-    prompts = [*data.prompts, *data.prompts]
-    responses = [*data.a, *data.b]
-    label_N = torch.tensor(np.concatenate([data.label, 1.0 - data.label]), dtype=torch.float32)
-    ids_NL, last_N = _pad(model.encode(prompts, responses), model.tok.pad_token_id)
-    model.model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 2)
+        model = PointwiseRewardModel.create(cfg, tok)
+        prompts = [*data.prompts, *data.prompts]
+        responses = [*data.a, *data.b]
+        label_N = torch.tensor(np.concatenate([data.label, 1.0 - data.label]), dtype=torch.float32)
+        ids_NL, last_N = _pad(model.encode(prompts, responses), model.tok.pad_token_id)
+        model.model.train()
 
-    def step_loss(batch: torch.Tensor) -> torch.Tensor:
-        width = int(last_N[batch].max()) + 1
-        return F.binary_cross_entropy_with_logits(model.logits(ids_NL[batch, :width]), label_N[batch])
+        def step_loss(batch: torch.Tensor) -> torch.Tensor:
+            width = int(last_N[batch].max()) + 1
+            return F.binary_cross_entropy_with_logits(model.logits(ids_NL[batch, :width]), label_N[batch])
 
-    history = _fit(step_loss, list(model.model.parameters()), cfg, cfg.pointwise_steps, len(responses), "pointwise")
+        history = _fit(step_loss, list(model.model.parameters()), cfg, cfg.pointwise_steps, len(responses),
+                       "pointwise")
     model.model.eval()
     return model, {"steps": cfg.pointwise_steps, "responses": len(responses),
                    "seconds": round(time.monotonic() - started, 3), "loss_history": history}
@@ -760,7 +813,7 @@ def build(cfg: RewardModelConfig, task_cfg: TaskConfig, out_dir: Path) -> dict:
     tok = build_tokenizer(cfg.max_position)
     train = preference_data(task.train, cfg.negatives_per_prompt, cfg.label_noise, cfg.seed)
     val = preference_data(task.val, cfg.negatives_per_prompt, 0.0, cfg.seed + 1)
-    with _torch_single_thread(), torch.random.fork_rng(devices=[]):
+    with _torch_single_thread():
         pairwise, pair_report = train_pairwise(cfg, train, tok)
         val_logit, _ = pairwise.score_pairs(val.prompts, val.a, val.b)
         pair_report["val_accuracy"] = pairwise_accuracy(val_logit, val.clean_label)
