@@ -86,13 +86,10 @@ entry is complete or absent; same configs give bit-identical weights (seeded, on
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,7 +105,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel, PreTrainedTokenizerFast
 
 from rlsys.task import Example, TaskConfig, load_task
-from rlsys.tinymodel import DONE_MARKER, _publish, _torch_single_thread, build_tokenizer, save_tokenizer
+from rlsys.tinymodel import _torch_single_thread, build_tokenizer, cached_build, config_key, save_tokenizer
 
 __all__ = [
     "BUILD_VERSION",
@@ -775,34 +772,13 @@ def ensure_reward_model(cfg: RewardModelConfig, task_cfg: TaskConfig) -> Path:
             raise FileNotFoundError(f"reward.model.path={cfg.path!r} is not a reward-model directory "
                                     f"(no {PAIRWISE_DIR}/{META_FILE})")
         return path
-    cache_dir = Path(cfg.cache_dir).expanduser()
-    key = cache_key(cfg, task_cfg)
-    final = cache_dir / key
-    if (final / DONE_MARKER).is_file():
-        log.info("reward model cache hit: %s", final)
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache_dir))
-    try:
-        log.info("building reward model %s (cache miss)", key)
-        build(cfg, task_cfg, tmp)
-        (tmp / DONE_MARKER).write_text(key + "\n")
-        _publish(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_build(Path(cfg.cache_dir).expanduser(), cache_key(cfg, task_cfg),
+                        lambda out: build(cfg, task_cfg, out), "reward model")
 
 
 def cache_key(cfg: RewardModelConfig, task_cfg: TaskConfig) -> str:
     """sha256 naming the cache entry of these configs (see the module docstring)."""
-    fields = dataclasses.asdict(cfg)
-    fields.pop("cache_dir")
-    payload = {"build_version": BUILD_VERSION, "reward_model": fields, "task": dataclasses.asdict(task_cfg)}
-    if task_cfg.data_path is not None:
-        data = Path(task_cfg.data_path).expanduser()
-        payload["task_data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else None
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return config_key(BUILD_VERSION, "reward_model", cfg, task_cfg)
 
 
 def build(cfg: RewardModelConfig, task_cfg: TaskConfig, out_dir: Path) -> dict:

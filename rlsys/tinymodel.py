@@ -46,7 +46,7 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -272,18 +272,24 @@ def ensure_model(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Path:
             raise FileNotFoundError(f"model.path={model_cfg.path!r} is not a model directory (no config.json)")
         return path
 
-    cache_dir = Path(model_cfg.cache_dir).expanduser()
-    key = cache_key(model_cfg, task_cfg)
+    return cached_build(Path(model_cfg.cache_dir).expanduser(), cache_key(model_cfg, task_cfg),
+                        lambda out: _build(model_cfg, task_cfg, out), "tiny model")
+
+
+def cached_build(cache_dir: Path, key: str, build: Callable[[Path], object], what: str) -> Path:
+    """``cache_dir/key``, building it first with ``build(tmp_dir)`` when absent. The entry
+    appears only by an atomic rename of a finished build holding a DONE marker (see the
+    module docstring), so a crash or a concurrent builder never leaves a half-written one.
+    Shared by every locally built artefact (the tiny policy, the reward models)."""
     final = cache_dir / key
     if (final / DONE_MARKER).is_file():
-        log.info("tiny model cache hit: %s", final)
+        log.info("%s cache hit: %s", what, final)
         return final
-
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache_dir))
     try:
-        log.info("building tiny model %s (cache miss)", key)
-        _build(model_cfg, task_cfg, tmp)
+        log.info("building %s %s (cache miss)", what, key)
+        build(tmp)
         (tmp / DONE_MARKER).write_text(key + "\n")
         _publish(tmp, final)
     finally:
@@ -292,15 +298,21 @@ def ensure_model(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Path:
     return final
 
 
-def cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig) -> str:
-    """sha256 naming the cache entry of these configs (see the module docstring)."""
-    model_fields = dataclasses.asdict(model_cfg)
-    model_fields.pop("cache_dir")
-    payload = {"build_version": BUILD_VERSION, "model": model_fields, "task": dataclasses.asdict(task_cfg)}
+def config_key(build_version: int, name: str, cfg, task_cfg: TaskConfig) -> str:
+    """sha256 of a build's config (minus ``cache_dir``), the task config, the task data file's
+    contents when ``task.data_path`` is set, and the recipe's build version."""
+    fields = dataclasses.asdict(cfg)
+    fields.pop("cache_dir")
+    payload = {"build_version": build_version, name: fields, "task": dataclasses.asdict(task_cfg)}
     if task_cfg.data_path is not None:
         data = Path(task_cfg.data_path).expanduser()
         payload["task_data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else None
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig) -> str:
+    """sha256 naming the cache entry of these configs (see the module docstring)."""
+    return config_key(BUILD_VERSION, "model", model_cfg, task_cfg)
 
 
 def _publish(tmp: Path, final: Path) -> None:
