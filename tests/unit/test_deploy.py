@@ -310,7 +310,8 @@ STUBS = {
     "srun": 'echo "srun $*" >> "$STUB_LOG"\n'
             'case " $* " in *" hostname "*) echo "10.1.2.3 fe80::1";; *" ray start "*) exec sleep 30;; esac',
     "ray": 'echo "ray $*" >> "$STUB_LOG"',
-    "python": 'echo 3',  # the node-count probe: all three nodes alive
+    # The node-count probe: a node is alive once its (backgrounded) `ray start` has run.
+    "python": 'grep -c " ray start " "$STUB_LOG" || true',
     "rlsys": 'echo "rlsys $*" >> "$STUB_LOG"; printf "%s\\n" "$@" > "$STUB_ARGS"; exit "${STUB_RC:-0}"',
 }
 
@@ -325,6 +326,7 @@ def run_sbatch(tmp_path: Path, rc: int, *overrides: str) -> tuple[subprocess.Com
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STUB_LOG": str(log), "STUB_ARGS": str(args),
            "STUB_RC": str(rc), "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "64",
            "SLURM_GPUS_PER_TASK": "8", "SLURM_SUBMIT_DIR": str(tmp_path), "RLSYS_VENV": str(tmp_path / "no-venv"),
+           "RLSYS_NODE_POLL_S": "0.1",
            "RLSYS_REDIS_URL": "redis://redis.internal:6379/0", "RLSYS_PROM_TARGETS": str(tmp_path / "targets.json")}
     r = subprocess.run(["bash", str(DEPLOY / "slurm" / "rlsys.sbatch"), *overrides], env=env, capture_output=True,
                        text=True, timeout=60)
