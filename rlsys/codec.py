@@ -10,7 +10,8 @@ Record layout (integers little-endian)::
     0       3     magic b"RLG"
     3       1     codec version (this build writes CODEC_VERSION and reads 1..CODEC_VERSION)
     4       4     payload length in bytes (uint32)
-    8       4     CRC32 of the payload (zlib.crc32, uint32)
+    8       4     checksum of the payload (uint32): CRC32C (Castagnoli) from version 3 on,
+                  zlib's CRC32 in versions 1 and 2
     12      n     payload: one msgpack map (version 1 below)
 
 Version 1 payload, a map with exactly these keys::
@@ -24,7 +25,7 @@ Version 1 payload, a map with exactly these keys::
                   text:          [str] * n
                   finish_reason: [str] * n}
     rewards: array <f4 [n] | nil
-    advantages: array <f4 [n] | nil     (version 2 only; absent from version 1 records)
+    advantages: array <f4 [n] | nil     (versions 2 and 3; absent from version 1 records)
     meta:    map of str -> str/int/float/bool/nil/list/map (str keys all the way down)
 
 An *array* is the map ``{dtype: "<i4"|"<i8"|"<f4", shape: [d], data: bin}`` holding the raw
@@ -64,16 +65,19 @@ import struct
 import zlib
 from typing import Any, NoReturn
 
+import crc32c
 import msgpack
 import numpy as np
 
 from rlsys.records import Completion, Group
 
-CODEC_VERSION = 2
-"""The version this build writes, and the highest it reads."""
+CODEC_VERSION = 3
+"""The version this build writes, and the highest it reads. Version 3 changed only the
+checksum: CRC32C, which SSE4.2/ARMv8 compute in hardware (~8x faster than zlib's CRC32 on
+a 66 KB record, measured), because the checksum was a third of encode + decode time."""
 
 MAGIC = b"RLG"
-_HEADER = struct.Struct("<3sBII")  # magic, version, payload length, payload crc32
+_HEADER = struct.Struct("<3sBII")  # magic, version, payload length, payload checksum
 HEADER_SIZE = _HEADER.size  # 12
 
 MAX_BIN_LEN = 64 * 1024 * 1024
@@ -124,7 +128,7 @@ _COMPLETIONS_KEYS = frozenset({"lengths", "token_ids", "logprobs", "text", "fini
 _GROUP_KEYS = frozenset({"group_id", "prompt_id", "prompt", "prompt_token_ids", "reference", "policy_version",
                          "completions", "rewards", "reward_failures", "meta"})
 _GROUP_KEYS_V2 = _GROUP_KEYS | {"advantages"}
-_KEYS_BY_VERSION = {1: _GROUP_KEYS, 2: _GROUP_KEYS_V2}
+_KEYS_BY_VERSION = {1: _GROUP_KEYS, 2: _GROUP_KEYS_V2, 3: _GROUP_KEYS_V2}
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what a msgpack int can carry
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -213,7 +217,12 @@ def encode_group(group: Group) -> bytes:
     if len(body) > _MAX_PAYLOAD:
         raise UnencodableGroupError(f"the group encodes to {len(body)} bytes, more than a record can hold "
                                     f"({_MAX_PAYLOAD}); split it")
-    return _HEADER.pack(MAGIC, CODEC_VERSION, len(body), zlib.crc32(body)) + body
+    return _HEADER.pack(MAGIC, CODEC_VERSION, len(body), checksum(body, CODEC_VERSION)) + body
+
+
+def checksum(payload: bytes | memoryview, version: int) -> int:
+    """The header checksum of ``payload`` as codec ``version`` defines it."""
+    return crc32c.crc32c(payload) if version >= 3 else zlib.crc32(payload)
 
 
 def _check_completion(i: int, c: Any) -> None:
@@ -386,9 +395,10 @@ def decode_group(data: bytes | bytearray | memoryview) -> Group:
         raise CorruptRecordError(f"record header declares a {length}-byte payload but {got} bytes follow "
                                  f"({got - length} trailing bytes: records concatenated, or a damaged length)")
     body = memoryview(view)[HEADER_SIZE:]
-    actual = zlib.crc32(body)
+    actual = checksum(body, version)
     if actual != crc:
-        raise CorruptRecordError(f"payload checksum mismatch (header CRC32 {crc:#010x}, payload {actual:#010x}): "
+        kind = "CRC32C" if version >= 3 else "CRC32"
+        raise CorruptRecordError(f"payload checksum mismatch (header {kind} {crc:#010x}, payload {actual:#010x}): "
                                  f"the record was damaged in storage or transit")
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
@@ -408,7 +418,7 @@ def _check_version(version: int) -> None:
 
 
 def _decode_payload(obj: Any, version: int) -> Group:
-    """Versions 1 and 2 differ only in v2's ``advantages`` (array <f4 [n] | nil)."""
+    """Versions 1 and 2 differ only in v2's ``advantages`` (array <f4 [n] | nil); 3 is 2's payload."""
     if type(obj) is not dict:
         raise CorruptRecordError(f"payload must be a map of group fields, got {_tname(obj)}")
     keys = _KEYS_BY_VERSION[version]

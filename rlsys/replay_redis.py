@@ -21,6 +21,10 @@ never trained twice.
 Accounting (asserted by the crash tests): ``put = acked + dropped_stale + rejected +
 duplicates_in_stream + still held``, i.e. nothing produced is lost without a counter.
 
+Needs Redis >= 6.2 (XAUTOCLAIM, ZMSCORE). Each batch costs a fixed number of round trips, not
+one per group: put = ZMSCORE + one pipeline of XADDs; take = XREADGROUP + ZMSCORE (+ one
+MULTI for whatever it discards); ack = one MULTI.
+
 Connection loss (Redis restart, failover) is retried with backoff for
 ``replay.redis.reconnect_timeout_s``; a retried XADD may duplicate a record, which the dedupe
 rule absorbs. Records are decoded with rlsys.codec (never pickle).
@@ -209,10 +213,7 @@ class RedisReplayStore:
         records = [(g.group_id, g.policy_version, encode_group(g)) for g in groups]
 
         async def op():
-            async with self._r.pipeline(transaction=False) as p:
-                for gid, _, _ in records:
-                    p.zscore(self.k_committed, gid)
-                committed = (await p.execute())
+            committed = await self._r.zmscore(self.k_committed, [gid for gid, _, _ in records])
             async with self._r.pipeline(transaction=False) as p:
                 fresh = [r for r, c in zip(records, committed) if c is None]
                 for gid, v, rec in fresh:
@@ -260,13 +261,8 @@ class RedisReplayStore:
                 rejected.append((eid, fields, e))
         committed = []
         if decoded:
-            async def lookup():
-                async with self._r.pipeline(transaction=False) as p:
-                    for _, g in decoded:
-                        p.zscore(self.k_committed, g.group_id)
-                    return await p.execute()
-
-            committed = await self._call("dedupe", lookup)
+            committed = await self._call("dedupe", lambda: self._r.zmscore(
+                self.k_committed, [g.group_id for _, g in decoded]))
         keep, discard = [], {"duplicates": [], "dropped_stale": [], "rejected": [eid for eid, _, _ in rejected]}
         batch_ids: set[str] = set()
         for (eid, g), c in zip(decoded, committed):

@@ -6,6 +6,7 @@ import dataclasses
 import struct
 import zlib
 
+import crc32c
 import msgpack
 import numpy as np
 import pytest
@@ -182,7 +183,8 @@ def frame(payload, version=1, magic=b"RLG"):
     """A record built by hand: the documented header around any msgpack-able payload
     (version 1 by default: ``valid_payload`` is written in the version-1 layout)."""
     body = payload if isinstance(payload, bytes) else msgpack.packb(payload, use_bin_type=True)
-    return struct.pack("<3sBII", magic, version, len(body), zlib.crc32(body)) + body
+    crc = crc32c.crc32c(body) if version >= 3 else zlib.crc32(body)  # as the format table says
+    return struct.pack("<3sBII", magic, version, len(body), crc) + body
 
 
 def arr(values, dtype):
@@ -208,7 +210,8 @@ def test_header_layout_and_hand_built_payload():
     record = encode_group(sample_group())
     magic, version, length, crc = struct.unpack_from("<3sBII", record)
     assert (magic, version, HEADER_SIZE) == (b"RLG", CODEC_VERSION, 12)
-    assert length == len(record) - HEADER_SIZE and crc == zlib.crc32(record[HEADER_SIZE:])
+    assert length == len(record) - HEADER_SIZE and crc == crc32c.crc32c(record[HEADER_SIZE:])
+    assert crc32c.crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
     g = decode_group(frame(valid_payload()))
     want = Group("g1", "p1", "1+1=", (1, 3, 4), "2", 3,
                  [completion([5, 6], [-0.5, -1.0], "2", "stop"), completion([7], [-2.0], "3", "length")],
@@ -273,7 +276,7 @@ def test_trailing_bytes_are_corruption():
 def test_newer_version_is_unsupported_even_if_the_rest_differs(record):
     with pytest.raises(UnsupportedVersionError) as e:
         decode_group(record)
-    assert str(e.value) == "record has codec version 7; this rlsys reads versions <= 2 — upgrade rlsys on this node"
+    assert str(e.value) == "record has codec version 7; this rlsys reads versions <= 3 — upgrade rlsys on this node"
 
 
 def test_version_zero_is_corrupt():
@@ -464,3 +467,16 @@ def test_version_2_carries_advantages_and_version_1_records_still_decode():
     g.advantages = np.zeros(len(g.completions) + 1, np.float32)
     with pytest.raises(UnencodableGroupError, match="advantages has"):
         encode_group(g)
+
+
+def test_version_3_checks_crc32c_and_older_versions_zlib_crc32():
+    v2 = dict(valid_payload(), advantages=None)
+    assert decode_group(frame(v2, version=3)).group_id == "g1"
+    body = msgpack.packb(v2, use_bin_type=True)
+    # The same payload under the other version's checksum is damage, named by its checksum kind.
+    wrong_v3 = struct.pack("<3sBII", b"RLG", 3, len(body), zlib.crc32(body)) + body
+    with pytest.raises(CorruptRecordError, match="header CRC32C"):
+        decode_group(wrong_v3)
+    wrong_v2 = struct.pack("<3sBII", b"RLG", 2, len(body), crc32c.crc32c(body)) + body
+    with pytest.raises(CorruptRecordError, match="header CRC32 "):
+        decode_group(wrong_v2)
