@@ -35,7 +35,7 @@ import numpy as np
 from rlsys.records import Group
 from rlsys.reward_model import RewardModelConfig
 from rlsys.routing import (RouterConfig, all_pairs, pair_scores, pairwise_advantage, rm_judge_agreement,
-                           route_batch, verifier_separable)
+                           rm_uncertainty, route_batch, verifier_separable)
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,8 @@ class PairwiseStage:
             spans.append((pairs, decided, open_idx))
         lij_all = lji_all = unc_all = np.zeros(0)
         if inputs[0]:
-            lij_all, lji_all, unc_all = self.rm.score_both_orders(*inputs)
+            lij_all, lji_all, u_gp = self.rm.score_both_orders(*inputs)
+            unc_all = rm_uncertainty(self.cfg.router.signal, lij_all, lji_all, u_gp)
         scores, k = [], 0
         for g, (pairs, decided, open_idx) in zip(todo, spans):
             lij, lji, unc = (np.full(len(pairs), np.nan) for _ in range(3))

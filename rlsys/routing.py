@@ -11,8 +11,10 @@ judge. Pairs are always listed in ``all_pairs(n)`` order, (0,1), (0,2), ..., (n-
 
 1. Score. The pairwise RM gives a logit ``l(i, j)`` of P(i better than j) with i shown first.
    Both orders are scored and antisymmetrised, ``s_ij = (l(i,j) - l(j,i)) / 2``, which cancels
-   any position bias. Each pair also has an uncertainty u_ij (for an SNGP head
-   ``sqrt(1 + a var)``; for two orders the actor combines both, e.g. their mean).
+   any position bias. Each pair also has an uncertainty u_ij; for an SNGP head the actor
+   derives it with ``rm_uncertainty`` (``reward.router.signal``): by default the *predictive*
+   uncertainty 1 - |2p - 1| of the head's mean-field probability p = sigmoid(s_ij / sqrt(1 +
+   a var)), which is high for a small margin or a large variance; or the variance term alone.
 2. Verifier first. With a rule verifier, pairs whose verifier rewards differ are decided by it:
    ``s_ij = r_i - r_j`` (``verifier_separable``). Only the remaining pairs are *candidates* for
    the RM and the judge; their RM logits may be NaN (never computed) on decided pairs.
@@ -52,6 +54,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 POLICIES = ("uncertainty", "random", "margin", "none", "all")
+SIGNALS = ("predictive", "variance")
 
 
 @dataclass
@@ -78,8 +81,15 @@ class RouterConfig:
     """c: a judge verdict sets s_ij = +c (first better) or -c (second better); a tie sets 0."""
     seed: int = 0
     """Seed of the router's generator (random policy and tie-breaking)."""
+    signal: str = "predictive"
+    """Which RM uncertainty ranks pairs (``rm_uncertainty``): 'predictive' (how close the SNGP
+    head's mean-field predictive probability is to 1/2, in [0, 1]; the default) or 'variance'
+    (the GP's sqrt(1 + a var) alone, in [1, sqrt(1 + 2a)]: distance from the training data).
+    ``threshold`` is on this signal's scale."""
 
     def __post_init__(self) -> None:
+        if self.signal not in SIGNALS:
+            raise ValueError(f"reward.router.signal must be one of {', '.join(SIGNALS)}; got {self.signal!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"reward.router.policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
         if not (0.0 <= self.budget_fraction <= 1.0):
@@ -317,6 +327,27 @@ class PairScores:
     @property
     def S(self) -> np.ndarray:
         return pairwise_matrix(self.n, self.pairs, self.s)
+
+
+def rm_uncertainty(signal: str, logit_ij: np.ndarray, logit_ji: np.ndarray, u_gp: np.ndarray) -> np.ndarray:
+    """The uncertainty a pair is routed by, from an SNGP pairwise RM's outputs.
+
+    ``u_gp = sqrt(1 + a var)`` (mean of both orders) measures how far the pair lies from the
+    RM's training data; the head's predictive probability that i beats j is
+    ``p = sigmoid(s_ij / u_gp)`` (mean-field), with s_ij the antisymmetrised logit.
+
+    - ``predictive``: ``1 - |2p - 1| = 1 - |tanh(s_ij / (2 u_gp))|``, in [0, 1]; 1 at p = 1/2.
+      The classification uncertainty of the pair: a small margin *or* a large variance. This
+      is what catches the RM's errors on typical inputs, where the variance is uniformly low
+      (scripts/train_rm.py reports accuracy per decile of both signals).
+    - ``variance``: ``u_gp`` itself (epistemic only: rises on inputs unlike the training pairs).
+    """
+    if signal not in SIGNALS:
+        raise ValueError(f"signal must be one of {', '.join(SIGNALS)}; got {signal!r}")
+    u = np.asarray(u_gp, dtype=np.float64)
+    if signal == "variance":
+        return u
+    return 1.0 - np.abs(np.tanh(antisymmetrize(logit_ij, logit_ji) / (2.0 * u)))
 
 
 def pair_scores(

@@ -31,9 +31,9 @@ def group_with(texts, rewards):
     return g
 
 
-def stage(policy="uncertainty", budget=0.2, use_verifier=True, rm=None, judge=None):
+def stage(policy="uncertainty", budget=0.2, use_verifier=True, rm=None, judge=None, signal="predictive"):
     cfg = RewardConfig(mode="rm_judge_router", use_verifier=use_verifier,
-                       router=RouterConfig(policy=policy, budget_fraction=budget))
+                       router=RouterConfig(policy=policy, budget_fraction=budget, signal=signal))
     return PairwiseStage(cfg, rm or TextRM(), judge)
 
 
@@ -73,17 +73,28 @@ def test_judge_verdicts_override_the_rm_and_failures_fall_back():
     assert st.stats.agreement_n == 1 and st.stats.agreement_sum == 0.0  # the judge disagreed each time
 
 
-def test_budget_goes_to_the_most_uncertain_pairs():
+def judged_pairs(texts, signal, unsure=()):
     judged = []
 
     async def judge(pairs, step):
         judged.extend({p.response_a, p.response_b} for p in pairs)
         return [0] * len(pairs)
 
-    rm = TextRM(unsure={"9"})
-    g = group_with(["1", "2", "3", "4", "9"], (0,) * 5)  # 10 pairs, 20% budget: 2 judge calls
-    asyncio.run(stage(budget=0.2, use_verifier=False, rm=rm, judge=judge).apply([g]))
-    assert len(judged) == 2 and all("9" in p for p in judged)
+    g = group_with(texts, (0,) * len(texts))  # 10 pairs, 20% budget: 2 judge calls
+    asyncio.run(stage(budget=0.2, use_verifier=False, rm=TextRM(unsure), judge=judge, signal=signal).apply([g]))
+    return judged
+
+
+def test_budget_goes_to_the_most_uncertain_pairs():
+    # variance: the pairs with "9" have the largest GP uncertainty, whatever their margins.
+    assert all("9" in p for p in judged_pairs(["1", "2", "3", "4", "9"], "variance", {"9"}))
+    # predictive: the smallest margins (|2 - 1| = 1, |4 - 2| = 2, >= 3 elsewhere) at equal variance ...
+    assert {frozenset(p) for p in judged_pairs(["1", "2", "4", "7", "11"], "predictive")} == \
+        {frozenset({"1", "2"}), frozenset({"2", "4"})}
+    # ... and a large variance widens a margin's doubt: 12 vs 9 and 9 vs 5 (s = 3, 4 at u_gp = 5)
+    # are less certain than 5 vs 4 (s = 1 at u_gp = 1).
+    assert {frozenset(p) for p in judged_pairs(["2", "4", "5", "9", "12"], "predictive", {"9"})} == \
+        {frozenset({"9", "12"}), frozenset({"9", "5"})}
 
 
 def test_groups_of_one_are_left_alone():

@@ -22,6 +22,7 @@ from rlsys.routing import (
     parse_verdict_or_fallback,
     render_judge_prompt,
     rm_judge_agreement,
+    rm_uncertainty,
     route_batch,
     route_group,
     routed_fraction,
@@ -119,10 +120,28 @@ def test_pairwise_matrix_and_advantage_reject_bad_input():
     ({"threshold": 0.5, "policy": "random"}, "reward.router.threshold"),
     ({"verdict_scale": 0.0}, "reward.router.verdict_scale"),
     ({"verdict_scale": float("inf")}, "reward.router.verdict_scale"),
+    ({"signal": "entropy"}, "reward.router.signal"),
 ])
 def test_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         RouterConfig(**kwargs)
+
+
+def test_rm_uncertainty_predictive_and_variance_signals():
+    lij = np.array([0.0, 2.0, -2.0, 2.0, 6.0, 1.0])
+    lji = np.array([0.0, -2.0, 2.0, -2.0, -6.0, 1.0])  # the last pair: pure position bias, s = 0
+    u_gp = np.array([1.0, 1.0, 1.0, 1.5, 1.0, 1.0])
+    u = rm_uncertainty("predictive", lij, lji, u_gp)
+    p = 1 / (1 + np.exp(-antisymmetrize(lij, lji) / u_gp))  # the mean-field predictive probability
+    np.testing.assert_allclose(u, 1 - np.abs(2 * p - 1))
+    assert u[0] == u[5] == 1.0  # no margin: maximally uncertain
+    assert u[1] == u[2]  # symmetric in which response wins
+    assert u[4] < u[1] < u[3]  # a larger margin lowers it, a larger variance raises it
+    # Swapping the two responses (both orders swap) leaves the pair's uncertainty unchanged.
+    np.testing.assert_allclose(rm_uncertainty("predictive", lji, lij, u_gp), u)
+    np.testing.assert_array_equal(rm_uncertainty("variance", lij, lji, u_gp), u_gp)
+    with pytest.raises(ValueError, match="signal must be one of predictive, variance"):
+        rm_uncertainty("entropy", lij, lji, u_gp)
 
 
 def test_judge_budget_is_an_integer_floor_with_cap():
