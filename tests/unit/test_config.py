@@ -22,9 +22,20 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("group,option", list(all_options()))
-def test_every_yaml_composes(group, option):
-    cfg = to_run_config(compose([f"{group}={option}"]))
+def test_every_yaml_composes(group, option, tmp_path):
+    extra = []
+    if (group, option) == ("judge", "vllm"):  # needs a local model directory
+        (tmp_path / "config.json").write_text("{}")
+        extra = [f"judge.model={tmp_path}"]
+    cfg = to_run_config(compose([f"{group}={option}", *extra]))
     assert isinstance(cfg, RunConfig)
+
+
+def test_judge_vllm_needs_a_local_model_directory(tmp_path):
+    with pytest.raises(ConfigError, match="judge.model"):
+        to_run_config(compose(["judge=vllm"]))
+    with pytest.raises(ConfigError, match="not a local model directory"):
+        to_run_config(compose(["judge=vllm", f"judge.model={tmp_path}"]))
 
 
 def test_default_is_tiny_experiment():
