@@ -170,12 +170,13 @@ class Controller:
         self.scheduler = ray.remote(num_cpus=0)(BudgetScheduler).remote(cfg.scheduler, self.train_prompts)
         self.sampler = Sampler(cfg.scheduler)
         self.judge = None
+        self.judge_per_step: list[dict] = []
         if cfg.judge.backend != "none":
             jc = cfg.judge
             self.judge = ray.remote(num_cpus=jc.num_cpus, num_gpus=jc.num_gpus)(JudgeWorker).options(**opts) \
                 .remote(jc, str(self.run_dir))
         rm_path = None
-        if cfg.reward.mode == "rm_judge_router":
+        if cfg.reward.mode in ("rm_judge_router", "rm_pointwise"):
             rm_path = str(ensure_reward_model(cfg.reward.model, cfg.task))
             log.info("pairwise reward model %s", rm_path)
         self.rewards = [ray.remote(num_cpus=cfg.reward.num_cpus)(RewardWorker).options(**opts)
@@ -321,7 +322,7 @@ class Controller:
             await self.store.ack([g.group_id for g in groups])  # committed: weights are published
             self.metrics.replay_depth.set(await self.store.depth())
             self._record_step(step, groups, stats, t1 - t0, t2 - t1, t_start)
-            if self.cfg.reward.mode == "rm_judge_router":
+            if self.cfg.reward.mode != "rule":
                 await self._record_reward_stats()
             step += 1
         await self.store.stop()
@@ -382,6 +383,11 @@ class Controller:
             m.judge_calls.set(js["calls"])
             m.judge_fallbacks.set(js["fallbacks"])
             m.judge_spend.set(js["spend"])
+            prev = getattr(self, "judge_stats", None) or {"calls": 0, "spend": 0.0}
+            calls, spend = js["calls"] - prev["calls"], js["spend"] - prev["spend"]
+            m.judge_calls_per_step.set(calls)
+            m.judge_spend_per_step.set(spend)
+            self.judge_per_step.append({"calls": calls, "spend": spend})
             m.judge_latency.set(js["latency_mean_s"])
             m.judge_queue_depth.set(js["queued"] + js["in_flight"])
             self.judge_stats = js
@@ -422,6 +428,7 @@ class Controller:
         p = self.progress
         k = max(1, min(10, len(p.step_rewards) // 2))
         c = self.store.counters
+        judged = getattr(self, "judge_per_step", [])
         return {
             "name": self.cfg.name,
             "steps": p.step,
@@ -439,7 +446,9 @@ class Controller:
             "strategy": self.cfg.scheduler.strategy,
             "effective_gradient_ratio": p.egr_rollouts / max(p.trained_rollouts, 1),
             "filtered_groups": p.filtered,
-            "curves": {"reward": p.step_rewards, "effective_gradient_ratio": p.step_egr},
+            "curves": {"reward": p.step_rewards, "effective_gradient_ratio": p.step_egr,
+                       **({"judge_calls": [j["calls"] for j in judged],
+                           "judge_spend": [j["spend"] for j in judged]} if judged else {})},
             "learner_restarts": self.learner_restarts,
             "reward_router": getattr(self, "reward_stats", None),
             "judge": getattr(self, "judge_stats", None),

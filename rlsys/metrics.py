@@ -62,6 +62,10 @@ class Metrics:
                                      registry=r)
         self.judge_spend = Gauge("rlsys_judge_spend", "Judge spend (cumulative, judge.cost_per_call units)",
                                  registry=r)
+        self.judge_calls_per_step = Gauge("rlsys_judge_calls_per_step", "Judge calls made during the last step",
+                                          registry=r)
+        self.judge_spend_per_step = Gauge("rlsys_judge_spend_per_step",
+                                          "Judge spend during the last step (judge.cost_per_call units)", registry=r)
         self.judge_latency = Gauge("rlsys_judge_latency_seconds", "Mean judge call latency", registry=r)
         self.judge_queue_depth = Gauge("rlsys_judge_queue_depth_calls", "Judge calls queued or in flight",
                                        registry=r)

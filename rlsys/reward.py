@@ -18,6 +18,12 @@ uncertain pairs of the batch to the LLM judge within its budget (``reward.router
 replace those pairs' scores (a judge failure keeps the RM's score, counted); the group's
 advantages become A_i = mean_j S_ij and flow through the same loss as scalar rewards
 (``Group.advantages``). ``Group.rewards`` keeps the verifier's rewards for metrics.
+
+Pointwise stage (``reward.mode=rm_pointwise``): the pointwise reward model (sequence
+classification on prompt + response) scores every completion of the batch in one pass and
+``sigmoid(logit)`` becomes its reward, for tasks without a verifier; the rule function's
+rewards, still computed, go to ``Group.meta["verifier_rewards"]`` for monitoring. If the model
+raises, the batch keeps the rule rewards (logged, counted in ``stats()["rm_failures"]``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from rlsys.routing import (RouterConfig, all_pairs, pair_scores, pairwise_advant
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, str], float]
+MODES = ("rule", "rm_pointwise", "rm_judge_router")
 REWARD_FUNCTIONS: dict[str, RewardFn] = {}
 
 
@@ -85,8 +92,9 @@ class RewardConfig:
     num_cpus: float = 0.25
     """Ray CPUs reserved per RewardWorker."""
     mode: str = "rule"
-    """'rule' (the reward function alone) or 'rm_judge_router' (plus the pairwise RM, the
-    uncertainty router and the LLM judge; see the module docstring)."""
+    """'rule' (the reward function alone), 'rm_pointwise' (the pointwise RM's probability that
+    a response is right) or 'rm_judge_router' (the rule function, then the pairwise RM, the
+    uncertainty router and the LLM judge); see the module docstring."""
     use_verifier: bool = True
     """rm_judge_router: pairs whose rule rewards differ are decided by the verifier and never
     sent to the RM or the judge."""
@@ -96,13 +104,16 @@ class RewardConfig:
     """The pairwise preference model (built and cached locally when model.path is unset)."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ("rule", "rm_judge_router"):
-            raise ValueError(f"reward.mode must be 'rule' or 'rm_judge_router', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"reward.mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.target is None and self.function not in REWARD_FUNCTIONS:
             raise ValueError(
                 f"reward.function {self.function!r} is not registered; choose one of "
                 f"{sorted(REWARD_FUNCTIONS)} or set reward.target=pkg.module.fn"
             )
+        if self.mode == "rm_pointwise" and self.model.pointwise_steps == 0 and not self.model.path:
+            raise ValueError("reward.mode=rm_pointwise needs the pointwise model: reward.model.pointwise_steps > 0 "
+                             "(or reward.model.path to a directory holding one)")
         if self.timeout_s <= 0:
             raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s}")
         if self.num_workers < 1:
@@ -178,6 +189,35 @@ class GroupScorer:
                     log.error("reward function %r failed on group %s: %s (scored %s; further failures "
                               "of this kind are only counted)", self.name, group.group_id, e, self.cfg.failure_reward)
         return group.with_rewards(rewards, failures)
+
+
+class PointwiseStage:
+    """Rewards from the pointwise RM: sigmoid of its logit per completion, one batched pass."""
+
+    def __init__(self, rm):
+        self.rm = rm  # .score(prompts, responses) -> logits [N]
+        self.stats = {"scored": 0, "rm_failures": 0}
+
+    def apply(self, groups: list[Group]) -> list[Group]:
+        prompts = [g.prompt for g in groups for _ in g.completions]
+        texts = [c.text for g in groups for c in g.completions]
+        try:
+            logits = np.asarray(self.rm.score(prompts, texts), dtype=np.float64)
+            if logits.shape != (len(texts),) or not np.all(np.isfinite(logits)):
+                raise ValueError(f"expected {len(texts)} finite logits, got shape {logits.shape}")
+        except Exception as e:  # noqa: BLE001 - a broken RM must not kill the run
+            self.stats["rm_failures"] += len(groups)
+            log.error("pointwise reward model failed on a batch of %d groups (%s: %s); they keep the rule rewards",
+                      len(groups), type(e).__name__, e)
+            return groups
+        probs = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        out, k = [], 0
+        for g in groups:
+            meta = {**g.meta, "verifier_rewards": [float(r) for r in g.rewards]}
+            out.append(dataclasses.replace(g, rewards=probs[k:k + g.size], meta=meta))
+            k += g.size
+        self.stats["scored"] += len(texts)
+        return out
 
 
 @dataclass
@@ -260,7 +300,13 @@ class RewardWorker:
     def __init__(self, cfg: RewardConfig, reward_model_path: Optional[str] = None, judge=None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.scorer = GroupScorer(cfg)
-        self.pairwise = None
+        self.pairwise = self.pointwise = None
+        if cfg.mode == "rm_pointwise":
+            from rlsys.reward_model import PointwiseRewardModel
+
+            if reward_model_path is None:
+                raise ValueError("reward.mode=rm_pointwise needs a reward model path")
+            self.pointwise = PointwiseStage(PointwiseRewardModel.load(reward_model_path))
         if cfg.mode == "rm_judge_router":
             from rlsys.reward_model import PairwiseRewardModel
 
@@ -272,11 +318,15 @@ class RewardWorker:
 
     async def score(self, groups: list[Group]) -> list[Group]:
         scored = [self.scorer.score_group(g) for g in groups]
+        if self.pointwise is not None:
+            scored = self.pointwise.apply(scored)
         if self.pairwise is not None:
             scored = await self.pairwise.apply(scored)
         return scored
 
     def stats(self) -> dict:
+        if self.pointwise is not None:
+            return dict(self.pointwise.stats)
         return dataclasses.asdict(self.pairwise.stats) if self.pairwise is not None else {}
 
     def ready(self) -> bool:

@@ -29,20 +29,25 @@ Spearman correlation of u with being right (negative = accuracy falls as u rises
 
 Routing check (rlsys.routing.select_pairs) on each set: a judge budget of ``--budget`` of the
 pairs, an oracle judge (the true label); accuracy after routing for policies none, random,
-margin (smallest |s|), uncertainty (largest u), null (u shuffled: a control), mean-field
-(smallest |s| / u, the SNGP predictive margin) and all. random and null average over
-``--repeats`` draws.
+margin (smallest |s|), uncertainty (largest predictive uncertainty u = 1 - |2p - 1|, p =
+sigmoid(s / u_gp): the router's default signal), variance (largest u_gp alone), null (u
+shuffled: a control) and all. random and null average over ``--repeats`` draws.
 
     .venv/bin/python scripts/train_rm.py [--steps 2000] [--json out.json] [--save DIR]
 
-What it showed with the defaults (one CPU thread: ~100 s pairwise + ~26 s pointwise training):
-held-out synthetic accuracy 0.733, but accuracy *rises* with u there (Spearman +0.30; routing
-by u 0.747 vs random 0.786 at 20%): the model's errors are near-miss answers it cannot
-resolve, which are typical inputs with a low GP variance, while the high-u pairs are the easy,
-distinctive mistakes (wrong length). Margin routing (0.833) is what catches those errors. On
-degenerate answers u behaves as designed (Spearman -0.31; routing by u 0.958 vs random 0.867,
-margin 0.873). On the policy's own samples the RM is at chance (0.505) and nothing routes
-better than random.
+What it showed with the defaults (2026-11-30, one CPU thread):
+
+- synthetic held-out mistakes (2,400 pairs): accuracy 0.711; accuracy falls as u rises
+  (0.97 in the lowest u deciles, ~0.49 in the highest; Spearman(u, right) -0.36); routing at
+  20%: uncertainty 0.813, margin 0.813, random 0.769, null 0.769 (+4.4 points over random).
+  The GP variance alone goes the other way (Spearman +0.31, routing 0.725): the model's
+  errors are near-miss answers, typical inputs with a low variance, and the high-variance
+  pairs are the easy, distinctive mistakes (wrong length).
+- degenerate answers: accuracy 0.907; u and u_gp both track errors (Spearman -0.18 and
+  -0.11); routing: uncertainty 0.968, variance 0.963, random 0.927.
+- the policy's own samples: the RM is near chance (0.557) and nearly every pair has u ~ 1;
+  routing gains nothing over random (0.647 vs 0.643). The RM is trained on synthetic
+  mistakes only; the policy's mistakes are a different distribution.
 
 JSON: ``train`` (seconds, steps, pairs), and per set ``accuracy``, ``deciles`` (list of
 {u_low, u_high, accuracy, n}), ``margin_deciles``, ``kinds``, ``spearman_u_correct``,
@@ -72,11 +77,11 @@ from rlsys.reward_model import (
     train_pairwise,
     train_pointwise,
 )
-from rlsys.routing import antisymmetrize, select_pairs
+from rlsys.routing import antisymmetrize, rm_uncertainty, select_pairs
 from rlsys.task import Example, TaskConfig, load_task
 from rlsys.tinymodel import ModelConfig, build_tokenizer, decode_completion, encode_prompt, ensure_model
 
-ROUTING_POLICIES = ("none", "random", "margin", "uncertainty", "null", "mean-field", "all")
+ROUTING_POLICIES = ("none", "random", "margin", "uncertainty", "variance", "null", "all")
 
 
 def policy_pairs(examples: list[Example], samples: int, seed: int) -> PreferenceData:
@@ -160,8 +165,11 @@ def decile_table(key: np.ndarray, correct: np.ndarray, u: np.ndarray) -> list[di
              "n": int(len(idx))} for idx in np.array_split(order, 10)]
 
 
-def routing(s: np.ndarray, u: np.ndarray, correct: np.ndarray, budget: float, repeats: int, seed: int) -> dict:
-    """Accuracy after an oracle judge decides the routed pairs, per policy, at the same budget."""
+def routing(s: np.ndarray, u: np.ndarray, u_gp: np.ndarray, correct: np.ndarray, budget: float, repeats: int,
+            seed: int) -> dict:
+    """Accuracy after an oracle judge decides the routed pairs, per policy, at the same budget.
+    ``uncertainty`` ranks by the predictive signal u (the router's default), ``variance`` by the
+    GP's u_gp alone, ``null`` by u shuffled across pairs (a control: no gain expected)."""
     k = int(budget * len(s))
     out = {}
     for policy in ROUTING_POLICIES:
@@ -169,11 +177,8 @@ def routing(s: np.ndarray, u: np.ndarray, correct: np.ndarray, budget: float, re
         accs = []
         for r in range(draws):
             rng = np.random.default_rng([seed, r])
-            key_u = rng.permutation(u) if policy == "null" else u
-            if policy == "mean-field":
-                picked = select_pairs("margin", key_u, s / u, k, rng)
-            else:
-                picked = select_pairs("uncertainty" if policy == "null" else policy, key_u, s, k, rng)
+            key_u = {"null": rng.permutation(u), "variance": u_gp}.get(policy, u)
+            picked = select_pairs("uncertainty" if policy in ("null", "variance") else policy, key_u, s, k, rng)
             final = correct.copy()
             final[picked] = True  # the oracle judge is always right
             accs.append(final.mean())
@@ -184,22 +189,26 @@ def routing(s: np.ndarray, u: np.ndarray, correct: np.ndarray, budget: float, re
 def evaluate(model: PairwiseRewardModel, data: PreferenceData, budget: float, repeats: int, seed: int) -> dict:
     both = model.score_both_orders(data.prompts, data.a, data.b)
     s = antisymmetrize(both.logit_ij, both.logit_ji)
-    u = both.uncertainty
+    u = rm_uncertainty("predictive", both.logit_ij, both.logit_ji, both.uncertainty)
+    u_gp = both.uncertainty
     correct = np.sign(s) == np.where(data.clean_label > 0.5, 1.0, -1.0)
     kinds = {}
     for kind in sorted(set(data.kind)):
         sel = np.array(data.kind) == kind
-        kinds[kind] = {"n": int(sel.sum()), "accuracy": float(correct[sel].mean()), "mean_u": float(u[sel].mean())}
-    route = routing(s, u, correct, budget, repeats, seed)
+        kinds[kind] = {"n": int(sel.sum()), "accuracy": float(correct[sel].mean()), "mean_u": float(u[sel].mean()),
+                       "mean_u_gp": float(u_gp[sel].mean())}
+    route = routing(s, u, u_gp, correct, budget, repeats, seed)
     return {
         "pairs": len(data),
         "accuracy": float(correct.mean()),
         "first_order_accuracy": pairwise_accuracy(both.logit_ij, data.clean_label),
         "position_bias": float(np.mean((both.logit_ij + both.logit_ji) / 2)),
         "deciles": decile_table(u, correct, u),
+        "variance_deciles": decile_table(u_gp, correct, u_gp),
         "margin_deciles": decile_table(-np.abs(s), correct, u),
         "kinds": kinds,
         "spearman_u_correct": spearman(u, correct.astype(float)),
+        "spearman_u_gp_correct": spearman(u_gp, correct.astype(float)),
         "routing": route,
         "judge_calls": int(budget * len(s)),
         "uncertainty_gain_points": 100 * (route["uncertainty"] - route["random"]),
@@ -209,14 +218,17 @@ def evaluate(model: PairwiseRewardModel, data: PreferenceData, budget: float, re
 def print_set(name: str, r: dict, budget: float) -> None:
     print(f"\n== {name}: {r['pairs']} held-out pairs, accuracy {r['accuracy']:.3f} (first order only "
           f"{r['first_order_accuracy']:.3f}, mean position bias {r['position_bias']:+.3f})")
-    print("accuracy per uncertainty decile (low u -> high u) and per |s| decile (high margin -> low):")
-    print(f"{'decile':>7}{'u range':>22}{'acc':>7}   {'acc by |s|':>10}")
-    for q, (d, m) in enumerate(zip(r["deciles"], r["margin_deciles"])):
-        print(f"{q + 1:>7}{d['u_low']:>11.5f}-{d['u_high']:<10.5f}{d['accuracy']:>7.3f}   {m['accuracy']:>10.3f}")
-    print(f"Spearman(u, right) = {r['spearman_u_correct']:+.3f}  (negative: accuracy falls as u rises)")
-    kinds = sorted(r["kinds"].items(), key=lambda kv: kv[1]["mean_u"])
-    print("per kind, by mean u: " + ", ".join(f"{k} {v['accuracy']:.2f} (n {v['n']}, mean u {v['mean_u']:.5f})"
-                                              for k, v in kinds))
+    print("accuracy per decile (low -> high) of the predictive uncertainty u (the router's signal), of the GP's")
+    print("u_gp = sqrt(1 + a var) alone, and per |s| decile (high margin -> low):")
+    print(f"{'decile':>7}{'u range':>20}{'acc':>7}   {'u_gp range':>22}{'acc':>7}   {'acc by |s|':>10}")
+    for q, (d, v, m) in enumerate(zip(r["deciles"], r["variance_deciles"], r["margin_deciles"])):
+        print(f"{q + 1:>7}{d['u_low']:>10.4f}-{d['u_high']:<9.4f}{d['accuracy']:>7.3f}   "
+              f"{v['u_low']:>11.6f}-{v['u_high']:<10.6f}{v['accuracy']:>7.3f}   {m['accuracy']:>10.3f}")
+    print(f"Spearman(u, right) = {r['spearman_u_correct']:+.3f}, Spearman(u_gp, right) = "
+          f"{r['spearman_u_gp_correct']:+.3f}  (negative: accuracy falls as it rises)")
+    kinds = sorted(r["kinds"].items(), key=lambda kv: kv[1]["mean_u_gp"])
+    print("per kind, by mean u_gp: " + ", ".join(f"{k} {v['accuracy']:.2f} (n {v['n']}, mean u {v['mean_u']:.3f}, "
+                                                 f"u_gp {v['mean_u_gp']:.5f})" for k, v in kinds))
     print(f"routing at {budget:.0%} ({r['judge_calls']} oracle judge calls): "
           + ", ".join(f"{p} {a:.3f}" for p, a in r["routing"].items()))
     print(f"uncertainty - random: {r['uncertainty_gain_points']:+.2f} points")

@@ -90,7 +90,7 @@ def test_rm_judge_router_runs_end_to_end(ray_cluster, tiny_model, tmp_path):
         cfg = to_run_config(compose([
             "reward=rm_judge_router", "judge=openai", f"judge.url={judge.url}", "judge.model=oracle", "steps=3",
             "scheduler.prompts_per_step=8", "reward.model.steps=200", "reward.model.pointwise_steps=0",
-            "reward.router.budget_fraction=0.3",
+            "reward.router.budget_fraction=0.3", "judge.cost_per_call=0.5",
         ]))
         summary, text = run_and_scrape(cfg, tmp_path)
     finally:
@@ -101,3 +101,19 @@ def test_rm_judge_router_runs_end_to_end(ray_cluster, tiny_model, tmp_path):
     assert router["routed"] > 0 and 0 < js["calls"] <= judge.calls and js["verdicts"] > 0  # later groups may follow
     assert router["verifier_decided"] > 0  # pairs with different rule rewards never reach the RM
     assert "rlsys_reward_routed_fraction" in text and "rlsys_judge_calls" in text
+    # Spend per step: one entry per step, adding up to the run's total.
+    calls, spend = summary["curves"]["judge_calls"], summary["curves"]["judge_spend"]
+    assert len(calls) == 3 and sum(calls) == js["calls"] and sum(spend) == pytest.approx(0.5 * js["calls"])
+    assert "rlsys_judge_spend_per_step" in text
+
+
+def test_rm_pointwise_runs_end_to_end(ray_cluster, tiny_model, tmp_path):
+    """reward=rm_pointwise: the locally trained pointwise RM's probabilities are the rewards."""
+    cfg = to_run_config(compose(["reward=rm_pointwise", "steps=2", "scheduler.prompts_per_step=8",
+                                 "reward.model.steps=50", "reward.model.pointwise_steps=100"]))
+    summary, text = run_and_scrape(cfg, tmp_path)
+    assert summary["steps"] == 2
+    assert summary["reward_router"]["scored"] >= 2 * 8 * 8 and summary["reward_router"]["rm_failures"] == 0
+    rewards = summary["curves"]["reward"]
+    # sigmoid rewards: strictly inside (0, 1), unlike the rule's 0/1 (whose mean is a multiple of 1/64)
+    assert all(0 < r < 1 for r in rewards) and any(abs(r * 64 - round(r * 64)) > 1e-3 for r in rewards)
