@@ -22,10 +22,11 @@ def _train_main(argv: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from rlsys.checkpoint import CheckpointError
     from rlsys.config import ConfigError, conf_dir, register_schema, to_run_config
     from rlsys.task import DatasetError
 
-    USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError)
+    USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, CheckpointError)
 
     register_schema()
     result = {"rc": 0}

@@ -19,6 +19,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from rlsys.checkpoint import CheckpointConfig
 from rlsys.judge import JudgeConfig
 from rlsys.learner import LearnerConfig
 from rlsys.replay import ReplayConfig
@@ -80,6 +81,10 @@ class RunConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: Optional[str] = None
+    """Continue a run from a checkpoint: a checkpoint directory, or a run directory (its newest
+    checkpoint). ``steps`` stays the total: resuming at step 40 with steps=100 trains 60 more."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -40,6 +40,7 @@ from typing import Optional
 
 import numpy as np
 
+from rlsys import checkpoint
 from rlsys.batch import build_batch, shard_indices
 from rlsys.config import ClusterConfig, RunConfig
 from rlsys.judge import JudgeWorker
@@ -124,9 +125,15 @@ class Progress:
     step_egr: list = field(default_factory=list)
     egr_rollouts: int = 0
     trained_rollouts: int = 0
+    groups_trained: int = 0
     samples_at_last_step: int = 0
     step_losses: list = field(default_factory=list)
     timing: Timing = field(default_factory=Timing)
+
+
+def _progress_from(d: dict) -> Progress:
+    """Progress as saved in a checkpoint (dataclasses.asdict of it)."""
+    return Progress(**{**d, "timing": Timing(**d["timing"])})
 
 
 class Controller:
@@ -150,8 +157,19 @@ class Controller:
 
         cfg = self.cfg
         t0 = time.perf_counter()
+        self.resume_ckpt = self.resume_state = None
+        if cfg.resume:
+            self.resume_ckpt = checkpoint.resolve(cfg.resume)
+            self.resume_state = checkpoint.read_state(self.resume_ckpt)
+            if self.resume_state["step"] >= cfg.steps:
+                raise checkpoint.CheckpointError(f"{checkpoint.describe(self.resume_ckpt, self.resume_state)} is "
+                                                 f"already at steps={cfg.steps}; raise steps to train further")
+            log.info("resuming from %s", checkpoint.describe(self.resume_ckpt, self.resume_state))
         data = load_task(cfg.task)  # bad rows fail here, before anything is built
         self.model_path = str(ensure_model(cfg.model, cfg.task))
+        # The policy the actors start from: the base model, or the checkpoint's HF weights.
+        self.policy_path = str(self.resume_ckpt / checkpoint.HF_DIR) if self.resume_ckpt else self.model_path
+        version0 = self.resume_state["version"] if self.resume_state else 0
         tok = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = tok.pad_token_id
         hf = json.loads((Path(self.model_path) / "config.json").read_text())
@@ -168,6 +186,9 @@ class Controller:
         opts = {"runtime_env": {"env_vars": env}}
         rc, lc = cfg.rollout, cfg.learner
         self.scheduler = ray.remote(num_cpus=0)(BudgetScheduler).remote(cfg.scheduler, self.train_prompts)
+        if self.resume_state:
+            ray.get(self.scheduler.load_state_dict.remote(self.resume_state["scheduler"]))
+            self.progress = _progress_from(self.resume_state["progress"])
         self.sampler = Sampler(cfg.scheduler)
         self.judge = None
         self.judge_per_step: list[dict] = []
@@ -183,25 +204,27 @@ class Controller:
                         .remote(cfg.reward, rm_path, self.judge) for _ in range(cfg.reward.num_workers)]
         self.workers = [
             ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)(RolloutWorker).options(**opts)
-            .remote(rc, self.model_path, i, str(self.run_dir))
+            .remote(rc, self.policy_path, i, str(self.run_dir), version0)
             for i in range(rc.num_workers)
         ]
         self._actor_opts = opts
-        self.ranks = self._start_ranks(None)
+        self.ranks = self._start_ranks(None, resume_dir=str(self.resume_ckpt) if self.resume_ckpt else None)
         try:
             ray.get([a.ready.remote() for a in self.workers + self.rewards + self.ranks],
                     timeout=cfg.cluster.actor_start_timeout_s)
         except ray.exceptions.GetTimeoutError as e:
             raise RuntimeError(f"actors did not start within cluster.actor_start_timeout_s="
                                f"{cfg.cluster.actor_start_timeout_s}s; Ray resources: {ray.available_resources()}") from e
-        self.store = make_store(cfg.replay, cfg.scheduler.prompts_per_step, run_id=self.run_dir.name)
+        # A resumed run keeps its replay run id: on Redis its stored groups are still there.
+        self.run_id = self.resume_state["run_id"] if self.resume_state else self.run_dir.name
+        self.store = make_store(cfg.replay, cfg.scheduler.prompts_per_step, run_id=self.run_id)
         if cfg.cluster.metrics_port >= 0:
             self.metrics_server = serve(self.metrics, cfg.cluster.metrics_host, cfg.cluster.metrics_port)
         log.info("actors up: %d rollout, %d reward, %d learner rank(s) (%.1fs)", len(self.workers),
                  len(self.rewards), len(self.ranks), time.perf_counter() - t0)
 
-    def _start_ranks(self, weights_ref) -> list:
-        """Create the learner ranks (from the model, or from a committed weights ObjectRef)."""
+    def _start_ranks(self, weights_ref, resume_dir: Optional[str] = None) -> list:
+        """Create the learner ranks (from the policy, a committed weights ObjectRef, or a checkpoint)."""
         import ray
 
         lc, rc = self.cfg.learner, self.cfg.rollout
@@ -209,7 +232,8 @@ class Controller:
         return [
             ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(LearnerRank)
             .options(**self._actor_opts)
-            .remote(lc, self.model_path, r, lc.num_ranks, port, rc.temperature, rc.max_new_tokens, weights_ref)
+            .remote(lc, self.policy_path, r, lc.num_ranks, port, rc.temperature, rc.max_new_tokens, weights_ref,
+                    resume_dir)
             for r in range(lc.num_ranks)
         ]
 
@@ -295,7 +319,7 @@ class Controller:
         m = cfg.scheduler.prompts_per_step
         import ray
 
-        step = 0
+        step = self.progress.step  # > 0 when resuming
         while step < cfg.steps:
             if cfg.max_train_seconds and time.perf_counter() - t_start > cfg.max_train_seconds:
                 log.warning("stopping after %d steps: max_train_seconds=%s reached", step, cfg.max_train_seconds)
@@ -318,14 +342,35 @@ class Controller:
             await asyncio.gather(*[w.update_weights.remote(version + 1, weight_refs[0]) for w in self.workers])
             t2 = time.perf_counter()
             self._committed_weights = weight_refs[0]
+            ckpt = None
+            if checkpoint.is_due(cfg.checkpoint, step + 1, cfg.steps):  # producers are still parked here
+                ckpt = await self._write_checkpoint(step + 1)
             await self.store.set_learner_version(version + 1)
             await self.store.ack([g.group_id for g in groups])  # committed: weights are published
             self.metrics.replay_depth.set(await self.store.depth())
             self._record_step(step, groups, stats, t1 - t0, t2 - t1, t_start)
             if self.cfg.reward.mode != "rule":
                 await self._record_reward_stats()
+            if ckpt is not None:
+                self._commit_checkpoint(*ckpt, version + 1)
             step += 1
         await self.store.stop()
+
+    async def _write_checkpoint(self, step: int) -> tuple:
+        """Everything but the commit: learner state (collective) and the scheduler's state, taken
+        while producers wait at the admission gate. Returns what ``_commit_checkpoint`` needs."""
+        t0 = time.perf_counter()
+        tmp = checkpoint.begin(checkpoint.root_for(self.cfg.checkpoint, self.run_dir), step)
+        await asyncio.gather(*[r.save_checkpoint.remote(str(tmp)) for r in self.ranks])
+        sched = await self.scheduler.state_dict.remote()
+        return tmp, sched, t0
+
+    def _commit_checkpoint(self, tmp: Path, sched: dict, t0: float, version: int) -> None:
+        p = self.progress
+        state = {"step": p.step, "version": version, "run_id": self.run_id, "scheduler": sched,
+                 "progress": asdict(p), "config_name": self.cfg.name}
+        final = checkpoint.commit(tmp, state, Path(self.model_path), self.cfg.checkpoint.keep_last)
+        log.info("checkpoint %s written in %.1fs", final, time.perf_counter() - t0)
 
     def _record_step(self, step: int, groups: list[Group], stats, train_s: float, sync_s: float,
                      t_start: float) -> None:
@@ -344,6 +389,7 @@ class Controller:
         p.step_egr.append(egr)
         p.egr_rollouts += round(egr * sum(sizes))
         p.trained_rollouts += sum(sizes)
+        p.groups_trained += len(groups)
         m.effective_gradient_ratio.set(egr)
         m.effective_prompt_ratio.set(effective_prompt_ratio(group_rewards))
         m.rollouts_per_step.set(p.samples - p.samples_at_last_step)
@@ -398,6 +444,8 @@ class Controller:
         if self.store is None:
             self.setup()
         await self.store.start()
+        if self.resume_state:
+            await self.store.resume(self.resume_state["version"], self.progress.groups_trained)
         try:
             return await self._train(t_wall)
         finally:
@@ -446,7 +494,7 @@ class Controller:
             "strategy": self.cfg.scheduler.strategy,
             "effective_gradient_ratio": p.egr_rollouts / max(p.trained_rollouts, 1),
             "filtered_groups": p.filtered,
-            "curves": {"reward": p.step_rewards, "effective_gradient_ratio": p.step_egr,
+            "curves": {"reward": p.step_rewards, "loss": p.step_losses, "effective_gradient_ratio": p.step_egr,
                        **({"judge_calls": [j["calls"] for j in judged],
                            "judge_spend": [j["spend"] for j in judged]} if judged else {})},
             "learner_restarts": self.learner_restarts,

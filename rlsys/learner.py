@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -63,7 +64,7 @@ class LearnerConfig:
     max_restarts: int = 3
     """Learner failures (a rank dies mid-step) survived per run: the ranks are recreated from the
     last committed weights and the uncommitted batch is redelivered. Adam moments restart from
-    zero (checkpoint restore arrives with issue 6)."""
+    zero (a resumed run, ``resume=<checkpoint>``, restores them)."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The policy-gradient objective."""
 
@@ -114,7 +115,8 @@ class LearnerRank:
     """Ray actor (``learner`` role): one DeepSpeed data-parallel rank."""
 
     def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int, master_port: int,
-                 temperature: float, max_new_tokens: int, initial_weights: Optional[list] = None):
+                 temperature: float, max_new_tokens: int, initial_weights: Optional[list] = None,
+                 resume_dir: Optional[str] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         import torch
 
@@ -146,6 +148,14 @@ class LearnerRank:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(cfg, world_size))
         self.steps = 0
+        if resume_dir is not None:  # module and optimizer state of this rank (rlsys.checkpoint)
+            from rlsys.checkpoint import LEARNER_DIR, LEARNER_TAG
+
+            path, _ = self.engine.load_checkpoint(str(Path(resume_dir) / LEARNER_DIR), tag=LEARNER_TAG,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint for rank {rank} under {resume_dir}/{LEARNER_DIR}")
+            log.info("learner rank %d: resumed module and optimizer state from %s", rank, resume_dir)
         log.info("learner rank %d/%d ready (ZeRO-%d)", rank, world_size, cfg.zero_stage)
 
     def _tensors(self, b: TrainBatch):
@@ -213,6 +223,17 @@ class LearnerRank:
         else:
             out = [(n, p.detach().float().cpu().clone()) for n, p in params] if self.rank == 0 else None
         return out
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Collective (every rank): DeepSpeed state of each rank under ``learner/``, and on rank 0
+        the policy in Hugging Face format under ``hf/`` (full weights, gathered under ZeRO-3)."""
+        from rlsys.checkpoint import HF_DIR, LEARNER_DIR, LEARNER_TAG
+
+        self.engine.save_checkpoint(str(Path(directory) / LEARNER_DIR), tag=LEARNER_TAG)
+        weights = self.gather_weights()
+        if self.rank == 0:
+            self.engine.module.save_pretrained(Path(directory) / HF_DIR, state_dict=dict(weights),
+                                               safe_serialization=True)
 
     def weights_digest(self) -> str:
         """sha256 over all (gathered) parameters: equal digests mean identical ranks."""

@@ -132,7 +132,7 @@ def staleness_ok(group_version: int, learner_version: int, max_staleness: int) -
 
 def must_drop(group_version: int, learner_version: int, cfg: "ReplayConfig") -> bool:
     """Whether a group is discarded at ``take`` (stale under stale_policy=drop, or from a
-    future version, which can only mean a store shared by mistake)."""
+    future version: a run resumed from an earlier checkpoint, or a store shared by mistake)."""
     if group_version > learner_version:
         return True
     return cfg.stale_policy == "drop" and not staleness_ok(group_version, learner_version, cfg.max_staleness)
@@ -194,6 +194,10 @@ class ReplayStore(Protocol):
 
     async def set_learner_version(self, version: int) -> None:
         """The learner's weights are now at ``version`` (unblocks admission)."""
+
+    async def resume(self, version: int, trained_groups: int) -> None:
+        """Continue a run from a checkpoint taken at ``version`` after ``trained_groups`` groups
+        were trained: admission continues from there (call after ``start``)."""
 
     async def depth(self) -> int:
         """Groups stored and not yet taken."""
@@ -342,6 +346,12 @@ class InProcessReplayStore:
         await self.gate.advance(version)
         async with self._changed:
             self._changed.notify_all()
+
+    async def resume(self, version: int, trained_groups: int) -> None:
+        # Nothing survives in memory: the store starts empty, and only what was trained counts
+        # as admitted, so groups that were in flight at the checkpoint are generated again.
+        self.gate.admitted = trained_groups
+        await self.set_learner_version(version)
 
     async def depth(self) -> int:
         return len(self._ready)

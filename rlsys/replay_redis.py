@@ -353,6 +353,15 @@ class RedisReplayStore:
         await self._call("set version", lambda: self._r.set(self.k_version, version))
         await self.gate.advance(version)
 
+    async def resume(self, version: int, trained_groups: int) -> None:
+        # The stream still holds the run's untrained groups; what the crashed run trained after the
+        # checkpoint is gone and will be generated again. Admission = trained + held. Held groups
+        # from versions past the checkpoint are from a rolled-back policy: take drops them (counted).
+        groups = await self._call("xinfo", lambda: self._r.xinfo_groups(self.k_stream))
+        info = next(g for g in groups if g["name"] == GROUP)
+        self.gate.admitted = trained_groups + int(info.get("lag") or 0) + int(info["pending"])
+        await self.set_learner_version(version)
+
     async def depth(self) -> int:
         groups = await self._call("xinfo", lambda: self._r.xinfo_groups(self.k_stream))
         info = next(g for g in groups if g["name"] == GROUP)

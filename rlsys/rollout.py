@@ -22,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -65,6 +66,11 @@ class RolloutConfig:
     """Prompts a worker takes per generate call (the engine batches them)."""
     seed: int = 0
     """Engine seed (worker i uses seed + i)."""
+    reproducible: bool = True
+    """Seed every request from (seed, worker, policy version, prompt id, repeat count), so a run
+    resumed from a checkpoint samples exactly what the uninterrupted run sampled. Costs a
+    per-request generator in vLLM's sampler (measurable at large batch on GPU: turn it off there
+    if you do not need bit-exact resume)."""
     compile_cache_dir: str = "~/.cache/rlsys/compile"
     """Persistent cache of vLLM's and torch inductor's compiled kernels (shared by runs)."""
 
@@ -147,7 +153,7 @@ class RolloutResult:
 class RolloutWorker:
     """Ray actor (``rollout`` role) around one vLLM engine."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, worker_index: int, work_dir: str):
+    def __init__(self, cfg: RolloutConfig, model_path: str, worker_index: int, work_dir: str, version: int = 0):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         prepare_vllm_process(Path(work_dir) / "vllm" / f"worker{worker_index}", cfg.compile_cache_dir)
         from transformers import AutoTokenizer
@@ -155,7 +161,8 @@ class RolloutWorker:
 
         self.cfg = cfg
         self.index = worker_index
-        self.version = 0
+        self.version = version  # the policy version of model_path (non-zero when resuming)
+        self._repeats: dict[str, int] = {}  # prompt id -> requests seen at this version
         self.expected = checkpoint_shapes(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.eos_id = self.tokenizer.eos_token_id
@@ -177,13 +184,20 @@ class RolloutWorker:
         log.info("rollout worker %d: vLLM engine up in %.1fs (max_model_len %d)", worker_index,
                  time.perf_counter() - t0, max_len)
 
-    def _params(self, n: int, temperature: float, max_tokens: int):
+    def _params(self, n: int, temperature: float, max_tokens: int, seed: Optional[int] = None):
         from vllm import SamplingParams
 
         return SamplingParams(
             n=n, temperature=temperature, top_p=self.cfg.top_p if temperature > 0 else 1.0,
-            max_tokens=max_tokens, logprobs=0, stop_token_ids=[self.eos_id], detokenize=False,
+            max_tokens=max_tokens, logprobs=0, stop_token_ids=[self.eos_id], detokenize=False, seed=seed,
         )
+
+    def _request_seed(self, prompt_id: str) -> Optional[int]:
+        if not self.cfg.reproducible:
+            return None
+        k = self._repeats.get(prompt_id, 0)
+        self._repeats[prompt_id] = k + 1
+        return zlib.crc32(f"{self.cfg.seed}:{self.index}:{self.version}:{prompt_id}:{k}".encode())
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode([t for t in token_ids if t != self.eos_id], skip_special_tokens=True)
@@ -193,7 +207,8 @@ class RolloutWorker:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
-        params = [self._params(r.n, self.cfg.temperature, self.cfg.max_new_tokens) for r in requests]
+        params = [self._params(r.n, self.cfg.temperature, self.cfg.max_new_tokens, self._request_seed(r.prompt_id))
+                  for r in requests]
         t0 = time.perf_counter()
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         dt = time.perf_counter() - t0
@@ -227,6 +242,7 @@ class RolloutWorker:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
         self.llm.reset_prefix_cache()
         self.version = version
+        self._repeats.clear()
         return version
 
     def policy_version(self) -> int:

@@ -111,6 +111,23 @@ def test_synchronous_mode_admits_exactly_one_step(new_store):
     assert run(scenario()).counters.acked == 3
 
 
+def test_resume_admits_exactly_the_next_step(new_store):
+    """A run resumed from a checkpoint at version 4 (12 groups trained, 3 per step, sync) may
+    generate one step's groups and no more, on a fresh store (in-process) or the run's old one."""
+    async def scenario():
+        store = await new_store(max_staleness=0, groups_per_step=3, run_id="resumed-run")
+        await store.resume(4, trained_groups=12)
+        assert store.learner_version == 4
+        assert await store.reserve(5) == 3
+        blocked = asyncio.create_task(store.reserve(1))
+        await asyncio.sleep(0.02)
+        assert not blocked.done()
+        blocked.cancel()
+        await store.close()
+
+    run(scenario())
+
+
 def test_capacity_bounds_store_plus_in_flight(new_store):
     async def scenario():
         store = await new_store(max_staleness=2, groups_per_step=4)
