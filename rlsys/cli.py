@@ -3,6 +3,12 @@
     rlsys train [hydra overrides ...]     train (e.g. ``rlsys train experiment=tiny steps=50``)
     rlsys train --cfg job                 print the composed config and exit (Hydra's flag)
     rlsys build-model [overrides ...]     build (or find in the cache) the tiny model, print its path
+    rlsys scale rollout=N [--run NAME] [--address ADDR]
+                                          change the rollout workers of a running job
+    rlsys status [--run NAME] [--address ADDR]
+                                          a running job's step, policy version and workers
+    rlsys stop [--run NAME] [--address ADDR]
+                                          end a running job after its current step
 
 Overrides are Hydra's: ``key=value``, ``group=option``; a typo fails with the key named.
 """
@@ -88,6 +94,37 @@ def _build_model_main(argv: list[str]) -> int:
     return 0
 
 
+def _control_main(cmd: str, argv: list[str]) -> int:
+    """``rlsys scale`` / ``status`` / ``stop``: talk to a running job's control actor."""
+    from rlsys import control
+
+    try:
+        if cmd == "scale":
+            n, run, address = control.parse_scale_args(argv)
+        else:
+            n, run, address = None, None, None
+            args = iter(argv)
+            for a in args:
+                if a not in ("--run", "--address"):
+                    raise ValueError(f"unknown argument {a!r}; usage: rlsys {cmd} [--run NAME] [--address ADDR]")
+                v = next(args, None)
+                if v is None:
+                    raise ValueError(f"{a} needs a value")
+                run, address = (v, address) if a == "--run" else (run, v)
+        control.connect(address)
+        import ray
+
+        actor = control.find_control(run)
+        call = {"scale": lambda: actor.scale_rollout.remote(n), "status": actor.status.remote,
+                "stop": actor.stop.remote}[cmd]
+        out = ray.get(call())
+    except (ValueError, LookupError, ConnectionError) as e:
+        print(f"rlsys {cmd}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -98,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train_main(rest)
     if cmd == "build-model":
         return _build_model_main(rest)
+    if cmd in ("scale", "status", "stop"):
+        return _control_main(cmd, rest)
     print(f"rlsys: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -48,6 +48,8 @@ class ClusterConfig:
     """Address the controller's Prometheus endpoint binds to."""
     metrics_port: int = 0
     """Port of the Prometheus endpoint; 0 picks a free one (logged); -1 disables it."""
+    control_poll_s: float = 0.5
+    """How often the controller checks for a ``rlsys scale`` request."""
 
     def __post_init__(self) -> None:
         if self.num_cpus < 1:

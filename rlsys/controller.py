@@ -43,6 +43,7 @@ import numpy as np
 from rlsys import checkpoint
 from rlsys.batch import build_batch, shard_indices
 from rlsys.config import ClusterConfig, RunConfig
+from rlsys.control import CONTROL_NAME, RunControl
 from rlsys.judge import JudgeWorker
 from rlsys.learner import LearnerRank
 from rlsys.losses import LossNormalizer
@@ -208,6 +209,15 @@ class Controller:
             for i in range(rc.num_workers)
         ]
         self._actor_opts = opts
+        self._version0 = self._published_version = version0
+        self._stop_requested = False
+        self._publish_lock = asyncio.Lock()  # weight publication vs. a worker joining
+        self._next_worker = rc.num_workers
+        self.worker_log = {i: {"index": i, "joined_at_version": version0, "first_request_version": None,
+                               "first_group_version": None, "groups": 0, "left_at_version": None}
+                           for i in range(rc.num_workers)}
+        self.control = ray.remote(num_cpus=0)(RunControl).options(name=CONTROL_NAME).remote(
+            self.run_dir.name, rc.num_workers)
         self.ranks = self._start_ranks(None, resume_dir=str(self.resume_ckpt) if self.resume_ckpt else None)
         try:
             ray.get([a.ready.remote() for a in self.workers + self.rewards + self.ranks],
@@ -261,8 +271,8 @@ class Controller:
 
         if self.metrics_server is not None:
             self.metrics_server.close()
-        judge = [self.judge] if getattr(self, "judge", None) is not None else []
-        for a in getattr(self, "workers", []) + getattr(self, "rewards", []) + getattr(self, "ranks", []) + judge:
+        extra = [a for a in (getattr(self, "judge", None), getattr(self, "control", None)) if a is not None]
+        for a in getattr(self, "workers", []) + getattr(self, "rewards", []) + getattr(self, "ranks", []) + extra:
             ray.kill(a)
 
     # -- evaluation ----------------------------------------------------------------------
@@ -278,16 +288,48 @@ class Controller:
         return acc
 
     # -- loops ---------------------------------------------------------------------------
-    async def rollout_loop(self, worker, index: int) -> None:
-        """Consumes admission slots (replay.reserve) and produces scored groups (replay.put)."""
-        per_call = min(self.cfg.rollout.prompts_per_call,
-                       math.ceil(self.cfg.scheduler.prompts_per_step / len(self.workers)))
-        reward = self.rewards[index % len(self.rewards)]
-        while True:
+    async def _reserve_or_stop(self, k: int, stop: asyncio.Event) -> Optional[int]:
+        """Admission slots, or None once ``stop`` is set (slots granted meanwhile are returned)."""
+        if stop.is_set():
+            return None
+        reserve = asyncio.ensure_future(self.store.reserve(k))
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({reserve, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            reserve.cancel()
+            raise
+        finally:
+            stopper.cancel()
+        if not reserve.done():
+            reserve.cancel()
             try:
-                k = await self.store.reserve(per_call)
+                granted = await reserve
+            except asyncio.CancelledError:
+                return None
+        else:
+            granted = reserve.result()  # StoreClosed propagates
+        if stop.is_set():
+            await self.store.release(granted)
+            return None
+        return granted
+
+    async def rollout_loop(self, worker, index: int, stop: asyncio.Event) -> None:
+        """Consumes admission slots (replay.reserve) and produces scored groups (replay.put),
+        until the store closes or ``stop`` is set (then it finishes the request in hand)."""
+        reward = self.rewards[index % len(self.rewards)]
+        info = self.worker_log[index]
+        while True:
+            per_call = min(self.cfg.rollout.prompts_per_call,
+                           math.ceil(self.cfg.scheduler.prompts_per_step / len(self.workers)))
+            try:
+                k = await self._reserve_or_stop(per_call, stop)
             except StoreClosed:
                 return
+            if k is None:
+                return
+            if info["first_request_version"] is None:
+                info["first_request_version"] = self._published_version
             requests = await self.scheduler.plan.remote(k)
             groups, scored, rs = await self.sampler.run(requests, worker.generate.remote, reward.score.remote,
                                                         self.store.learner_version)
@@ -306,6 +348,9 @@ class Controller:
             m.gen_seconds.observe(rs.generate_seconds)
             m.filtered.inc(rs.filtered)
             m.reused.inc(rs.reused)
+            if groups and info["first_group_version"] is None:
+                info["first_group_version"] = min(g.policy_version for g in groups)
+            info["groups"] += len(groups)
             if len(groups) < k:  # filtered by dynamic sampling: let producers sample more
                 await self.store.release(k - len(groups))
             try:
@@ -324,6 +369,8 @@ class Controller:
             if cfg.max_train_seconds and time.perf_counter() - t_start > cfg.max_train_seconds:
                 log.warning("stopping after %d steps: max_train_seconds=%s reached", step, cfg.max_train_seconds)
                 break
+            if self._stop_requested:
+                break
             groups = await self.store.take(m)
             version = self.store.learner_version
             t0 = time.perf_counter()
@@ -339,9 +386,11 @@ class Controller:
             except ray.exceptions.RayActorError as e:
                 await self._recover_learner(e)
                 continue
-            await asyncio.gather(*[w.update_weights.remote(version + 1, weight_refs[0]) for w in self.workers])
+            async with self._publish_lock:
+                await asyncio.gather(*[w.update_weights.remote(version + 1, weight_refs[0]) for w in self.workers])
+                self._committed_weights = weight_refs[0]
+                self._published_version = version + 1
             t2 = time.perf_counter()
-            self._committed_weights = weight_refs[0]
             ckpt = None
             if checkpoint.is_due(cfg.checkpoint, step + 1, cfg.steps):  # producers are still parked here
                 ckpt = await self._write_checkpoint(step + 1)
@@ -355,6 +404,79 @@ class Controller:
                 self._commit_checkpoint(*ckpt, version + 1)
             step += 1
         await self.store.stop()
+
+    # -- elastic rollout workers (rlsys.control) -------------------------------------------
+    def _start_loop(self, index: int, worker) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(self.rollout_loop(worker, index, stop), name=f"rollout_loop_{index}")
+        task.add_done_callback(self._watch)
+        self._loops[index] = (worker, task, stop)
+
+    def _watch(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and not self._failed.done():
+            self._failed.set_exception(task.exception())
+
+    async def scale_loop(self) -> None:
+        """Converge the number of rollout workers on what the control actor asks for."""
+        while True:
+            desired = await self.control.desired.remote()
+            want = desired["rollout"]
+            if desired["stop"] and not self._stop_requested:
+                log.warning("stop requested (rlsys stop): ending after the step in progress")
+                self._stop_requested = True
+            if want > len(self.workers):
+                await self._add_workers(want - len(self.workers))
+            elif want < len(self.workers):
+                await self._remove_workers(len(self.workers) - want)
+            await self.control.update_report.remote({
+                "step": self.progress.step, "steps": self.cfg.steps, "policy_version": self._published_version,
+                "rollout_workers": len(self.workers), "learner_ranks": len(self.ranks),
+                "samples": self.progress.samples})
+            await asyncio.sleep(self.cfg.cluster.control_poll_s)
+
+    async def _add_workers(self, k: int) -> None:
+        import ray
+
+        rc = self.cfg.rollout
+        indices = list(range(self._next_worker, self._next_worker + k))
+        self._next_worker += k
+        actors = [ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)(RolloutWorker).options(**self._actor_opts)
+                  .remote(rc, self.policy_path, i, str(self.run_dir), self._version0) for i in indices]
+        try:
+            await asyncio.wait_for(asyncio.gather(*[a.ready.remote() for a in actors]),
+                                   self.cfg.cluster.actor_start_timeout_s)
+        except asyncio.TimeoutError:
+            for a in actors:
+                ray.kill(a)
+            log.error("scale up by %d rollout worker(s) abandoned: not started within %ss (Ray resources free: %s)",
+                      k, self.cfg.cluster.actor_start_timeout_s, ray.available_resources())
+            await self.control.scale_rollout.remote(len(self.workers))
+            return
+        async with self._publish_lock:  # no publication in between: the joiners get the current policy
+            v = self._published_version
+            if v != self._version0:
+                await asyncio.gather(*[a.update_weights.remote(v, self._committed_weights) for a in actors])
+            for i, a in zip(indices, actors):
+                self.workers.append(a)
+                self.worker_log[i] = {"index": i, "joined_at_version": v, "first_request_version": None,
+                                      "first_group_version": None, "groups": 0, "left_at_version": None}
+                self._start_loop(i, a)
+        log.info("rollout workers scaled up to %d (joined at policy version %d)", len(self.workers), v)
+
+    async def _remove_workers(self, k: int) -> None:
+        import ray
+
+        victims = sorted(self._loops)[-k:]  # the newest first
+        for i in victims:
+            self._loops[i][2].set()
+        await asyncio.gather(*[self._loops[i][1] for i in victims], return_exceptions=True)  # drained
+        async with self._publish_lock:
+            for i in victims:
+                actor, _, _ = self._loops.pop(i)
+                self.workers.remove(actor)
+                self.worker_log[i]["left_at_version"] = self._published_version
+                ray.kill(actor)
+        log.info("rollout workers scaled down to %d (drained %s)", len(self.workers), victims)
 
     async def _write_checkpoint(self, step: int) -> tuple:
         """Everything but the commit: learner state (collective) and the scheduler's state, taken
@@ -455,18 +577,26 @@ class Controller:
         acc_before = await self.evaluate()
         log.info("eval accuracy before training: %.3f (%d held-out prompts)", acc_before, len(self.eval_prompts))
         t_start = time.perf_counter()
+        self._failed = asyncio.get_running_loop().create_future()
+        self._loops: dict[int, tuple] = {}
+        for i, w in enumerate(self.workers):
+            self._start_loop(i, w)
         learner = asyncio.create_task(self.learner_loop(t_start), name="learner_loop")
-        rollouts = [asyncio.create_task(self.rollout_loop(w, i), name=f"rollout_loop_{i}")
-                    for i, w in enumerate(self.workers)]
+        scaler = asyncio.create_task(self.scale_loop(), name="scale_loop")
+        scaler.add_done_callback(self._watch)
         try:
-            done, _ = await asyncio.wait([learner, *rollouts], return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                t.result()  # re-raise the first failure
+            await asyncio.wait([learner, self._failed], return_when=asyncio.FIRST_COMPLETED)
+            if self._failed.done():
+                self._failed.result()  # re-raise the first failure of a rollout loop or the scaler
             await learner
         finally:
-            for t in (learner, *rollouts):
+            tasks = [learner, scaler, *(t for _, t, _ in self._loops.values())]
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(learner, *rollouts, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if not self._failed.done():
+                self._failed.cancel()
+        self._held_at_end = await self.store.depth()  # produced after the last step, never trained
         train_seconds = time.perf_counter() - t_start
         acc_after = await self.evaluate()
         log.info("eval accuracy after training: %.3f", acc_after)
@@ -498,11 +628,12 @@ class Controller:
                        **({"judge_calls": [j["calls"] for j in judged],
                            "judge_spend": [j["spend"] for j in judged]} if judged else {})},
             "learner_restarts": self.learner_restarts,
+            "rollout_workers": list(getattr(self, "worker_log", {}).values()),
             "reward_router": getattr(self, "reward_stats", None),
             "judge": getattr(self, "judge_stats", None),
             "replay": {"backend": self.cfg.replay.backend, "put": c.put, "taken": c.taken, "acked": c.acked,
                        "dropped_stale": c.dropped_stale, "stale_corrected": c.stale_corrected, "duplicates": c.duplicates,
-                       "rejected": c.rejected,
+                       "rejected": c.rejected, "held_at_end": getattr(self, "_held_at_end", None),
                        "staleness_hist": {str(k): v for k, v in sorted(c.staleness_hist.items())}},
             "busy_seconds": asdict(p.timing),
             "share_generation": p.timing.generation / train_s,

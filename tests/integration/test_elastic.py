@@ -1,0 +1,70 @@
+"""Elastic rollout workers: a run with 2 learner ranks and 2 rollout workers is scaled 2 -> 3 -> 1
+through its control actor (what ``rlsys scale`` calls) while it trains, then stopped (``rlsys
+stop``). The run finishes, every
+group produced is accounted for, and each new worker's first samples carry the policy version
+current when it made its first request."""
+
+import asyncio
+
+import pytest
+
+from rlsys import control
+from rlsys.config import compose, to_run_config
+from rlsys.controller import Controller
+
+pytestmark = pytest.mark.integration
+
+
+def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path):
+    import ray
+
+    cfg = to_run_config(compose([
+        "steps=1000", "scheduler.prompts_per_step=8", "learner.num_ranks=2", "rollout.num_workers=2",
+        "rollout.num_cpus=0.5", "rollout.prompts_per_call=4", "cluster.metrics_port=-1", "cluster.control_poll_s=0.1"]))
+    ctl = Controller(cfg, tmp_path)
+
+    async def until(cond):
+        while not cond():
+            await asyncio.sleep(0.05)
+
+    async def operator():
+        handle = control.find_control()  # as the CLI finds it
+        await until(lambda: ctl.progress.step >= 2)
+        await handle.scale_rollout.remote(3)
+        # The joiner starts (a vLLM engine: tens of seconds) while training goes on, then serves.
+        await until(lambda: len(ctl.workers) == 3 and ctl.worker_log[2]["groups"] > 0)
+        await handle.scale_rollout.remote(1)
+        await until(lambda: len(ctl.workers) == 1)
+        at = ctl.progress.step
+        await until(lambda: ctl.progress.step >= at + 2)  # the run goes on with one worker
+        status = await handle.status.remote()
+        await handle.stop.remote()
+        return status
+
+    async def scenario():
+        ctl.setup()
+        train = asyncio.create_task(ctl.run())
+        status = await asyncio.wait_for(operator(), 600)
+        return await train, status
+
+    try:
+        summary, status = asyncio.run(scenario())
+    finally:
+        ctl.shutdown()
+    steps = summary["steps"]
+    assert 4 < steps < 1000  # ended by the stop request, at a step boundary
+    assert status["desired_rollout"] == 1 and status["run"] == tmp_path.name
+    workers = {w["index"]: w for w in summary["rollout_workers"]}
+    assert sorted(workers) == [0, 1, 2]  # worker 2 joined, then 2 and 1 left
+    assert workers[2]["joined_at_version"] >= 2 and workers[2]["left_at_version"] is not None
+    assert workers[1]["left_at_version"] is not None and workers[0]["left_at_version"] is None
+    # A joiner serves the current policy from its first request on.
+    assert workers[2]["groups"] > 0
+    assert workers[2]["first_group_version"] == workers[2]["first_request_version"] >= workers[2]["joined_at_version"]
+    # Nothing lost or duplicated: what the workers produced reached the store, and all of it was
+    # trained, dropped as stale, or is still held after the last step.
+    r = summary["replay"]
+    produced = sum(w["groups"] for w in workers.values())
+    assert r["put"] == produced and r["duplicates"] == 0 and r["acked"] == steps * 8
+    assert produced == r["acked"] + r["dropped_stale"] + r["held_at_end"]
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == control.CONTROL_NAME]
