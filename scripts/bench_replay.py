@@ -3,6 +3,9 @@
 
 1. Throughput: put / take / ack of realistic groups (default 16 completions x 512 tokens,
    ~70 KB encoded) through each backend, in batches (Redis pipelines each batch).
+   Beside them, the transport floor: the same records, pre-encoded, through raw redis-py
+   pipelines (XADD; XREADGROUP; XACK+XDEL) with no codec and no store logic: what Redis and
+   its client can move on this machine at all, so the store is judged as a ratio to it.
 2. Share of a step: the store operations of one tiny-experiment step (put, take and ack of
    16 groups x 8 completions), timed on Redis, divided by the step time of a short real
    tiny run with replay=redis in the same process.
@@ -10,7 +13,8 @@
     .venv/bin/python scripts/bench_replay.py [--groups 4000] [--batch 256] [--steps 30] [--json out.json]
 
 Starts its own redis-server (AOF everysec, as in production) on a free loopback port.
-JSON keys: redis_groups_per_s, memory_groups_per_s, store_share_of_step (+ details).
+JSON keys: redis_groups_per_s, memory_groups_per_s, store_share_of_step,
+redis_transport_floor_groups_per_s, redis_over_floor (+ details).
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ def main() -> int:
             mem = asyncio.run(throughput(ReplayConfig(), groups, args.batch))
             red = asyncio.run(throughput(redis_cfg, groups, args.batch))
             red_plain = asyncio.run(throughput(plain_cfg, groups, args.batch))
+            record = encode_group(groups[0])
+            floor = raw_transport(server.url, record, args.groups, args.batch)
+            floor_plain = raw_transport(plain.url, record, args.groups, args.batch)
             per_step_ops = asyncio.run(_ops_per_step(redis_cfg, reps=50))
             step_s = None
             if args.steps:
@@ -111,6 +118,11 @@ def main() -> int:
               f"{r['ack_per_s']:10.0f} {r['groups_per_s'] / mem['groups_per_s']:9.3f}")
     print("groups/s = a full put + take + ack round trip; redis = AOF everysec (production), "
           "redis-noaof = no persistence")
+    print(f"\ntransport floor (pre-encoded records, raw redis-py pipelines, no codec):")
+    print(f"{'redis':12s} {'groups/s':>10s} {'put/s':>10s} {'take+ack/s':>10s} {'store/floor':>11s}")
+    for name, f, r in (("aof", floor, red), ("noaof", floor_plain, red_plain)):
+        print(f"{name:12s} {f['groups_per_s']:10.0f} {f['put_per_s']:10.0f} {f['take_ack_per_s']:10.0f} "
+              f"{r['groups_per_s'] / f['groups_per_s']:11.3f}")
     print(f"\ntiny step on Redis: store ops {per_step_ops * 1000:.2f} ms per step (put+take+ack of 16 groups)"
           + (f", step {step_s * 1000:.0f} ms -> store share {share:.2%}" if step_s else ""))
     if args.json:
@@ -118,10 +130,41 @@ def main() -> int:
             "redis_groups_per_s": red["groups_per_s"], "memory_groups_per_s": mem["groups_per_s"],
             "store_share_of_step": share, "store_ms_per_step": per_step_ops * 1000,
             "tiny_step_ms": step_s * 1000 if step_s else None, "record_kb": record_kb,
-            "redis": red, "redis_no_aof": red_plain, "memory": mem, "groups": args.groups, "batch": args.batch,
+            "redis": red, "redis_no_aof": red_plain, "memory": mem,
+            "redis_transport_floor_groups_per_s": floor["groups_per_s"],
+            "redis_over_floor": red["groups_per_s"] / floor["groups_per_s"],
+            "transport_floor": floor, "transport_floor_no_aof": floor_plain, "groups": args.groups, "batch": args.batch,
             "completions": args.completions, "tokens": args.tokens}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def raw_transport(url: str, record: bytes, n: int, batch: int) -> dict:
+    """Pre-encoded records through raw redis-py pipelines: the floor under any Redis store."""
+    import redis
+
+    r = redis.Redis.from_url(url, socket_read_size=1 << 20)
+    key = f"raw:{uuid.uuid4().hex[:8]}"
+    r.xgroup_create(key, "g", id="0", mkstream=True)
+    t_put = t_take = 0.0
+    for i in range(0, n, batch):
+        k = min(batch, n - i)
+        t0 = time.perf_counter()
+        p = r.pipeline(transaction=False)
+        for _ in range(k):
+            p.xadd(key, {b"rec": record})
+        p.execute()
+        t1 = time.perf_counter()
+        got = r.xreadgroup("g", "c", {key: ">"}, count=k)
+        ids = [eid for eid, _ in got[0][1]]
+        p = r.pipeline(transaction=True)
+        p.xack(key, "g", *ids)
+        p.xdel(key, *ids)
+        p.execute()
+        t_put, t_take = t_put + t1 - t0, t_take + time.perf_counter() - t1
+    r.delete(key)
+    r.close()
+    return {"groups_per_s": n / (t_put + t_take), "put_per_s": n / t_put, "take_ack_per_s": n / t_take}
 
 
 async def _ops_per_step(cfg: ReplayConfig, reps: int) -> float:
