@@ -61,6 +61,10 @@ class LearnerConfig:
     """Ray GPUs per rank (1 on GPU clusters)."""
     torch_threads: int = 0
     """torch intra-op threads per rank; 0 leaves torch's default."""
+    gather_bucket_mb: int = 256
+    """ZeRO-3 weight publication gathers the sharded parameters this many MB at a time, so a
+    rank holds at most one bucket of gathered weights beyond its shard (rank 0 also keeps the
+    CPU copy it publishes)."""
     max_restarts: int = 3
     """Learner failures (a rank dies mid-step) survived per run: the ranks are recreated from the
     last committed weights and the uncommitted batch is redelivered. Adam moments restart from
@@ -77,6 +81,8 @@ class LearnerConfig:
             raise ValueError(f"learner.lr must be > 0, got {self.lr}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"learner.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.gather_bucket_mb < 1:
+            raise ValueError(f"learner.gather_bucket_mb must be >= 1, got {self.gather_bucket_mb}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"learner.dtype must be fp32 or bf16, got {self.dtype!r}")
 
@@ -212,16 +218,21 @@ class LearnerRank:
             return self._logprobs(ids, attn).float().cpu().numpy()
 
     def gather_weights(self) -> Optional[list[tuple[str, object]]]:
-        """Full HF-named weights on rank 0 (collective under ZeRO-3); None on other ranks."""
+        """Full HF-named weights on rank 0 (collective under ZeRO-3); None on other ranks.
+
+        Under ZeRO-3 the shards are gathered one bucket (``gather_bucket_mb``) at a time and
+        released before the next, so no rank ever materialises the whole model for this."""
         import deepspeed
 
-        module = self.engine.module
-        params = list(module.named_parameters())
-        if self.cfg.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-                out = [(n, p.detach().float().cpu().clone()) for n, p in params] if self.rank == 0 else None
-        else:
-            out = [(n, p.detach().float().cpu().clone()) for n, p in params] if self.rank == 0 else None
+        params = list(self.engine.module.named_parameters())
+        keep = self.rank == 0
+        if self.cfg.zero_stage != 3:
+            return [(n, p.detach().float().cpu().clone()) for n, p in params] if keep else None
+        out: Optional[list] = [] if keep else None
+        for bucket in param_buckets(params, self.cfg.gather_bucket_mb << 20):
+            with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                if out is not None:
+                    out.extend((n, p.detach().float().cpu().clone()) for n, p in bucket)
         return out
 
     def save_checkpoint(self, directory: str) -> None:
@@ -252,6 +263,22 @@ class LearnerRank:
 
     def ready(self) -> bool:
         return True
+
+
+def param_buckets(named_params: list, max_bytes: int) -> list[list]:
+    """Consecutive (name, param) buckets of at most ``max_bytes`` of full (unsharded) parameters;
+    a parameter larger than the bound gets a bucket of its own."""
+    buckets, current, size = [], [], 0
+    for name, p in named_params:
+        nbytes = int(getattr(p, "ds_numel", p.numel())) * p.element_size()
+        if current and size + nbytes > max_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append((name, p))
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
 
 
 class _Null:

@@ -34,7 +34,7 @@ def _groups(rng, k=4, n=4):
 
 @pytest.mark.parametrize("zero_stage", [1, 3])
 def test_two_ranks_stay_identical(ray_cluster, tiny_model, zero_stage):
-    cfg = LearnerConfig(num_ranks=2, zero_stage=zero_stage, lr=1e-3, num_cpus=0.5)
+    cfg = LearnerConfig(num_ranks=2, zero_stage=zero_stage, lr=1e-3, num_cpus=0.5, gather_bucket_mb=1)
     port = _free_port()
     ranks = [ray_cluster.remote(num_cpus=0.5)(LearnerRank).remote(cfg, tiny_model, r, 2, port, 1.0, 6)
              for r in range(2)]
@@ -55,6 +55,14 @@ def test_two_ranks_stay_identical(ray_cluster, tiny_model, zero_stage):
         assert weights[1] is None and len(weights[0]) > 0
         names = {n for n, _ in weights[0]}
         assert "lm_head.weight" in names and all(t.numel() > 0 for _, t in weights[0])
+        # Gathered bucket by bucket (1 MB buckets: several), the published weights are the model.
+        import hashlib
+
+        h = hashlib.sha256()
+        for n, t in weights[0]:
+            h.update(n.encode())
+            h.update(t.numpy().tobytes())
+        assert h.hexdigest() == digests[0]
     finally:
         for r in ranks:
             ray_cluster.kill(r)

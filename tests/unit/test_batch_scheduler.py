@@ -176,3 +176,14 @@ def test_pairwise_advantages_override_normalised_rewards_and_are_clipped():
     g.advantages = np.array([0.7, -9.0, 0.2], np.float32)
     b = build_batch([g], LossConfig(advantage_clip=5.0), pad_id=0)
     np.testing.assert_allclose(b.advantages, [0.7, -5.0, 0.2])
+
+
+def test_param_buckets_bound_the_gathered_bytes():
+    import torch
+
+    from rlsys.learner import param_buckets
+
+    params = [(f"p{i}", torch.zeros(n)) for i, n in enumerate([10, 20, 30, 100, 5])]  # float32: 4 bytes each
+    buckets = param_buckets(params, max_bytes=160)
+    assert [[n for n, _ in b] for b in buckets] == [["p0", "p1"], ["p2"], ["p3"], ["p4"]]
+    assert [n for b in buckets for n, _ in b] == [n for n, _ in params]  # order kept, nothing lost
