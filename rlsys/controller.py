@@ -61,6 +61,8 @@ from rlsys.tinymodel import encode_prompt, ensure_model
 
 log = logging.getLogger(__name__)
 
+SHM_DIR = "/dev/shm"
+
 
 def start_ray(cfg: ClusterConfig, namespace: str) -> None:
     """Join ``cluster.address`` or start a local cluster on loopback with explicit CPUs."""
@@ -149,7 +151,8 @@ class Controller:
         self._dropped_seen = 0
         self.learner_restarts = 0
         self.store = None
-        self._committed_weights = None  # ObjectRef of the last published weights (owned here)
+        self._committed_weights = None  # the last published weights: an ObjectRef (ray) or a file path (shm)
+        self.transport = "ray"
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -228,10 +231,34 @@ class Controller:
         # A resumed run keeps its replay run id: on Redis its stored groups are still there.
         self.run_id = self.resume_state["run_id"] if self.resume_state else self.run_dir.name
         self.store = make_store(cfg.replay, cfg.scheduler.prompts_per_step, run_id=self.run_id)
+        self.transport = self._pick_transport()
         if cfg.cluster.metrics_port >= 0:
             self.metrics_server = serve(self.metrics, cfg.cluster.metrics_host, cfg.cluster.metrics_port)
         log.info("actors up: %d rollout, %d reward, %d learner rank(s) (%.1fs)", len(self.workers),
                  len(self.rewards), len(self.ranks), time.perf_counter() - t0)
+
+    def _pick_transport(self) -> str:
+        import ray
+
+        want = self.cfg.learner.weight_transport
+        if want == "ray":
+            return "ray"
+        nodes = ray.get([self.ranks[0].node_id.remote()] + [w.node_id.remote() for w in self.workers])
+        same = all(n == nodes[0] for n in nodes) and Path(SHM_DIR).is_dir()
+        if want == "shm" and not same:
+            raise RuntimeError("learner.weight_transport=shm needs every rollout worker on learner rank 0's node "
+                               f"(and {SHM_DIR}); use weight_transport=ray or auto")
+        transport = "shm" if same else "ray"
+        log.info("weight transport: %s", transport)
+        return transport
+
+    def _shm_path(self, version: int) -> str:
+        return f"{SHM_DIR}/rlsys-{self.run_dir.name}-{os.getpid()}-v{version}.safetensors"
+
+    def _load_on(self, worker, version: int, weights):
+        if self.transport == "shm":
+            return worker.update_weights_from_file.remote(version, weights)
+        return worker.update_weights.remote(version, weights)
 
     def _start_ranks(self, weights_ref, resume_dir: Optional[str] = None) -> list:
         """Create the learner ranks (from the policy, a committed weights ObjectRef, or a checkpoint)."""
@@ -271,6 +298,8 @@ class Controller:
 
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self.transport == "shm" and isinstance(self._committed_weights, str):
+            Path(self._committed_weights).unlink(missing_ok=True)
         extra = [a for a in (getattr(self, "judge", None), getattr(self, "control", None)) if a is not None]
         for a in getattr(self, "workers", []) + getattr(self, "rewards", []) + getattr(self, "ranks", []) + extra:
             ray.kill(a)
@@ -381,15 +410,22 @@ class Controller:
             try:
                 stats = await asyncio.gather(*[r.train_step.remote(s, norm) for r, s in zip(self.ranks, shards)])
                 t1 = time.perf_counter()
-                weight_refs = [r.gather_weights.remote() for r in self.ranks]
-                await asyncio.gather(*weight_refs)
+                if self.transport == "shm":
+                    published = (await asyncio.gather(*[r.publish_weights.remote(self._shm_path(version + 1))
+                                                        for r in self.ranks]))[0]
+                else:
+                    weight_refs = [r.gather_weights.remote() for r in self.ranks]
+                    await asyncio.gather(*weight_refs)
+                    published = weight_refs[0]
             except ray.exceptions.RayActorError as e:
                 await self._recover_learner(e)
                 continue
             async with self._publish_lock:
-                await asyncio.gather(*[w.update_weights.remote(version + 1, weight_refs[0]) for w in self.workers])
-                self._committed_weights = weight_refs[0]
+                await asyncio.gather(*[self._load_on(w, version + 1, published) for w in self.workers])
+                previous, self._committed_weights = self._committed_weights, published
                 self._published_version = version + 1
+                if self.transport == "shm" and previous is not None:
+                    Path(previous).unlink(missing_ok=True)
             t2 = time.perf_counter()
             ckpt = None
             if checkpoint.is_due(cfg.checkpoint, step + 1, cfg.steps):  # producers are still parked here
@@ -454,8 +490,17 @@ class Controller:
             return
         async with self._publish_lock:  # no publication in between: the joiners get the current policy
             v = self._published_version
+            if self.transport == "shm":
+                here = await self.ranks[0].node_id.remote()
+                if any(n != here for n in await asyncio.gather(*[a.node_id.remote() for a in actors])):
+                    for a in actors:
+                        ray.kill(a)
+                    log.error("scale up abandoned: a new rollout worker landed on another node than learner rank 0, "
+                              "which the shm weight transport cannot reach; run with learner.weight_transport=ray")
+                    await self.control.scale_rollout.remote(len(self.workers))
+                    return
             if v != self._version0:
-                await asyncio.gather(*[a.update_weights.remote(v, self._committed_weights) for a in actors])
+                await asyncio.gather(*[self._load_on(a, v, self._committed_weights) for a in actors])
             for i, a in zip(indices, actors):
                 self.workers.append(a)
                 self.worker_log[i] = {"index": i, "joined_at_version": v, "first_request_version": None,
@@ -628,6 +673,7 @@ class Controller:
                        **({"judge_calls": [j["calls"] for j in judged],
                            "judge_spend": [j["spend"] for j in judged]} if judged else {})},
             "learner_restarts": self.learner_restarts,
+            "weight_transport": self.transport,
             "rollout_workers": list(getattr(self, "worker_log", {}).values()),
             "reward_router": getattr(self, "reward_stats", None),
             "judge": getattr(self, "judge_stats", None),

@@ -61,6 +61,11 @@ class LearnerConfig:
     """Ray GPUs per rank (1 on GPU clusters)."""
     torch_threads: int = 0
     """torch intra-op threads per rank; 0 leaves torch's default."""
+    weight_transport: str = "auto"
+    """How published weights reach the rollout workers: 'shm' (rank 0 writes one safetensors
+    file to /dev/shm, workers load it: same node only), 'ray' (Ray's object store, any node) or
+    'auto' (shm when every rollout worker shares learner rank 0's node). scripts/
+    bench_weight_sync.py measures both."""
     gather_bucket_mb: int = 256
     """ZeRO-3 weight publication gathers the sharded parameters this many MB at a time, so a
     rank holds at most one bucket of gathered weights beyond its shard (rank 0 also keeps the
@@ -81,6 +86,8 @@ class LearnerConfig:
             raise ValueError(f"learner.lr must be > 0, got {self.lr}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"learner.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.weight_transport not in ("auto", "ray", "shm"):
+            raise ValueError(f"learner.weight_transport must be auto, ray or shm, got {self.weight_transport!r}")
         if self.gather_bucket_mb < 1:
             raise ValueError(f"learner.gather_bucket_mb must be >= 1, got {self.gather_bucket_mb}")
         if self.dtype not in ("fp32", "bf16"):
@@ -150,6 +157,10 @@ class LearnerRank:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         if initial_weights is not None:  # restart after a failure: the last committed policy
+            if isinstance(initial_weights, str):  # published through shared memory
+                from safetensors.torch import load_file
+
+                initial_weights = list(load_file(initial_weights).items())
             model.load_state_dict(dict(initial_weights), strict=True)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(cfg, world_size))
@@ -234,6 +245,24 @@ class LearnerRank:
                 if out is not None:
                     out.extend((n, p.detach().float().cpu().clone()) for n, p in bucket)
         return out
+
+    def publish_weights(self, path: str) -> Optional[str]:
+        """Collective: gather, and on rank 0 write the weights to ``path`` (safetensors, written
+        aside and renamed into place). Returns the path on rank 0, None elsewhere."""
+        weights = self.gather_weights()
+        if weights is None:
+            return None
+        from safetensors.torch import save_file
+
+        tmp = f"{path}.tmp"
+        save_file(dict(weights), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def save_checkpoint(self, directory: str) -> None:
         """Collective (every rank): DeepSpeed state of each rank under ``learner/``, and on rank 0

@@ -245,6 +245,18 @@ class RolloutWorker:
         self._repeats.clear()
         return version
 
+    def update_weights_from_file(self, version: int, path: str) -> int:
+        """Load a new policy version from a safetensors file (the shared-memory transport: the
+        learner wrote it to a tmpfs path on this node); returns the version now served."""
+        from safetensors.torch import load_file
+
+        return self.update_weights(version, list(load_file(path).items()))
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def policy_version(self) -> int:
         return self.version
 

@@ -117,3 +117,17 @@ def test_rm_pointwise_runs_end_to_end(ray_cluster, tiny_model, tmp_path):
     rewards = summary["curves"]["reward"]
     # sigmoid rewards: strictly inside (0, 1), unlike the rule's 0/1 (whose mean is a multiple of 1/64)
     assert all(0 < r < 1 for r in rewards) and any(abs(r * 64 - round(r * 64)) > 1e-3 for r in rewards)
+
+
+@pytest.mark.parametrize("transport", ["ray", "auto"])
+def test_weight_transports(ray_cluster, tiny_model, tmp_path, transport):
+    """Both weight transports publish every step; auto picks shared memory on one node and
+    leaves no file behind."""
+    from pathlib import Path
+
+    cfg = to_run_config(compose(["steps=3", "scheduler.prompts_per_step=8", "cluster.metrics_port=-1",
+                                 f"learner.weight_transport={transport}"]))
+    summary = run_training(cfg, tmp_path)
+    assert summary["steps"] == 3
+    assert summary["weight_transport"] == ("ray" if transport == "ray" else "shm")
+    assert not list(Path("/dev/shm").glob(f"rlsys-{tmp_path.name}-*"))
