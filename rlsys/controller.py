@@ -153,6 +153,7 @@ class Controller:
         self.store = None
         self._committed_weights = None  # the last published weights: an ObjectRef (ray) or a file path (shm)
         self.transport = "ray"
+        self._learner_pg = None
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -260,15 +261,40 @@ class Controller:
             return worker.update_weights_from_file.remote(version, weights)
         return worker.update_weights.remote(version, weights)
 
-    def _start_ranks(self, weights_ref, resume_dir: Optional[str] = None) -> list:
-        """Create the learner ranks (from the policy, a committed weights ObjectRef, or a checkpoint)."""
+    def _learner_group(self):
+        """The learner ranks' placement group: one bundle per rank, all on one node (STRICT_PACK:
+        the ranks rendezvous on 127.0.0.1), reserved once and reused when ranks are recreated."""
         import ray
+        from ray.util.placement_group import placement_group
+
+        if self._learner_pg is None:
+            lc = self.cfg.learner
+            bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
+            pg = placement_group([dict(bundle) for _ in range(lc.num_ranks)], strategy="STRICT_PACK",
+                                 name=f"rlsys-learner-{self.run_dir.name}")
+            try:
+                ray.get(pg.ready(), timeout=self.cfg.cluster.actor_start_timeout_s)
+            except ray.exceptions.GetTimeoutError as e:
+                ray.util.remove_placement_group(pg)
+                raise RuntimeError(f"no node can hold all {lc.num_ranks} learner ranks ({bundle} each) within "
+                                   f"cluster.actor_start_timeout_s={self.cfg.cluster.actor_start_timeout_s}s; the "
+                                   f"ranks of one learner group share a node. Free: {ray.available_resources()}") from e
+            self._learner_pg = pg
+        return self._learner_pg
+
+    def _start_ranks(self, weights_ref, resume_dir: Optional[str] = None) -> list:
+        """Create the learner ranks (from the policy, a committed weights ObjectRef, or a checkpoint)
+        in the learner placement group, rank r in bundle r."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         lc, rc = self.cfg.learner, self.cfg.rollout
+        pg = self._learner_group()
         port = _free_port()
         return [
             ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(LearnerRank)
-            .options(**self._actor_opts)
+            .options(**self._actor_opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=r))
             .remote(lc, self.policy_path, r, lc.num_ranks, port, rc.temperature, rc.max_new_tokens, weights_ref,
                     resume_dir)
             for r in range(lc.num_ranks)
@@ -303,6 +329,9 @@ class Controller:
         extra = [a for a in (getattr(self, "judge", None), getattr(self, "control", None)) if a is not None]
         for a in getattr(self, "workers", []) + getattr(self, "rewards", []) + getattr(self, "ranks", []) + extra:
             ray.kill(a)
+        if self._learner_pg is not None:
+            ray.util.remove_placement_group(self._learner_pg)
+            self._learner_pg = None
 
     # -- evaluation ----------------------------------------------------------------------
     async def evaluate(self) -> float:

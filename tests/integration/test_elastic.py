@@ -29,6 +29,10 @@ def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path):
 
     async def operator():
         handle = control.find_control()  # as the CLI finds it
+        # The learner ranks sit in one STRICT_PACK placement group, one bundle per rank.
+        pgs = [g for g in ray.util.placement_group_table().values()
+               if g["name"] == f"rlsys-learner-{tmp_path.name}" and g["state"] == "CREATED"]
+        assert len(pgs) == 1 and pgs[0]["strategy"] == "STRICT_PACK" and len(pgs[0]["bundles"]) == 2
         await until(lambda: ctl.progress.step >= 2)
         await handle.scale_rollout.remote(3)
         # The joiner starts (a vLLM engine: tens of seconds) while training goes on, then serves.
@@ -51,6 +55,8 @@ def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path):
         summary, status = asyncio.run(scenario())
     finally:
         ctl.shutdown()
+    assert not [g for g in ray.util.placement_group_table().values()
+                if g["name"] == f"rlsys-learner-{tmp_path.name}" and g["state"] != "REMOVED"]
     steps = summary["steps"]
     assert 4 < steps < 1000  # ended by the stop request, at a step boundary
     assert status["desired_rollout"] == 1 and status["run"] == tmp_path.name
