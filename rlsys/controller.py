@@ -134,6 +134,12 @@ class Progress:
     timing: Timing = field(default_factory=Timing)
 
 
+def _worker_entry(index: int, joined_at_version: int) -> dict:
+    """A rollout worker's record in the summary (``rollout_workers``)."""
+    return {"index": index, "joined_at_version": joined_at_version, "first_request_version": None,
+            "first_group_version": None, "groups": 0, "left_at_version": None}
+
+
 def _progress_from(d: dict) -> Progress:
     """Progress as saved in a checkpoint (dataclasses.asdict of it)."""
     return Progress(**{**d, "timing": Timing(**d["timing"])})
@@ -207,19 +213,13 @@ class Controller:
             log.info("pairwise reward model %s", rm_path)
         self.rewards = [ray.remote(num_cpus=cfg.reward.num_cpus)(RewardWorker).options(**opts)
                         .remote(cfg.reward, rm_path, self.judge) for _ in range(cfg.reward.num_workers)]
-        self.workers = [
-            ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)(RolloutWorker).options(**opts)
-            .remote(rc, self.policy_path, i, str(self.run_dir), version0)
-            for i in range(rc.num_workers)
-        ]
         self._actor_opts = opts
         self._version0 = self._published_version = version0
+        self.workers = [self._spawn_rollout_worker(i) for i in range(rc.num_workers)]
         self._stop_requested = False
         self._publish_lock = asyncio.Lock()  # weight publication vs. a worker joining
         self._next_worker = rc.num_workers
-        self.worker_log = {i: {"index": i, "joined_at_version": version0, "first_request_version": None,
-                               "first_group_version": None, "groups": 0, "left_at_version": None}
-                           for i in range(rc.num_workers)}
+        self.worker_log = {i: _worker_entry(i, version0) for i in range(rc.num_workers)}
         self.control = ray.remote(num_cpus=0)(RunControl).options(name=CONTROL_NAME).remote(
             self.run_dir.name, rc.num_workers)
         self.ranks = self._start_ranks(None, resume_dir=str(self.resume_ckpt) if self.resume_ckpt else None)
@@ -237,6 +237,14 @@ class Controller:
             self.metrics_server = serve(self.metrics, cfg.cluster.metrics_host, cfg.cluster.metrics_port)
         log.info("actors up: %d rollout, %d reward, %d learner rank(s) (%.1fs)", len(self.workers),
                  len(self.rewards), len(self.ranks), time.perf_counter() - t0)
+
+    def _spawn_rollout_worker(self, index: int):
+        """A RolloutWorker serving the run's starting policy (version ``_version0``)."""
+        import ray
+
+        rc = self.cfg.rollout
+        return (ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)(RolloutWorker).options(**self._actor_opts)
+                .remote(rc, self.policy_path, index, str(self.run_dir), self._version0))
 
     def _pick_transport(self) -> str:
         import ray
@@ -502,11 +510,9 @@ class Controller:
     async def _add_workers(self, k: int) -> None:
         import ray
 
-        rc = self.cfg.rollout
         indices = list(range(self._next_worker, self._next_worker + k))
         self._next_worker += k
-        actors = [ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)(RolloutWorker).options(**self._actor_opts)
-                  .remote(rc, self.policy_path, i, str(self.run_dir), self._version0) for i in indices]
+        actors = [self._spawn_rollout_worker(i) for i in indices]
         try:
             await asyncio.wait_for(asyncio.gather(*[a.ready.remote() for a in actors]),
                                    self.cfg.cluster.actor_start_timeout_s)
@@ -532,8 +538,7 @@ class Controller:
                 await asyncio.gather(*[self._load_on(a, v, self._committed_weights) for a in actors])
             for i, a in zip(indices, actors):
                 self.workers.append(a)
-                self.worker_log[i] = {"index": i, "joined_at_version": v, "first_request_version": None,
-                                      "first_group_version": None, "groups": 0, "left_at_version": None}
+                self.worker_log[i] = _worker_entry(i, v)
                 self._start_loop(i, a)
         log.info("rollout workers scaled up to %d (joined at policy version %d)", len(self.workers), v)
 
