@@ -131,6 +131,7 @@ class Progress:
     groups_trained: int = 0
     samples_at_last_step: int = 0
     step_losses: list = field(default_factory=list)
+    switched: int = 0
     timing: Timing = field(default_factory=Timing)
 
 
@@ -243,8 +244,10 @@ class Controller:
         import ray
 
         rc = self.cfg.rollout
-        return (ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)(RolloutWorker).options(**self._actor_opts)
-                .remote(rc, self.policy_path, index, str(self.run_dir), self._version0))
+        # Two calls at once, so a weight update can reach a generate in progress (its EngineGate
+        # lets the update in between two segments when rollout.partial_chunk_tokens > 0).
+        return (ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=2)(RolloutWorker)
+                .options(**self._actor_opts).remote(rc, self.policy_path, index, str(self.run_dir), self._version0))
 
     def _pick_transport(self) -> str:
         import ray
@@ -408,11 +411,13 @@ class Controller:
             p.tokens += rs.tokens
             p.reward_failures += failures
             p.filtered += rs.filtered
+            p.switched += rs.switched
             m.samples.inc(rs.samples)
             m.tokens.inc(rs.tokens)
             m.reward_failures.inc(failures)
             m.gen_seconds.observe(rs.generate_seconds)
             m.filtered.inc(rs.filtered)
+            m.switched.inc(rs.switched)
             m.reused.inc(rs.reused)
             if groups and info["first_group_version"] is None:
                 info["first_group_version"] = min(g.policy_version for g in groups)
@@ -656,6 +661,7 @@ class Controller:
         acc_before = await self.evaluate()
         log.info("eval accuracy before training: %.3f (%d held-out prompts)", acc_before, len(self.eval_prompts))
         t_start = time.perf_counter()
+        self._step0 = self.progress.step  # > 0 when resuming
         self._failed = asyncio.get_running_loop().create_future()
         self._loops: dict[int, tuple] = {}
         for i, w in enumerate(self.workers):
@@ -703,6 +709,8 @@ class Controller:
             "strategy": self.cfg.scheduler.strategy,
             "effective_gradient_ratio": p.egr_rollouts / max(p.trained_rollouts, 1),
             "filtered_groups": p.filtered,
+            "partial_switched": p.switched,
+            "step_seconds_mean": train_s / max(p.step - self._step0, 1),
             "curves": {"reward": p.step_rewards, "loss": p.step_losses, "effective_gradient_ratio": p.step_egr,
                        **({"judge_calls": [j["calls"] for j in judged],
                            "judge_spend": [j["spend"] for j in judged]} if judged else {})},

@@ -32,6 +32,8 @@ class Metrics:
         self.tokens = Counter("rlsys_rollout_tokens", "Completion tokens generated", registry=r)
         self.gen_seconds = Histogram("rlsys_rollout_generation_seconds", "Generate call latency", registry=r,
                                      buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.switched = Counter("rlsys_rollout_partial_switched",
+                                "Completions continued under a newer policy version (partial rollouts)", registry=r)
         self.reward_mean = Gauge("rlsys_reward_mean", "Mean reward of the last learner batch", registry=r)
         self.reward_failures = Counter("rlsys_reward_failures", "Completions whose reward function failed",
                                        registry=r)

