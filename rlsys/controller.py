@@ -40,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from rlsys import checkpoint
+from rlsys import checkpoint, weight_sync
 from rlsys.batch import build_batch, shard_indices
 from rlsys.config import ClusterConfig, RunConfig
 from rlsys.control import CONTROL_NAME, RunControl
@@ -62,6 +62,7 @@ from rlsys.tinymodel import encode_prompt, ensure_model
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
+GPU_TRANSPORTS = ("nccl", "cuda_ipc")
 
 
 def start_ray(cfg: ClusterConfig, namespace: str) -> None:
@@ -132,6 +133,7 @@ class Progress:
     samples_at_last_step: int = 0
     step_losses: list = field(default_factory=list)
     switched: int = 0
+    carried: int = 0
     timing: Timing = field(default_factory=Timing)
 
 
@@ -158,7 +160,8 @@ class Controller:
         self._dropped_seen = 0
         self.learner_restarts = 0
         self.store = None
-        self._committed_weights = None  # the last published weights: an ObjectRef (ray) or a file path (shm)
+        self._committed_weights = None  # the last published weights: an ObjectRef (ray), a file path (shm),
+        # or None (nccl: the weights go device to device and no host copy is kept)
         self.transport = "ray"
         self._learner_pg = None
 
@@ -255,6 +258,25 @@ class Controller:
         want = self.cfg.learner.weight_transport
         if want == "ray":
             return "ray"
+        gpus = ray.get([self.ranks[0].gpu_id.remote()] + [w.gpu_id.remote() for w in self.workers])
+        if want in ("nccl", "cuda_ipc") or (want == "auto" and gpus[0] is not None):
+            shared = [g == gpus[0] for g in gpus[1:]]
+            if gpus[0] is not None and None not in gpus and all(shared):
+                pick = "cuda_ipc"
+            elif gpus[0] is not None and None not in gpus and not any(shared):
+                pick = "nccl"
+            else:
+                pick = None  # CPU, or engines both on and off rank 0's GPU
+            if want != "auto" and pick != want:
+                raise RuntimeError(f"learner.weight_transport={want} does not fit this placement (learner rank 0 on "
+                                   f"{gpus[0]}, engines on {gpus[1:]}): nccl needs every engine on another GPU than "
+                                   "rank 0, cuda_ipc every engine on rank 0's GPU; use auto")
+            if pick is not None:
+                log.info("weight transport: %s", pick)
+                return pick
+            if want == "auto" and gpus[0] is not None:
+                log.info("weight transport: ray (engines both on and off learner rank 0's GPU)")
+                return "ray"
         nodes = ray.get([self.ranks[0].node_id.remote()] + [w.node_id.remote() for w in self.workers])
         same = all(n == nodes[0] for n in nodes) and Path(SHM_DIR).is_dir()
         if want == "shm" and not same:
@@ -263,6 +285,21 @@ class Controller:
         transport = "shm" if same else "ray"
         log.info("weight transport: %s", transport)
         return transport
+
+    async def _prepare_gpu_transport(self) -> None:
+        """GPU transports: the bucket plan (in the engines' dtype); for nccl, learner rank 0 (root)
+        and every engine worker form the weight group."""
+        dtype = self.cfg.rollout.dtype if self.cfg.rollout.dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+        self._weight_plan = await self.ranks[0].weight_plan.remote(dtype)
+        if self.transport != "nccl":
+            return
+        tp = self.cfg.rollout.tensor_parallel_size
+        world = 1 + tp * len(self.workers)
+        host, port = await self.ranks[0].join_weight_group.remote(world)
+        await asyncio.gather(*[w.join_weight_group.remote(host, port, 1 + tp * i, world)
+                               for i, w in enumerate(self.workers)])
+        log.info("weight group formed: learner rank 0 + %d engine worker(s) at %s:%d, %d bucket(s)",
+                 world - 1, host, port, len(self._weight_plan))
 
     def _shm_path(self, version: int) -> str:
         return f"{SHM_DIR}/rlsys-{self.run_dir.name}-{os.getpid()}-v{version}.safetensors"
@@ -317,6 +354,10 @@ class Controller:
         import ray
 
         self.learner_restarts += 1
+        if self.transport in GPU_TRANSPORTS:
+            raise RuntimeError(f"a learner rank died, and the {self.transport} weight transport keeps no host copy of the "
+                               "committed weights to restart from: resume the run from its last checkpoint "
+                               "(resume=<run dir>)") from error
         if self.learner_restarts > self.cfg.learner.max_restarts:
             raise RuntimeError(f"learner failed {self.learner_restarts} times (learner.max_restarts="
                                f"{self.cfg.learner.max_restarts}); last error: {error}") from error
@@ -357,14 +398,15 @@ class Controller:
         return acc
 
     # -- loops ---------------------------------------------------------------------------
-    async def _reserve_or_stop(self, k: int, stop: asyncio.Event) -> Optional[int]:
-        """Admission slots, or None once ``stop`` is set (slots granted meanwhile are returned)."""
+    async def _reserve_or_stop(self, k: int, stop: asyncio.Event, patience: Optional[float] = None) -> Optional[int]:
+        """Admission slots, or None once ``stop`` is set or ``patience`` seconds have passed
+        without room (slots granted meanwhile are returned)."""
         if stop.is_set():
             return None
         reserve = asyncio.ensure_future(self.store.reserve(k))
         stopper = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({reserve, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({reserve, stopper}, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             reserve.cancel()
             raise
@@ -383,51 +425,80 @@ class Controller:
             return None
         return granted
 
+    def _carries(self) -> bool:
+        """Partial rollouts with carry-over: unfinished groups stay in a worker between calls.
+        Only for one-round strategies (ar3po's follow-up stages and dapo's refill need every
+        request's group back from the call that asked for it)."""
+        rc = self.cfg.rollout
+        return (rc.partial_chunk_tokens > 0 and rc.partial_carry_fraction > 0
+                and self.cfg.scheduler.strategy in ("uniform", "knapsack"))
+
     async def rollout_loop(self, worker, index: int, stop: asyncio.Event) -> None:
         """Consumes admission slots (replay.reserve) and produces scored groups (replay.put),
-        until the store closes or ``stop`` is set (then it finishes the request in hand)."""
+        until the store closes or ``stop`` is set (then it finishes the request in hand, and
+        with carry-over drains the groups its worker still holds)."""
         reward = self.rewards[index % len(self.rewards)]
         info = self.worker_log[index]
+        carry, held = self._carries(), [0]  # held: groups the worker carries over (partial mode)
         while True:
             per_call = min(self.cfg.rollout.prompts_per_call,
                            math.ceil(self.cfg.scheduler.prompts_per_step / len(self.workers)))
             try:
-                k = await self._reserve_or_stop(per_call, stop)
+                # A worker holding carried groups must not wait for room: those groups hold the
+                # slots, and may be what the learner waits for. No room -> continue them instead.
+                k = await self._reserve_or_stop(per_call, stop, patience=0.05 if held[0] else None)
             except StoreClosed:
                 return
-            if k is None:
+            if k is None and not stop.is_set():
+                requests = []
+            elif k is None:
+                if carry:  # scale-down: the groups this worker still holds were admitted; finish them
+                    await self._produce(worker, reward, info, [], held, carry=True, drain=True)
                 return
-            if info["first_request_version"] is None:
-                info["first_request_version"] = self._published_version
-            requests = await self.scheduler.plan.remote(k)
-            groups, scored, rs = await self.sampler.run(requests, worker.generate.remote, reward.score.remote,
-                                                        self.store.learner_version)
-            self.scheduler.observe.remote([(g.prompt_id, g.rewards.tolist()) for g in scored])
-            p, m = self.progress, self.metrics
-            failures = sum(g.reward_failures for g in scored)
-            p.timing.reward += rs.reward_seconds
-            p.timing.generation += rs.generate_seconds
-            p.samples += rs.samples
-            p.tokens += rs.tokens
-            p.reward_failures += failures
-            p.filtered += rs.filtered
-            p.switched += rs.switched
-            m.samples.inc(rs.samples)
-            m.tokens.inc(rs.tokens)
-            m.reward_failures.inc(failures)
-            m.gen_seconds.observe(rs.generate_seconds)
-            m.filtered.inc(rs.filtered)
-            m.switched.inc(rs.switched)
-            m.reused.inc(rs.reused)
-            if groups and info["first_group_version"] is None:
-                info["first_group_version"] = min(g.policy_version for g in groups)
-            info["groups"] += len(groups)
-            if len(groups) < k:  # filtered by dynamic sampling: let producers sample more
-                await self.store.release(k - len(groups))
-            try:
-                await self.store.put(groups)
-            except StoreClosed:
+            else:
+                if info["first_request_version"] is None:
+                    info["first_request_version"] = self._published_version
+                requests = await self.scheduler.plan.remote(k)
+            if not await self._produce(worker, reward, info, requests, held, carry=carry):
                 return
+
+    async def _produce(self, worker, reward, info: dict, requests: list, held: list, carry: bool = False,
+                       drain: bool = False) -> bool:
+        """One generate + score round into the store; False once the store is closed. ``held[0]``
+        becomes the number of groups the worker carries over after it."""
+        generate = (lambda reqs: worker.generate.remote(reqs, carry=True, drain=drain)) if carry \
+            else worker.generate.remote
+        groups, scored, rs = await self.sampler.run(requests, generate, reward.score.remote,
+                                                    self.store.learner_version)
+        self.scheduler.observe.remote([(g.prompt_id, g.rewards.tolist()) for g in scored])
+        held[0] = rs.carried
+        self.progress.carried += rs.carried
+        p, m = self.progress, self.metrics
+        failures = sum(g.reward_failures for g in scored)
+        p.timing.reward += rs.reward_seconds
+        p.timing.generation += rs.generate_seconds
+        p.samples += rs.samples
+        p.tokens += rs.tokens
+        p.reward_failures += failures
+        p.filtered += rs.filtered
+        p.switched += rs.switched
+        m.samples.inc(rs.samples)
+        m.tokens.inc(rs.tokens)
+        m.reward_failures.inc(failures)
+        m.gen_seconds.observe(rs.generate_seconds)
+        m.filtered.inc(rs.filtered)
+        m.switched.inc(rs.switched)
+        m.reused.inc(rs.reused)
+        if groups and info["first_group_version"] is None:
+            info["first_group_version"] = min(g.policy_version for g in groups)
+        info["groups"] += len(groups)
+        if rs.filtered:  # discarded by dynamic sampling: let producers sample more
+            await self.store.release(rs.filtered)
+        try:
+            await self.store.put(groups)
+        except StoreClosed:
+            return False
+        return True
 
     async def learner_loop(self, t_start: float) -> None:
         """Consumes M fresh groups per step; trains; publishes weights; advances the version."""
@@ -452,7 +523,12 @@ class Controller:
             try:
                 stats = await asyncio.gather(*[r.train_step.remote(s, norm) for r, s in zip(self.ranks, shards)])
                 t1 = time.perf_counter()
-                if self.transport == "shm":
+                if self.transport in GPU_TRANSPORTS:  # device to device, loaded as it goes
+                    async with self._publish_lock:
+                        await weight_sync.publish(self.transport, version + 1, self.ranks, self.workers,
+                                                  self._weight_plan)
+                    published = None
+                elif self.transport == "shm":
                     published = (await asyncio.gather(*[r.publish_weights.remote(self._shm_path(version + 1))
                                                         for r in self.ranks]))[0]
                 else:
@@ -463,7 +539,8 @@ class Controller:
                 await self._recover_learner(e)
                 continue
             async with self._publish_lock:
-                await asyncio.gather(*[self._load_on(w, version + 1, published) for w in self.workers])
+                if self.transport not in GPU_TRANSPORTS:
+                    await asyncio.gather(*[self._load_on(w, version + 1, published) for w in self.workers])
                 previous, self._committed_weights = self._committed_weights, published
                 self._published_version = version + 1
                 if self.transport == "shm" and previous is not None:
@@ -502,7 +579,12 @@ class Controller:
             if desired["stop"] and not self._stop_requested:
                 log.warning("stop requested (rlsys stop): ending after the step in progress")
                 self._stop_requested = True
-            if want > len(self.workers):
+            if want != len(self.workers) and self.transport in GPU_TRANSPORTS:
+                log.error("rlsys scale refused: the %s weight transport is set up for a fixed set of engines "
+                          "(re-forming it on scale is not built); run with learner.weight_transport=ray to "
+                          "scale", self.transport)
+                await self.control.scale_rollout.remote(len(self.workers))
+            elif want > len(self.workers):
                 await self._add_workers(want - len(self.workers))
             elif want < len(self.workers):
                 await self._remove_workers(len(self.workers) - want)
@@ -652,6 +734,8 @@ class Controller:
         await self.store.start()
         if self.resume_state:
             await self.store.resume(self.resume_state["version"], self.progress.groups_trained)
+        if self.transport in GPU_TRANSPORTS:
+            await self._prepare_gpu_transport()
         try:
             return await self._train(t_wall)
         finally:
@@ -710,6 +794,7 @@ class Controller:
             "effective_gradient_ratio": p.egr_rollouts / max(p.trained_rollouts, 1),
             "filtered_groups": p.filtered,
             "partial_switched": p.switched,
+            "partial_carried": p.carried,
             "step_seconds_mean": train_s / max(p.step - self._step0, 1),
             "curves": {"reward": p.step_rewards, "loss": p.step_losses, "effective_gradient_ratio": p.step_egr,
                        **({"judge_calls": [j["calls"] for j in judged],

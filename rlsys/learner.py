@@ -64,8 +64,11 @@ class LearnerConfig:
     weight_transport: str = "auto"
     """How published weights reach the rollout workers: 'shm' (rank 0 writes one safetensors
     file to /dev/shm, workers load it: same node only), 'ray' (Ray's object store, any node) or
-    'auto' (shm when every rollout worker shares learner rank 0's node). scripts/
-    bench_weight_sync.py measures both."""
+    'auto' (CPU: shm when every rollout worker shares learner rank 0's node, else ray; GPU:
+    cuda_ipc when every engine shares rank 0's GPU, else nccl), 'nccl' (GPU: rank 0 broadcasts
+    bucket by bucket to every engine over a NCCL group; engines on other GPUs than rank 0) or
+    'cuda_ipc' (GPU: same device; see rlsys/weight_sync.py). scripts/bench_weight_sync.py
+    measures the CPU ones, scripts/gpu_check.py the GPU ones."""
     gather_bucket_mb: int = 256
     """ZeRO-3 weight publication gathers the sharded parameters this many MB at a time, so a
     rank holds at most one bucket of gathered weights beyond its shard (rank 0 also keeps the
@@ -86,8 +89,9 @@ class LearnerConfig:
             raise ValueError(f"learner.lr must be > 0, got {self.lr}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"learner.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if self.weight_transport not in ("auto", "ray", "shm"):
-            raise ValueError(f"learner.weight_transport must be auto, ray or shm, got {self.weight_transport!r}")
+        if self.weight_transport not in ("auto", "ray", "shm", "nccl", "cuda_ipc"):
+            raise ValueError("learner.weight_transport must be auto, ray, shm, nccl or cuda_ipc, "
+                             f"got {self.weight_transport!r}")
         if self.gather_bucket_mb < 1:
             raise ValueError(f"learner.gather_bucket_mb must be >= 1, got {self.gather_bucket_mb}")
         if self.dtype not in ("fp32", "bf16"):
@@ -263,6 +267,82 @@ class LearnerRank:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    # -- GPU weight publication over NCCL (rlsys.weight_sync) ----------------------------
+    def weight_plan(self, dtype: str) -> list:
+        """The bucket plan of this model's parameters as ``dtype`` (the engines' dtype)."""
+        from rlsys.weight_sync import local_params, plan_buckets
+
+        return plan_buckets([(n, dtype, shape) for n, _, shape in local_params(self.engine.module)],
+                            self.cfg.gather_bucket_mb << 20)
+
+    def join_weight_group(self, world_size: int) -> tuple[str, int]:
+        """Rank 0: start forming the weight group as its root (rank 0) and return the (host, port)
+        the engine workers join; the group forms in the background once they have."""
+        import threading
+
+        from rlsys.weight_sync import WeightGroup, free_port, node_ip
+
+        host, port = node_ip(), free_port()
+
+        def form():  # blocks until every engine worker has joined
+            self._wg = WeightGroup(host, port, 0, world_size, self.device)
+
+        self._wg_thread = threading.Thread(target=form, daemon=True)
+        self._wg_thread.start()
+        return host, port
+
+    def gpu_id(self) -> Optional[str]:
+        from rlsys.rollout import _gpu_id
+
+        return _gpu_id()
+
+    def _gathered(self, plan: list):
+        """Yield (bucket, its full parameters) bucket by bucket (collective under ZeRO-3)."""
+        import deepspeed
+
+        params = dict(self.engine.module.named_parameters())
+        for bucket in plan:
+            ps = [params[s.name] for s in bucket.slots]
+            ctx = deepspeed.zero.GatheredParameters(ps, modifier_rank=None) if self.cfg.zero_stage == 3 else _Null()
+            with ctx:
+                yield bucket, ps
+
+    def export_weights_ipc(self, plan: list) -> Optional[list]:
+        """cuda_ipc: pack the weights on this GPU (collective gathers under ZeRO-3) and return one
+        IPC handle per bucket on rank 0 (None elsewhere); the buffers live until release_exported."""
+        from rlsys.weight_sync import pack
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        self._exported = []
+        for bucket, ps in self._gathered(plan):
+            if self.rank == 0:
+                self._exported.append(pack(bucket, ps, device=self.device))
+        return [reduce_tensor(b) for b in self._exported] if self.rank == 0 else None
+
+    def release_exported(self) -> None:
+        import torch
+
+        self._exported = []
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()
+
+    def broadcast_weights(self, plan: list) -> int:
+        """Collective over the learner ranks (ZeRO-3 gathers bucket by bucket); rank 0 packs each
+        bucket and broadcasts it to the engines. Returns the bytes sent (0 on other ranks)."""
+        from rlsys.weight_sync import pack
+
+        if self.rank == 0 and getattr(self, "_wg_thread", None) is not None:
+            self._wg_thread.join()
+            self._wg_thread = None
+        sent = 0
+        for bucket, ps in self._gathered(plan):
+            if self.rank == 0:
+                buf = pack(bucket, ps, device=self.device)
+                self._wg.broadcast(buf)
+                sent += bucket.nbytes
+                del buf
+        return sent
 
     def save_checkpoint(self, directory: str) -> None:
         """Collective (every rank): DeepSpeed state of each rank under ``learner/``, and on rank 0

@@ -28,6 +28,15 @@ new version. Which version a sample carries:
   ``[first token index, version]`` of each run of tokens sampled by one version:
   ``[[0, 4], [48, 5]]`` = tokens 0..47 from version 4, the rest from version 5.
 
+Carry-over (``rollout.partial_carry_fraction = f > 0``, one-round strategies): a call returns
+once no more than ``f`` of the sequences it started with are still running; the groups that
+are complete go back, the others stay in the worker and continue in its next call beside the
+new requests, so the engine's batch stays full instead of idling on a few long completions
+(Kimi k1.5's partial rollouts). A group is returned whole (all n completions), by whichever
+call completes it; a leaving worker is drained (``generate([], carry=True, drain=True)``)
+before it is removed. A group carried across versions may become too stale to train
+(``replay.max_staleness``): it is then dropped and counted like any stale group.
+
 Worked example, c = 16, max_new_tokens 64: a call starts under version 4; after the first
 segment a 5 arrives; the update waits ~one segment, loads, and the completions still running
 continue from token 16 under version 5. A completion that stopped (EOS) within the first 16
@@ -101,6 +110,11 @@ class RolloutConfig:
     """Partial rollouts: generate in segments of at most this many tokens, so that a weight update
     arriving mid-call waits one segment, and the rest of the call runs under the new version
     (see the module docstring). 0 = off: the update waits for the whole call ("wait-for-all")."""
+    partial_carry_fraction: float = 0.25
+    """Partial rollouts, with a one-round strategy (uniform, knapsack): a generate call returns the
+    groups that are complete once no more than this fraction of its sequences are still running,
+    and the unfinished groups continue in the worker's next call, beside new requests (the long
+    tail no longer idles the engine). 0 = every call finishes all its requests."""
     compile_cache_dir: str = "~/.cache/rlsys/compile"
     """Persistent cache of vLLM's and torch inductor's compiled kernels (shared by runs)."""
 
@@ -117,6 +131,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
         if self.prompts_per_call < 1:
             raise ValueError(f"rollout.prompts_per_call must be >= 1, got {self.prompts_per_call}")
+        if not (0.0 <= self.partial_carry_fraction < 1.0):
+            raise ValueError(f"rollout.partial_carry_fraction must be in [0, 1), got {self.partial_carry_fraction}")
         if self.partial_chunk_tokens < 0:
             raise ValueError(f"rollout.partial_chunk_tokens must be >= 0 (0 = off), got {self.partial_chunk_tokens}")
 
@@ -220,7 +236,7 @@ class EngineGate:
 class _Sequence:
     """One completion being generated segment by segment (partial rollouts)."""
 
-    request: int
+    prompt: tuple
     seed: Optional[int]
     tokens: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
@@ -234,6 +250,28 @@ class _Sequence:
         self.logprobs.extend(d[t].logprob for d, t in zip(out.logprobs, out.token_ids))
         self.finish_reason = str(out.finish_reason)
 
+    def live(self, max_new: int) -> bool:
+        return self.finish_reason == "length" and len(self.tokens) < max_new
+
+
+@dataclass
+class _Pending:
+    """One request's group in partial mode: its n sequences once the first segment has run."""
+
+    request: RolloutRequest
+    seed: Optional[int] = None
+    seqs: list = field(default_factory=list)
+
+    def start(self, outputs, version: int) -> None:
+        for j, o in enumerate(outputs):
+            q = _Sequence(tuple(self.request.prompt_token_ids),
+                          None if self.seed is None else zlib.crc32(f"{self.seed}:{j}".encode()))
+            q.extend(o, version)
+            self.seqs.append(q)
+
+    def live(self, max_new: int) -> list[_Sequence]:
+        return [q for q in self.seqs if q.live(max_new)]
+
 
 @dataclass
 class RolloutResult:
@@ -242,6 +280,8 @@ class RolloutResult:
     num_tokens: int
     switched: int = 0
     """Completions that continued under a newer version than they started with (partial mode)."""
+    carried: int = 0
+    """Groups left unfinished in the worker after this call (partial mode with carry)."""
 
 
 class RolloutWorker:
@@ -255,6 +295,7 @@ class RolloutWorker:
 
         self.cfg = cfg
         self.gate = EngineGate()
+        self._carry: list[_Pending] = []  # unfinished groups continued by the next call (partial mode)
         self.index = worker_index
         self.version = version  # the policy version of model_path (non-zero when resuming)
         self._repeats: dict[str, int] = {}  # prompt id -> requests seen at this version
@@ -272,6 +313,7 @@ class RolloutWorker:
             max_model_len=max_len,
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=cfg.tensor_parallel_size,
+            worker_extension_cls="rlsys.weight_sync.GpuWeightReceiver",  # the GPU weight transports' end
         )
         kwargs.update(engine_memory_kwargs(cfg.kv_cache_bytes, cfg.gpu_memory_utilization))
         t0 = time.perf_counter()
@@ -297,10 +339,15 @@ class RolloutWorker:
     def _decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode([t for t in token_ids if t != self.eos_id], skip_special_tokens=True)
 
-    def generate(self, requests: list[RolloutRequest]) -> RolloutResult:
-        """n_i sampled completions per request, with behaviour logprobs and their version."""
+    def generate(self, requests: list[RolloutRequest], carry: bool = False, drain: bool = False) -> RolloutResult:
+        """n_i sampled completions per request, with behaviour logprobs and their version.
+
+        ``carry`` (partial mode only): return the groups that are complete once the call's tail
+        is thin, and keep generating the others in later calls, so they may come back from a
+        later call than the one that asked for them; ``drain``: finish every carried group now.
+        Without ``carry`` every request's group is in this call's result."""
         if self.cfg.partial_chunk_tokens > 0:
-            return self._generate_partial(requests)
+            return self._generate_partial(requests, carry, drain)
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
@@ -327,50 +374,53 @@ class RolloutWorker:
                      prompt_token_ids=tuple(req.prompt_token_ids), reference=req.reference, policy_version=version,
                      completions=comps, meta=meta or {})
 
-    def _generate_partial(self, requests: list[RolloutRequest]) -> RolloutResult:
-        """Segments of at most ``partial_chunk_tokens``; weight updates land between segments."""
+    def _generate_partial(self, requests: list[RolloutRequest], carry: bool, drain: bool) -> RolloutResult:
+        """Segments of at most ``partial_chunk_tokens``; weight updates land between segments.
+        With ``carry``, the call ends once the live sequences are down to ``partial_carry_fraction``
+        of those it started with, and the unfinished groups continue in the next call (``drain``:
+        run until none is left)."""
         from vllm.inputs import TokensPrompt
 
         chunk, max_new = self.cfg.partial_chunk_tokens, self.cfg.max_new_tokens
-        seqs: list[_Sequence] = []
+        pool = self._carry + [_Pending(r) for r in requests]
+        self._carry = []
+        started = sum(len(p.live(max_new)) for p in pool) + sum(r.n for r in requests)
+        cut = self.cfg.partial_carry_fraction * started if carry and not drain else 0.0
         dt = 0.0
-        with self.gate.segment():
-            version = self.version
-            seeds = [self._request_seed(r.prompt_id) for r in requests]
-            t0 = time.perf_counter()
-            outs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests],
-                [self._params(r.n, self.cfg.temperature, min(chunk, max_new), s) for r, s in zip(requests, seeds)],
-                use_tqdm=False)
-            dt += time.perf_counter() - t0
-        for i, out in enumerate(outs):
-            for j, o in enumerate(out.outputs):
-                seq = _Sequence(i, None if seeds[i] is None else zlib.crc32(f"{seeds[i]}:{j}".encode()))
-                seq.extend(o, version)
-                seqs.append(seq)
-        while live := [q for q in seqs if q.finish_reason == "length" and len(q.tokens) < max_new]:
+        while True:
+            fresh = [p for p in pool if not p.seqs]
+            live = [q for p in pool for q in p.live(max_new)]
+            if not fresh and (not live or len(live) <= cut):
+                break
             with self.gate.segment():  # a waiting update goes first: it lands here
                 version = self.version
+                for p in fresh:
+                    p.seed = self._request_seed(p.request.prompt_id)
+                prompts = [TokensPrompt(prompt_token_ids=list(p.request.prompt_token_ids)) for p in fresh]
+                params = [self._params(p.request.n, self.cfg.temperature, min(chunk, max_new), p.seed) for p in fresh]
+                prompts += [TokensPrompt(prompt_token_ids=[*q.prompt, *q.tokens]) for q in live]
+                params += [self._params(1, self.cfg.temperature, min(chunk, max_new - len(q.tokens)),
+                                        None if q.seed is None else zlib.crc32(f"{q.seed}:{len(q.tokens)}".encode()))
+                           for q in live]
                 t0 = time.perf_counter()
-                outs = self.llm.generate(
-                    [TokensPrompt(prompt_token_ids=[*requests[q.request].prompt_token_ids, *q.tokens]) for q in live],
-                    [self._params(1, self.cfg.temperature, min(chunk, max_new - len(q.tokens)),
-                                  None if q.seed is None else zlib.crc32(f"{q.seed}:{len(q.tokens)}".encode()))
-                     for q in live],
-                    use_tqdm=False)
+                outs = self.llm.generate(prompts, params, use_tqdm=False)
                 dt += time.perf_counter() - t0
-            for q, out in zip(live, outs):
+            for p, out in zip(fresh, outs):
+                p.start(out.outputs, version)
+            for q, out in zip(live, outs[len(fresh):]):
                 q.extend(out.outputs[0], version)
         groups, ntok, switched = [], 0, 0
-        for i, req in enumerate(requests):
-            mine = [q for q in seqs if q.request == i]
+        for p in pool:
+            if p.live(max_new):
+                self._carry.append(p)
+                continue
             comps = [Completion(np.asarray(q.tokens, np.int32), np.asarray(q.logprobs, np.float32),
-                                self._decode(q.tokens), q.finish_reason) for q in mine]
-            ntok += sum(len(q.tokens) for q in mine)
-            switched += sum(len(q.spans) > 1 for q in mine)
-            groups.append(self._group(req, min(q.spans[0][1] for q in mine), comps,
-                                      {"version_spans": [q.spans for q in mine]}))
-        return RolloutResult(groups, dt, ntok, switched)
+                                self._decode(q.tokens), q.finish_reason) for q in p.seqs]
+            ntok += sum(len(q.tokens) for q in p.seqs)
+            switched += sum(len(q.spans) > 1 for q in p.seqs)
+            groups.append(self._group(p.request, min(q.spans[0][1] for q in p.seqs), comps,
+                                      {"version_spans": [q.spans for q in p.seqs]}))
+        return RolloutResult(groups, dt, ntok, switched, carried=len(self._carry))
 
     def generate_greedy(self, prompt_token_ids: list[list[int]], max_new_tokens: Optional[int] = None) -> list[str]:
         """Greedy completions (evaluation)."""
@@ -392,6 +442,41 @@ class RolloutWorker:
             self._repeats.clear()
         return version
 
+    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> list[int]:
+        """Join the NCCL weight group (rlsys.weight_sync): this engine's workers take ranks
+        ``rank_offset ..``; blocks until the whole group has formed."""
+        return self.llm.collective_rpc("rlsys_join_weight_group", args=(host, port, rank_offset, world_size))
+
+    def update_weights_nccl(self, version: int, plan: list) -> int:
+        """Receive a version bucket by bucket over the weight group (learner rank 0 broadcasts
+        at the same time); the plan is checked against the checkpoint before any byte moves."""
+        from rlsys.weight_sync import check_plan
+
+        check_plan(plan, self.expected)
+        with self.gate.update():
+            for bucket in plan:
+                self.llm.collective_rpc("rlsys_receive_bucket", args=(bucket,))
+            self.llm.reset_prefix_cache()
+            self.version = version
+            self._repeats.clear()
+        return version
+
+    def update_weights_ipc(self, version: int, plan: list, handles: list) -> int:
+        """Load a version from CUDA IPC handles learner rank 0 exported on this same GPU."""
+        from rlsys.weight_sync import check_plan
+
+        check_plan(plan, self.expected)
+        with self.gate.update():
+            self.llm.collective_rpc("rlsys_receive_ipc_buckets", args=(plan, handles))
+            self.llm.reset_prefix_cache()
+            self.version = version
+            self._repeats.clear()
+        return version
+
+    def gpu_id(self) -> Optional[str]:
+        """node id + the GPU's UUID (None on CPU): equal ids mean one physical device."""
+        return _gpu_id()
+
     def update_weights_from_file(self, version: int, path: str) -> int:
         """Load a new policy version from a safetensors file (the shared-memory transport: the
         learner wrote it to a tmpfs path on this node); returns the version now served."""
@@ -409,6 +494,16 @@ class RolloutWorker:
 
     def ready(self) -> bool:
         return True
+
+
+def _gpu_id() -> Optional[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    import ray
+
+    return f"{ray.get_runtime_context().get_node_id()}:{torch.cuda.get_device_properties(0).uuid}"
 
 
 def _on_gpu() -> bool:

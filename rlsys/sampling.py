@@ -51,6 +51,8 @@ class RoundStats:
     filtered: int = 0
     reused: int = 0
     switched: int = 0
+    carried: int = 0
+    """Groups the worker still carries over after the last round (partial rollouts)."""
 
 
 class CorrectBank:
@@ -120,11 +122,12 @@ class Sampler:
 
         result = await generate(requests)
         t0 = time.perf_counter()
-        groups = await score(result.groups)
+        groups = await score(result.groups) if result.groups else []  # a carrying call may return none
         stats.reward_seconds += time.perf_counter() - t0
         stats.generate_seconds += result.generate_seconds
         stats.tokens += result.num_tokens
         stats.switched += result.switched
+        stats.carried = result.carried
         stats.samples += sum(g.size for g in groups)
         stats.rounds += 1
         return groups

@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -101,6 +102,8 @@ def main() -> int:
             record = encode_group(groups[0])
             floor = raw_transport(server.url, record, args.groups, args.batch)
             floor_plain = raw_transport(plain.url, record, args.groups, args.batch)
+            c_floor = c_client_floor(server.port, len(record))
+            c_floor_plain = c_client_floor(plain.port, len(record))
             per_step_ops = asyncio.run(_ops_per_step(redis_cfg, reps=50))
             step_s = None
             if args.steps:
@@ -123,6 +126,12 @@ def main() -> int:
     for name, f, r in (("aof", floor, red), ("noaof", floor_plain, red_plain)):
         print(f"{name:12s} {f['groups_per_s']:10.0f} {f['put_per_s']:10.0f} {f['take_ack_per_s']:10.0f} "
               f"{r['groups_per_s'] / f['groups_per_s']:11.3f}")
+    if c_floor and c_floor_plain:
+        print(f"\nC-client floor (redis-benchmark, SET then GET of {len(record)} B values, 16 pipelined): "
+              f"what the server moves with no Python")
+        print(f"{'redis':12s} {'round trip/s':>12s} {'SET/s':>10s} {'GET/s':>10s}")
+        for name, f in (("aof", c_floor), ("noaof", c_floor_plain)):
+            print(f"{name:12s} {f['round_trip_per_s']:12.0f} {f['set_per_s']:10.0f} {f['get_per_s']:10.0f}")
     print(f"\ntiny step on Redis: store ops {per_step_ops * 1000:.2f} ms per step (put+take+ack of 16 groups)"
           + (f", step {step_s * 1000:.0f} ms -> store share {share:.2%}" if step_s else ""))
     if args.json:
@@ -133,7 +142,8 @@ def main() -> int:
             "redis": red, "redis_no_aof": red_plain, "memory": mem,
             "redis_transport_floor_groups_per_s": floor["groups_per_s"],
             "redis_over_floor": red["groups_per_s"] / floor["groups_per_s"],
-            "transport_floor": floor, "transport_floor_no_aof": floor_plain, "groups": args.groups, "batch": args.batch,
+            "transport_floor": floor, "transport_floor_no_aof": floor_plain,
+            "c_client_floor": c_floor, "c_client_floor_no_aof": c_floor_plain, "groups": args.groups, "batch": args.batch,
             "completions": args.completions, "tokens": args.tokens}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
@@ -165,6 +175,26 @@ def raw_transport(url: str, record: bytes, n: int, batch: int) -> dict:
     r.delete(key)
     r.close()
     return {"groups_per_s": n / (t_put + t_take), "put_per_s": n / t_put, "take_ack_per_s": n / t_take}
+
+
+def c_client_floor(port: int, nbytes: int, n: int = 20000) -> Optional[dict]:
+    """redis-benchmark (Redis's own C client, 16 requests pipelined) SET then GET of values the
+    size of one record: what the server moves with no Python at all; None if it is not installed."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "-h", "127.0.0.1", "-p", str(port), "-t", "set,get", "-d", str(nbytes), "-n", str(n),
+                          "-P", "16", "--csv"], capture_output=True, text=True, timeout=600, check=True).stdout
+    rps = {}
+    for line in out.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if cells and cells[0] in ("SET", "GET"):
+            rps[cells[0]] = float(cells[1])
+    set_, get = rps["SET"], rps["GET"]
+    return {"set_per_s": set_, "get_per_s": get, "round_trip_per_s": 1 / (1 / set_ + 1 / get)}
 
 
 async def _ops_per_step(cfg: ReplayConfig, reps: int) -> float:

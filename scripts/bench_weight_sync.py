@@ -16,13 +16,15 @@ Measured 2026-11-30 on the 2-core dev machine (median of 5): at 100M parameters 
 1652 ms (32.6x the copy floor), shm 559 ms (11.0x); shm is 2.95x faster, hence the default.
 
 Partial rollouts versus wait-for-all (``--partial-steps N``, 0 skips): the same short real run
-(controller, one vLLM rollout worker, DeepSpeed learner, max_staleness 1) twice, with
+(controller, one vLLM rollout worker, DeepSpeed learner, max_staleness 2) twice, with
 ``rollout.partial_chunk_tokens`` 0 (a weight update waits for the whole generate call in
 progress) and 16 (it waits one 16-token segment). The policy is a random-init Llama over the
 tiny task's ~20-token vocabulary, so response lengths are long-tailed (geometric: eos is about
 1 token in 20, capped at 192): the lengths of one 16 x 8 call are printed first. Step time =
 training wall seconds / steps; the sync column is the learner's time from the end of its step
-to every worker serving the new version, which is where waiting for stragglers shows.
+to every worker serving the new version, which is where waiting for stragglers shows. Beside
+it, generation alone: 8 calls of 16 prompts x 8 on one worker, wait-for-all against partial
+with carry-over (the tail of each call continues in the next one).
 
 Copy floor = bytes / memcpy bandwidth measured here (numpy copy of a buffer of the same size,
 best of 5). ``x floor`` = sync time / floor: how many memory copies' worth a sync costs.
@@ -33,8 +35,8 @@ JSON: ``sync_over_floor`` (the transport a single-node CPU run uses by default,
 ``learner.weight_transport=auto`` -> shm, at the largest size), ``sync_over_floor_ray`` (the
 other one, used across nodes),
 ``partial_over_waitall_step_time`` (step time with partial rollouts / step time with
-wait-for-all; null with --partial-steps 0), every row under ``rows``, the two runs under
-``partial``.
+wait-for-all; null with --partial-steps 0), every row under ``rows``, the two runs and the
+generation-alone figures under ``partial``.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def build(out: Path, hidden: int, inter: int, layers: int, heads: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def partial_vs_waitall(model_dir: Path, steps: int, chunk: int) -> dict:
+def partial_vs_waitall(model_dir: Path, steps: int, chunk: int, staleness: int) -> dict:
     """The same short run with wait-for-all and with partial rollouts; returns both summaries."""
     import ray
 
@@ -88,24 +90,42 @@ def partial_vs_waitall(model_dir: Path, steps: int, chunk: int) -> dict:
 
     max_new = 192
     tok = build_tokenizer(256)
-    examples = load_task(TaskConfig()).train[:16]
-    reqs = [RolloutRequest(f"p{i}", e.prompt, tuple(encode_prompt(tok, e.prompt)), e.answer, 8)
-            for i, e in enumerate(examples)]
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    examples = load_task(TaskConfig()).train[:16 * 9]
+
+    def call(k: int) -> list:
+        return [RolloutRequest(f"c{k}-{i}", e.prompt, tuple(encode_prompt(tok, e.prompt)), e.answer, 8)
+                for i, e in enumerate(examples[16 * k:16 * (k + 1)])]
+
+    # Generation alone: 8 calls of 16 x 8 on one worker, after a warm-up call, per mode.
+    gen = {}
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as d:
-            w = ray.remote(num_cpus=1)(RolloutWorker).remote(RolloutConfig(max_new_tokens=max_new), str(model_dir), 0, d)
-            res = ray.get(w.generate.remote(reqs))
-            ray.kill(w)
+            for name, c in (("wait_for_all", 0), ("partial", chunk)):
+                w = ray.remote(num_cpus=1)(RolloutWorker).remote(
+                    RolloutConfig(max_new_tokens=max_new, partial_chunk_tokens=c), str(model_dir), 0, d)
+                res = ray.get(w.generate.remote(call(0)))
+                groups = tokens = 0
+                t0 = time.perf_counter()
+                for k in range(1, 9):
+                    r = ray.get(w.generate.remote(call(k), carry=c > 0))
+                    groups, tokens = groups + len(r.groups), tokens + r.num_tokens
+                dt = time.perf_counter() - t0
+                gen[name] = {"groups_per_s": groups / dt, "tokens_per_s": tokens / dt, "still_carried": r.carried}
+                if name == "wait_for_all":
+                    lengths = np.array([len(c.token_ids) for g in res.groups for c in g.completions])
+                ray.kill(w)
     finally:
         ray.shutdown()
-    lengths = np.array([len(c.token_ids) for g in res.groups for c in g.completions])
     out = {"lengths": {"p50": float(np.percentile(lengths, 50)), "p90": float(np.percentile(lengths, 90)),
-                       "max": int(lengths.max()), "mean": float(lengths.mean()), "cap": max_new}}
+                       "max": int(lengths.max()), "mean": float(lengths.mean()), "cap": max_new},
+           "generation": gen,
+           "partial_over_waitall_generation_groups_per_s": gen["partial"]["groups_per_s"] /
+           gen["wait_for_all"]["groups_per_s"]}
     for name, c in (("wait_for_all", 0), ("partial", chunk)):
         cfg = to_run_config(compose([
             f"steps={steps}", "max_train_seconds=0", "cluster.metrics_port=-1", f"model.path={model_dir}",
-            f"rollout.max_new_tokens={max_new}", f"rollout.partial_chunk_tokens={c}", "replay.max_staleness=1",
+            f"rollout.max_new_tokens={max_new}", f"rollout.partial_chunk_tokens={c}", f"replay.max_staleness={staleness}",
             "task.num_eval=16"]))
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as d:
             s = run_training(cfg, Path(d))
@@ -113,7 +133,8 @@ def partial_vs_waitall(model_dir: Path, steps: int, chunk: int) -> dict:
         out[name] = {"chunk": c, "steps": s["steps"], "train_seconds": s["train_seconds"],
                      "step_s": s["train_seconds"] / s["steps"], "sync_s_per_step": s["busy_seconds"]["weight_sync"] / s["steps"],
                      "samples_per_s": s["samples_per_s"], "tokens_per_s": s["tokens_per_s"],
-                     "switched": s["partial_switched"], "samples": s["samples"]}
+                     "switched": s["partial_switched"], "samples": s["samples"],
+                     "dropped_stale": s["replay"]["dropped_stale"], "staleness_hist": s["replay"]["staleness_hist"]}
     out["partial_over_waitall_step_time"] = out["partial"]["step_s"] / out["wait_for_all"]["step_s"]
     return out
 
@@ -134,9 +155,10 @@ def main() -> int:
     ap.add_argument("--sizes", default="tiny,25m,100m")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--partial-steps", type=int, default=12, help="steps per run of the partial-rollout "
+    ap.add_argument("--partial-steps", type=int, default=30, help="steps per run of the partial-rollout "
                     "comparison (0 skips it)")
     ap.add_argument("--partial-chunk", type=int, default=16, help="rollout.partial_chunk_tokens of the partial run")
+    ap.add_argument("--partial-staleness", type=int, default=2, help="replay.max_staleness of both runs")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
@@ -195,18 +217,25 @@ def main() -> int:
     if args.partial_steps:
         with tempfile.TemporaryDirectory() as d:
             build(Path(d) / "longtail", *SIZES["tiny"])
-            partial = partial_vs_waitall(Path(d) / "longtail", args.partial_steps, args.partial_chunk)
+            partial = partial_vs_waitall(Path(d) / "longtail", args.partial_steps, args.partial_chunk,
+                                         args.partial_staleness)
         ln = partial["lengths"]
-        print(f"\npartial rollouts vs wait-for-all: {args.partial_steps} steps each, max_staleness 1, one worker; "
+        print(f"\npartial rollouts vs wait-for-all: {args.partial_steps} steps each, max_staleness "
+              f"{args.partial_staleness}, one worker; "
               f"response lengths of one 16 x 8 call: p50 {ln['p50']:.0f}, p90 {ln['p90']:.0f}, "
               f"max {ln['max']} (cap {ln['cap']}), mean {ln['mean']:.1f}\n")
         print(f"{'mode':>13s} {'chunk':>6s} {'step s':>8s} {'sync s/step':>12s} {'samples/s':>10s} {'tokens/s':>9s} "
-              f"{'switched':>9s}")
+              f"{'switched':>9s} {'stale drop':>10s}")
         for name in ("wait_for_all", "partial"):
             r = partial[name]
             print(f"{name:>13s} {r['chunk']:6d} {r['step_s']:8.2f} {r['sync_s_per_step']:12.2f} "
-                  f"{r['samples_per_s']:10.1f} {r['tokens_per_s']:9.0f} {r['switched']:9d}")
+                  f"{r['samples_per_s']:10.1f} {r['tokens_per_s']:9.0f} {r['switched']:9d} {r['dropped_stale']:10d}")
         print(f"partial / wait-for-all step time = {partial['partial_over_waitall_step_time']:.2f}")
+        g = partial["generation"]
+        print(f"generation alone (8 calls of 16 x 8 on one worker): wait-for-all "
+              f"{g['wait_for_all']['groups_per_s']:.1f} groups/s, partial with carry-over "
+              f"{g['partial']['groups_per_s']:.1f} groups/s ({g['partial']['still_carried']} still carried) = "
+              f"{partial['partial_over_waitall_generation_groups_per_s']:.2f}x")
     by = {(r["size"], r["transport"]): r for r in rows}
     largest = args.sizes.split(",")[-1]
     ratio = by[(largest, "ray")]["sync_s"] / by[(largest, "shm")]["sync_s"]

@@ -15,12 +15,17 @@ from rlsys.controller import Controller
 pytestmark = pytest.mark.integration
 
 
-def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path):
+@pytest.mark.parametrize("mode", ["wait_for_all", "partial"])
+def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path, mode):
+    """``partial``: partial rollouts with carry-over (2-token segments of the 6-token answers), so
+    leaving workers hold unfinished groups that must be drained, not lost."""
     import ray
 
+    partial = ["rollout.partial_chunk_tokens=2", "rollout.partial_carry_fraction=0.5"] if mode == "partial" else []
     cfg = to_run_config(compose([
         "steps=1000", "scheduler.prompts_per_step=8", "learner.num_ranks=2", "rollout.num_workers=2",
-        "rollout.num_cpus=0.5", "rollout.prompts_per_call=4", "cluster.metrics_port=-1", "cluster.control_poll_s=0.1"]))
+        "rollout.num_cpus=0.5", "rollout.prompts_per_call=4", "cluster.metrics_port=-1", "cluster.control_poll_s=0.1",
+        *partial]))
     ctl = Controller(cfg, tmp_path)
 
     async def until(cond):
@@ -73,4 +78,8 @@ def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path):
     produced = sum(w["groups"] for w in workers.values())
     assert r["put"] == produced and r["duplicates"] == 0 and r["acked"] == steps * 8
     assert produced == r["acked"] + r["dropped_stale"] + r["held_at_end"]
+    if mode == "partial":  # groups did wait in workers between calls (summed over calls)
+        assert summary["partial_carried"] > 0
+    else:
+        assert summary["partial_carried"] == summary["partial_switched"] == 0
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == control.CONTROL_NAME]

@@ -111,3 +111,43 @@ def test_wait_for_all_update_waits_for_the_whole_call(ray_cluster, models, tmp_p
                                    _hf_logprobs(hf[0], g.prompt_token_ids, g.completions[0].token_ids), atol=1e-4)
     finally:
         ray_cluster.kill(w)
+
+
+def test_carry_over_returns_every_group_once_whole_and_drains(ray_cluster, models, tmp_path):
+    """Calls return the groups that are complete once the tail is thin; the rest continue in the
+    next call (beside its new requests, across a weight update) and a drain finishes them."""
+    v0, hf, weights_v1, tok = models
+    cfg = RolloutConfig(max_new_tokens=160, partial_chunk_tokens=8, partial_carry_fraction=0.5, num_cpus=1, seed=5)
+    w = ray_cluster.remote(num_cpus=1, max_concurrency=2)(RolloutWorker).remote(cfg, str(v0), 0, str(tmp_path))
+    try:
+        first = [RolloutRequest(f"a{i}", p, tuple(tok(p)["input_ids"]), "0", 4) for i, p in enumerate(PROMPTS)]
+        second = [RolloutRequest(f"b{i}", p, tuple(tok(p)["input_ids"]), "0", 4) for i, p in enumerate(PROMPTS)]
+        r1 = ray_cluster.get(w.generate.remote(first, carry=True))
+        assert r1.carried >= 1 and len(r1.groups) + r1.carried == 4, (len(r1.groups), r1.carried)
+        ray_cluster.get(w.update_weights.remote(1, weights_v1))
+        r2 = ray_cluster.get(w.generate.remote(second, carry=True))
+        r3 = ray_cluster.get(w.generate.remote([], carry=True, drain=True))
+        assert r3.carried == 0
+        groups = r1.groups + r2.groups + r3.groups
+        assert sorted(g.prompt_id for g in groups) == sorted(r.prompt_id for r in first + second)
+        carried_over_update = 0
+        for g in groups:
+            assert g.size == 4
+            for c, sp in zip(g.completions, g.meta["version_spans"]):
+                assert c.finish_reason == "stop" or len(c.token_ids) == 160
+                assert g.policy_version == sp[0][1]
+                cut = sp[1][0] if len(sp) == 2 else len(c.token_ids)
+                model = hf[sp[0][1]]
+                np.testing.assert_allclose(c.logprobs[:cut], _hf_logprobs(model, g.prompt_token_ids,
+                                                                          c.token_ids)[:cut], atol=1e-4)
+                if len(sp) == 2:
+                    assert sp == [[0, 0], [sp[1][0], 1]]
+                    np.testing.assert_allclose(c.logprobs[cut:], _hf_logprobs(hf[1], g.prompt_token_ids,
+                                                                              c.token_ids)[cut:], atol=1e-4)
+                    carried_over_update += 1
+            if g.prompt_id.startswith("b"):
+                assert g.policy_version == 1
+        assert carried_over_update >= 1  # first-call groups finished under version 1
+        assert r1.num_tokens + r2.num_tokens + r3.num_tokens == sum(g.num_tokens for g in groups)
+    finally:
+        ray_cluster.kill(w)
