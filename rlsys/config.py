@@ -47,7 +47,11 @@ class ClusterConfig:
     metrics_host: str = "127.0.0.1"
     """Address the controller's Prometheus endpoint binds to."""
     metrics_port: int = 0
-    """Port of the Prometheus endpoint; 0 picks a free one (logged); -1 disables it."""
+    """Port of the controller's Prometheus endpoint; 0 picks a free one (logged); -1 disables
+    metrics (the controller's and every actor's; actors always take a free port)."""
+    prometheus_targets: Optional[str] = None
+    """Also write the run's Prometheus file_sd list here (e.g. a file Prometheus watches, as in
+    deploy/prometheus/prometheus.yml); it is always written to <run dir>/prometheus_targets.json."""
     control_poll_s: float = 0.5
     """How often the controller checks for a ``rlsys scale`` request."""
 

@@ -205,18 +205,20 @@ class Controller:
             ray.get(self.scheduler.load_state_dict.remote(self.resume_state["scheduler"]))
             self.progress = _progress_from(self.resume_state["progress"])
         self.sampler = Sampler(cfg.scheduler)
+        # Every actor serves its own Prometheus endpoint when metrics are on (rlsys.metrics).
+        self._mhost = cfg.cluster.metrics_host if cfg.cluster.metrics_port >= 0 else None
         self.judge = None
         self.judge_per_step: list[dict] = []
         if cfg.judge.backend != "none":
             jc = cfg.judge
             self.judge = ray.remote(num_cpus=jc.num_cpus, num_gpus=jc.num_gpus)(JudgeWorker).options(**opts) \
-                .remote(jc, str(self.run_dir))
+                .remote(jc, str(self.run_dir), self._mhost)
         rm_path = None
         if cfg.reward.mode in ("rm_judge_router", "rm_pointwise"):
             rm_path = str(ensure_reward_model(cfg.reward.model, cfg.task))
             log.info("pairwise reward model %s", rm_path)
         self.rewards = [ray.remote(num_cpus=cfg.reward.num_cpus)(RewardWorker).options(**opts)
-                        .remote(cfg.reward, rm_path, self.judge) for _ in range(cfg.reward.num_workers)]
+                        .remote(cfg.reward, rm_path, self.judge, self._mhost) for _ in range(cfg.reward.num_workers)]
         self._actor_opts = opts
         self._version0 = self._published_version = version0
         self.workers = [self._spawn_rollout_worker(i) for i in range(rc.num_workers)]
@@ -239,6 +241,7 @@ class Controller:
         self.transport = self._pick_transport()
         if cfg.cluster.metrics_port >= 0:
             self.metrics_server = serve(self.metrics, cfg.cluster.metrics_host, cfg.cluster.metrics_port)
+            self._write_targets()
         log.info("actors up: %d rollout, %d reward, %d learner rank(s) (%.1fs)", len(self.workers),
                  len(self.rewards), len(self.ranks), time.perf_counter() - t0)
 
@@ -250,7 +253,41 @@ class Controller:
         # Two calls at once, so a weight update can reach a generate in progress (its EngineGate
         # lets the update in between two segments when rollout.partial_chunk_tokens > 0).
         return (ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=2)(RolloutWorker)
-                .options(**self._actor_opts).remote(rc, self.policy_path, index, str(self.run_dir), self._version0))
+                .options(**self._actor_opts).remote(rc, self.policy_path, index, str(self.run_dir), self._version0,
+                                                    self._mhost))
+
+    def _write_targets(self) -> None:
+        """Prometheus file_sd: every endpoint of this run (controller and each actor), labelled
+        run / role / index, in <run dir>/prometheus_targets.json and cluster.prometheus_targets.
+        Rewritten (atomically) when actors come and go; Prometheus re-reads it on change."""
+        import ray
+
+        if self.metrics_server is None:
+            return
+        host = self.metrics_server.host
+        if host in ("0.0.0.0", "::", ""):
+            host = ray.util.get_node_ip_address()
+        entries = [("controller", 0, f"{host}:{self.metrics_server.port}")]
+        loops = getattr(self, "_loops", None)
+        rollout = {i: t[0] for i, t in loops.items()} if loops else dict(enumerate(self.workers))
+        actors = [("learner", i, a) for i, a in enumerate(self.ranks)]
+        actors += [("rollout", i, a) for i, a in sorted(rollout.items())]
+        actors += [("reward", i, a) for i, a in enumerate(self.rewards)]
+        if self.judge is not None:
+            actors.append(("judge", 0, self.judge))
+        endpoints = ray.get([a.metrics_endpoint.remote() for _, _, a in actors])
+        entries += [(role, i, ep) for (role, i, _), ep in zip(actors, endpoints) if ep]
+        doc = [{"targets": [ep], "labels": {"run": self.run_dir.name, "role": role, "index": str(i)}}
+               for role, i, ep in entries]
+        paths = [self.run_dir / "prometheus_targets.json"]
+        if self.cfg.cluster.prometheus_targets:
+            paths.append(Path(self.cfg.cluster.prometheus_targets).expanduser())
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=2) + "\n")
+            os.replace(tmp, path)
+        self.targets_file = paths[0]
 
     def _pick_transport(self) -> str:
         import ray
@@ -344,7 +381,7 @@ class Controller:
             .options(**self._actor_opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=r))
             .remote(lc, self.policy_path, r, lc.num_ranks, port, rc.temperature, rc.max_new_tokens, weights_ref,
-                    resume_dir)
+                    resume_dir, self._mhost)
             for r in range(lc.num_ranks)
         ]
 
@@ -370,6 +407,7 @@ class Controller:
             ray.kill(r)
         self.ranks = self._start_ranks(self._committed_weights)
         await asyncio.gather(*[r.ready.remote() for r in self.ranks])
+        self._write_targets()
 
     def shutdown(self) -> None:
         import ray
@@ -627,6 +665,7 @@ class Controller:
                 self.workers.append(a)
                 self.worker_log[i] = _worker_entry(i, v)
                 self._start_loop(i, a)
+        self._write_targets()
         log.info("rollout workers scaled up to %d (joined at policy version %d)", len(self.workers), v)
 
     async def _remove_workers(self, k: int) -> None:
@@ -642,6 +681,7 @@ class Controller:
                 self.workers.remove(actor)
                 self.worker_log[i]["left_at_version"] = self._published_version
                 ray.kill(actor)
+        self._write_targets()
         log.info("rollout workers scaled down to %d (drained %s)", len(self.workers), victims)
 
     async def _write_checkpoint(self, step: int) -> tuple:

@@ -391,17 +391,36 @@ class JudgeWorker:
     """Ray actor (``judge`` role): one JudgeQueue shared by every RewardWorker, so concurrency,
     rate limit and the per-step budget hold for the whole run."""
 
-    def __init__(self, cfg: JudgeConfig, work_dir: Optional[str] = None):
+    def __init__(self, cfg: JudgeConfig, work_dir: Optional[str] = None, metrics_host: Optional[str] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg = cfg
         self.queue = JudgeQueue(cfg, make_backend(cfg, work_dir))
         self.step: Optional[int] = None
+        self.metrics = self.metrics_endpoint_ = None
+        if metrics_host is not None:  # this worker's own Prometheus endpoint (rlsys.metrics)
+            from rlsys.metrics import serve_actor
+
+            self.metrics, self.metrics_endpoint_, self._metrics_server = serve_actor("judge", metrics_host)
+            self.metrics.queue.set_function(lambda: self.queue.queued + self.queue.in_flight)
 
     async def judge_pairs(self, pairs: list[JudgePair], step: int) -> list[Optional[int]]:
         if step != self.step:  # a new policy version: a new step's budget
             self.step = step
             self.queue.new_step()
-        return await self.queue.judge_pairs(pairs)
+        m = self.metrics
+        if m is None:
+            return await self.queue.judge_pairs(pairs)
+        st = self.queue.stats
+        calls, fallbacks, t0 = st.calls, st.fallbacks, time.perf_counter()
+        try:
+            return await self.queue.judge_pairs(pairs)
+        finally:
+            m.latency.observe(time.perf_counter() - t0)
+            m.calls.inc(st.calls - calls)  # concurrent requests overlap; the totals still add up
+            m.fallbacks.inc(st.fallbacks - fallbacks)
+
+    def metrics_endpoint(self) -> Optional[str]:
+        return self.metrics_endpoint_
 
     def stats(self) -> dict:
         st = self.queue.stats

@@ -133,8 +133,13 @@ class LearnerRank:
 
     def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int, master_port: int,
                  temperature: float, max_new_tokens: int, initial_weights: Optional[list] = None,
-                 resume_dir: Optional[str] = None):
+                 resume_dir: Optional[str] = None, metrics_host: Optional[str] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.metrics = self.metrics_endpoint_ = None
+        if metrics_host is not None:  # this rank's own Prometheus endpoint (rlsys.metrics)
+            from rlsys.metrics import serve_actor
+
+            self.metrics, self.metrics_endpoint_, self._metrics_server = serve_actor("learner", metrics_host)
         import torch
 
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "RANK": str(rank),
@@ -220,6 +225,10 @@ class LearnerRank:
         ntok = agg.get("tokens", 0.0)
         extra = {k: v / max(ntok, 1.0) for k, v in agg.items() if k != "tokens"}
         gn = self.engine.get_global_grad_norm()
+        if self.metrics is not None:
+            self.metrics.tokens.inc(ntok)
+            self.metrics.step_seconds.observe(time.perf_counter() - t0)
+            self.metrics.kl.set(extra.get("behav_kl", 0.0))
         return StepStats(total, float(gn) if gn is not None else float("nan"), int(ntok),
                          time.perf_counter() - t0, extra)
 
@@ -267,6 +276,9 @@ class LearnerRank:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def metrics_endpoint(self) -> Optional[str]:
+        return self.metrics_endpoint_
 
     # -- GPU weight publication over NCCL (rlsys.weight_sync) ----------------------------
     def weight_plan(self, dtype: str) -> list:

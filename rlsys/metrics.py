@@ -1,8 +1,13 @@
 """Prometheus metric names (one vocabulary: ``rlsys_<role>_<name>_<unit>``) and the
 controller's endpoint.
 
-Every metric rlsys exports is declared here and nowhere else. Labels are bounded (role,
-worker index); there are no per-prompt labels. Issue 7 extends export to every actor.
+Every metric rlsys exports is declared here and nowhere else. Each process serves its own
+endpoint: the controller (``Metrics``: learner progress, scheduler, replay, reward and judge
+totals) and every actor (``ACTOR_METRICS``: what only that actor sees, and its memory). The
+controller writes the list of endpoints as a Prometheus file_sd file
+(``<run dir>/prometheus_targets.json``, and ``cluster.prometheus_targets`` if set) with the
+target labels ``run``, ``role`` and ``index``; labels are bounded that way (no per-prompt
+labels), and metric names carry the role: ``rlsys_<role>_<name>_<unit>``.
 """
 
 from __future__ import annotations
@@ -72,6 +77,95 @@ class Metrics:
         self.judge_queue_depth = Gauge("rlsys_judge_queue_depth_calls", "Judge calls queued or in flight",
                                        registry=r)
         self.eval_accuracy = Gauge("rlsys_controller_eval_accuracy", "Held-out greedy accuracy", registry=r)
+        self.memory = _memory_gauge("controller", r)
+
+
+def _memory_gauge(role: str, registry: CollectorRegistry) -> Gauge:
+    """``rlsys_<role>_process_memory_bytes``: resident memory of the exporting process, read at scrape."""
+    import psutil
+
+    proc = psutil.Process()
+    g = Gauge(f"rlsys_{role}_process_memory_bytes", f"Resident memory of the {role} process", registry=registry)
+    g.set_function(lambda: proc.memory_info().rss)
+    return g
+
+
+class RolloutMetrics:
+    """A rollout worker's own endpoint (role ``rollout``, one per worker)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.tokens = Counter("rlsys_rollout_engine_tokens", "Completion tokens this engine generated", registry=r)
+        self.in_flight = Gauge("rlsys_rollout_engine_requests_in_flight",
+                               "Requests in this engine's current generate call (and carried over)", registry=r)
+        self.latency = Histogram("rlsys_rollout_engine_generate_seconds", "Engine time of one generate call",
+                                 registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.version = Gauge("rlsys_rollout_engine_policy_version", "Policy version this engine serves", registry=r)
+        self.memory = _memory_gauge("rollout", r)
+
+
+class RewardMetrics:
+    """A reward worker's own endpoint (role ``reward``)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.groups = Counter("rlsys_reward_worker_groups", "Groups this reward worker scored", registry=r)
+        self.latency = Histogram("rlsys_reward_worker_score_seconds", "Time to score one batch of groups",
+                                 registry=r, buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.queue = Gauge("rlsys_reward_worker_queue_depth_batches", "Score calls in progress in this worker",
+                           registry=r)
+        self.memory = _memory_gauge("reward", r)
+
+
+class JudgeMetrics:
+    """The judge worker's own endpoint (role ``judge``)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.calls = Counter("rlsys_judge_worker_calls", "Judge calls this worker made", registry=r)
+        self.fallbacks = Counter("rlsys_judge_worker_fallbacks", "Pairs that fell back to the RM here", registry=r)
+        self.queue = Gauge("rlsys_judge_worker_queue_depth_calls", "Judge calls queued or in flight", registry=r)
+        self.latency = Histogram("rlsys_judge_worker_latency_seconds", "Latency of one judge_pairs request",
+                                 registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.memory = _memory_gauge("judge", r)
+
+
+class LearnerRankMetrics:
+    """A learner rank's own endpoint (role ``learner``, one per rank)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.tokens = Counter("rlsys_learner_rank_tokens", "Completion tokens this rank trained on", registry=r)
+        self.step_seconds = Histogram("rlsys_learner_rank_step_seconds", "This rank's forward+backward+step time",
+                                      registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.kl = Gauge("rlsys_learner_rank_kl", "Approximate KL(behaviour || current) of the last step", registry=r)
+        self.memory = _memory_gauge("learner", r)
+
+
+ACTOR_METRICS = {"rollout": RolloutMetrics, "reward": RewardMetrics, "judge": JudgeMetrics,
+                 "learner": LearnerRankMetrics}
+"""Role -> the metrics an actor of that role serves on its own endpoint."""
+
+
+def all_registries() -> list[CollectorRegistry]:
+    """Every registry rlsys exports (the controller's and each actor role's): the dashboard
+    generator and its test introspect these."""
+    return [Metrics().registry, *(cls().registry for cls in ACTOR_METRICS.values())]
+
+
+def serve_actor(role: str, host: str):
+    """An actor's metrics on a free port of ``host``: returns (its metrics, "host:port")."""
+    metrics = ACTOR_METRICS[role]()
+    server = serve(metrics, host, 0)
+    advertised = host
+    if host in ("0.0.0.0", "::", ""):  # listening everywhere: advertise the node's address
+        try:
+            import ray
+
+            advertised = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001
+            advertised = "127.0.0.1"
+    return metrics, f"{advertised}:{server.port}", server
 
 
 @dataclass
@@ -89,7 +183,7 @@ class MetricsServer:
         self._server.server_close()
 
 
-def serve(metrics: Metrics, host: str, port: int) -> MetricsServer:
+def serve(metrics, host: str, port: int) -> MetricsServer:
     """Start the endpoint (port 0 picks a free port). Binds localhost unless configured."""
     server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
     actual = server.server_address[1]

@@ -33,6 +33,7 @@ import logging
 import math
 import numbers
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -297,8 +298,14 @@ class PairwiseStage:
 class RewardWorker:
     """Ray actor shell (``reward`` role): rule scoring, plus the pairwise stage when configured."""
 
-    def __init__(self, cfg: RewardConfig, reward_model_path: Optional[str] = None, judge=None):
+    def __init__(self, cfg: RewardConfig, reward_model_path: Optional[str] = None, judge=None,
+                 metrics_host: Optional[str] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.metrics = self.metrics_endpoint_ = None
+        if metrics_host is not None:  # this worker's own Prometheus endpoint (rlsys.metrics)
+            from rlsys.metrics import serve_actor
+
+            self.metrics, self.metrics_endpoint_, self._metrics_server = serve_actor("reward", metrics_host)
         self.scorer = GroupScorer(cfg)
         self.pairwise = self.pointwise = None
         if cfg.mode == "rm_pointwise":
@@ -317,12 +324,29 @@ class RewardWorker:
             self.pairwise = PairwiseStage(cfg, rm, call)
 
     async def score(self, groups: list[Group]) -> list[Group]:
+        m = self.metrics
+        if m is None:
+            return await self._score(groups)
+        t0 = time.perf_counter()
+        m.queue.inc()
+        try:
+            scored = await self._score(groups)
+        finally:
+            m.queue.dec()
+        m.latency.observe(time.perf_counter() - t0)
+        m.groups.inc(len(scored))
+        return scored
+
+    async def _score(self, groups: list[Group]) -> list[Group]:
         scored = [self.scorer.score_group(g) for g in groups]
         if self.pointwise is not None:
             scored = self.pointwise.apply(scored)
         if self.pairwise is not None:
             scored = await self.pairwise.apply(scored)
         return scored
+
+    def metrics_endpoint(self) -> Optional[str]:
+        return self.metrics_endpoint_
 
     def stats(self) -> dict:
         if self.pointwise is not None:

@@ -287,13 +287,20 @@ class RolloutResult:
 class RolloutWorker:
     """Ray actor (``rollout`` role) around one vLLM engine."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, worker_index: int, work_dir: str, version: int = 0):
+    def __init__(self, cfg: RolloutConfig, model_path: str, worker_index: int, work_dir: str, version: int = 0,
+                 metrics_host: Optional[str] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         prepare_vllm_process(Path(work_dir) / "vllm" / f"worker{worker_index}", cfg.compile_cache_dir)
         from transformers import AutoTokenizer
         from vllm import LLM
 
         self.cfg = cfg
+        self.metrics = self.metrics_endpoint_ = None
+        if metrics_host is not None:  # this worker's own Prometheus endpoint (rlsys.metrics)
+            from rlsys.metrics import serve_actor
+
+            self.metrics, self.metrics_endpoint_, self._metrics_server = serve_actor("rollout", metrics_host)
+            self.metrics.version.set(version)
         self.gate = EngineGate()
         self._carry: list[_Pending] = []  # unfinished groups continued by the next call (partial mode)
         self.index = worker_index
@@ -340,6 +347,22 @@ class RolloutWorker:
         return self.tokenizer.decode([t for t in token_ids if t != self.eos_id], skip_special_tokens=True)
 
     def generate(self, requests: list[RolloutRequest], carry: bool = False, drain: bool = False) -> RolloutResult:
+        m = self.metrics
+        if m is None:
+            return self._generate(requests, carry, drain)
+        m.in_flight.set(len(requests) + len(self._carry))
+        try:
+            res = self._generate(requests, carry, drain)
+        finally:
+            m.in_flight.set(len(self._carry))
+        m.tokens.inc(res.num_tokens)
+        m.latency.observe(res.generate_seconds)
+        return res
+
+    def metrics_endpoint(self) -> Optional[str]:
+        return self.metrics_endpoint_
+
+    def _generate(self, requests: list[RolloutRequest], carry: bool = False, drain: bool = False) -> RolloutResult:
         """n_i sampled completions per request, with behaviour logprobs and their version.
 
         ``carry`` (partial mode only): return the groups that are complete once the call's tail
@@ -440,6 +463,8 @@ class RolloutWorker:
             self.llm.reset_prefix_cache()
             self.version = version
             self._repeats.clear()
+            if self.metrics is not None:
+                self.metrics.version.set(version)
         return version
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> list[int]:
@@ -459,6 +484,8 @@ class RolloutWorker:
             self.llm.reset_prefix_cache()
             self.version = version
             self._repeats.clear()
+            if self.metrics is not None:
+                self.metrics.version.set(version)
         return version
 
     def update_weights_ipc(self, version: int, plan: list, handles: list) -> int:
@@ -471,6 +498,8 @@ class RolloutWorker:
             self.llm.reset_prefix_cache()
             self.version = version
             self._repeats.clear()
+            if self.metrics is not None:
+                self.metrics.version.set(version)
         return version
 
     def gpu_id(self) -> Optional[str]:

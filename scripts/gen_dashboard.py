@@ -34,8 +34,9 @@ ROWS = [
     ("replay", ("replay",)),
 ]
 DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
-SELECTOR = '{instance=~"$instance"}'
-INSTANCE_VARIABLE_METRIC = "rlsys_learner_policy_version"
+SELECTOR = '{run=~"$run"}'
+RUN_VARIABLE_METRIC = "rlsys_learner_policy_version"
+LEGEND = "{{run}} {{role}} {{index}}"  # target labels from the run's file_sd list
 PANEL_W, PANEL_H, PER_LINE = 8, 8, 3
 QUANTILES = (0.5, 0.95)
 
@@ -60,9 +61,9 @@ def unit_of(name: str, kind: str) -> str:
 def queries(name: str, kind: str) -> list[tuple[str, str]]:
     """(PromQL, legend) pairs for one metric family."""
     if kind == "counter":
-        return [(f"rate({name}_total{SELECTOR}[1m])", "{{instance}}")]
+        return [(f"rate({name}_total{SELECTOR}[1m])", LEGEND)]
     if kind == "gauge":
-        return [(f"{name}{SELECTOR}", "{{instance}}")]
+        return [(f"{name}{SELECTOR}", LEGEND)]
     if kind == "histogram":
         return [(f"histogram_quantile({q}, sum(rate({name}_bucket{SELECTOR}[5m])) by (le))", f"p{round(q * 100)}")
                 for q in QUANTILES]
@@ -70,11 +71,12 @@ def queries(name: str, kind: str) -> list[tuple[str, str]]:
 
 
 def metric_families() -> list[tuple[str, str, str]]:
-    """(name, type, help) of every family the controller's registry exports, in declaration order."""
+    """(name, type, help) of every family rlsys exports (the controller's registry, then each
+    actor role's), in declaration order."""
     sys.path.insert(0, str(ROOT))
-    from rlsys.metrics import Metrics
+    from rlsys.metrics import all_registries
 
-    return [(f.name, f.type, f.documentation) for f in Metrics().registry.collect()]
+    return [(f.name, f.type, f.documentation) for r in all_registries() for f in r.collect()]
 
 
 def panel(pid: int, name: str, kind: str, doc: str, x: int, y: int) -> dict:
@@ -136,9 +138,9 @@ def build(families: list[tuple[str, str, str]]) -> dict:
         "templating": {"list": [
             {"name": "DS_PROMETHEUS", "label": "Prometheus", "type": "datasource", "query": "prometheus",
              "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": []},
-            {"name": "instance", "label": "controller", "type": "query", "datasource": DS,
-             "definition": f"label_values({INSTANCE_VARIABLE_METRIC}, instance)",
-             "query": {"query": f"label_values({INSTANCE_VARIABLE_METRIC}, instance)", "refId": "instance"},
+            {"name": "run", "label": "run", "type": "query", "datasource": DS,
+             "definition": f"label_values({RUN_VARIABLE_METRIC}, run)",
+             "query": {"query": f"label_values({RUN_VARIABLE_METRIC}, run)", "refId": "run"},
              "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "hide": 0, "refresh": 2,
              "regex": "", "sort": 1, "options": []},
         ]},

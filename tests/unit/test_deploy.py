@@ -50,14 +50,15 @@ def yaml_docs(path: Path) -> list[dict]:
 # --- Grafana ---------------------------------------------------------------------------------
 
 def exported_series() -> set[str]:
-    """Sample names the controller's endpoint serves (what Prometheus stores)."""
+    """Sample names the endpoints serve (the controller's and every actor role's): what
+    Prometheus stores."""
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from rlsys.metrics import Metrics
+    from rlsys.metrics import all_registries
 
-    text = generate_latest(Metrics().registry).decode()
-    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    return {s.name for r in all_registries()
+            for f in text_string_to_metric_families(generate_latest(r).decode()) for s in f.samples}
 
 
 def dashboard_queries(d: dict) -> list[str]:
@@ -73,14 +74,14 @@ def test_dashboard_is_generated_from_the_metrics_module():
 
 
 def test_dashboard_queries_only_exported_series_and_covers_every_metric():
-    from rlsys.metrics import Metrics
+    from rlsys.metrics import all_registries
 
     d = json.loads(DASHBOARD.read_text())
     exported = exported_series()
     referenced = {name for q in dashboard_queries(d) for name in re.findall(r"\brlsys_[a-z0-9_]+", q)}
     assert referenced, "the dashboard queries no rlsys metric"
-    assert referenced <= exported, f"panels query series the controller does not export: {referenced - exported}"
-    families = {f.name for f in Metrics().registry.collect()}
+    assert referenced <= exported, f"panels query series rlsys does not export: {referenced - exported}"
+    families = {f.name for r in all_registries() for f in r.collect()}
     shown = {f for f in families if any(r == f or r.startswith(f + "_") for r in referenced)}
     assert shown == families, f"metrics without a panel: {families - shown}"
 
@@ -131,7 +132,7 @@ def test_dashboard_promql_parses(tmp_path):
     d = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
     rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"rlsys:panel_{i}", "expr": e.replace("$instance", ".*")} for i, e in enumerate(exprs)]}]}
+        {"record": f"rlsys:panel_{i}", "expr": e.replace("$run", ".*")} for i, e in enumerate(exprs)]}]}
     f = tmp_path / "rules.yml"
     f.write_text(yaml.safe_dump(rules))
     r = run_tool([promtool, "check", "rules", str(f)])
