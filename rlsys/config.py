@@ -76,6 +76,9 @@ class RunConfig:
     """Evaluate on held-out prompts every k steps (0: only before and after training)."""
     log_every: int = 1
     """Print a progress line every k steps."""
+    report: bool = True
+    """At the end of a run, write report.png (reward, accuracy, effective gradient ratio and
+    throughput over steps) and report.md (a summary table) into the run directory."""
     run_root: str = "runs"
     """Parent directory of run directories."""
     model: ModelConfig = field(default_factory=ModelConfig)

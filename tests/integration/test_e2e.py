@@ -25,7 +25,7 @@ def run_and_scrape(cfg, run_dir):
 
 
 def test_short_run_improves_reward_and_accuracy(ray_cluster, tiny_model, tmp_path):
-    cfg = to_run_config(compose(["steps=40", "max_train_seconds=300"]))
+    cfg = to_run_config(compose(["steps=40", "max_train_seconds=300", "eval_every=20"]))
     summary = run_training(cfg, tmp_path)
     assert summary["steps"] == 40
     assert summary["eval_accuracy_after"] >= summary["eval_accuracy_before"] + 0.1, summary
@@ -36,6 +36,18 @@ def test_short_run_improves_reward_and_accuracy(ray_cluster, tiny_model, tmp_pat
     for key in ("steps", "wall_seconds", "train_seconds", "eval_accuracy_before", "eval_accuracy_after",
                 "samples", "tokens_generated"):
         assert key in on_disk
+    # the end-of-run report: the PNG renders, and the table says what the summary says
+    c = summary["curves"]
+    assert [e[0] for e in c["eval_accuracy"]] == [0, 20, 40]
+    assert c["eval_accuracy"][0][1] == summary["eval_accuracy_before"]
+    assert c["eval_accuracy"][-1][1] == summary["eval_accuracy_after"]
+    assert len(c["time_s"]) == len(c["samples"]) == 40 and c["samples"][-1] == summary["samples"]
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    md = (tmp_path / "report.md").read_text()
+    assert "| steps | 40 |" in md and f"| samples (completions) | {summary['samples']} |" in md
+    assert (f"| eval accuracy | {summary['eval_accuracy_before']:.3f} -> "
+            f"{summary['eval_accuracy_after']:.3f} |") in md
 
 
 def test_multi_actor_async_run_survives_a_raising_reward_function(ray_cluster, tiny_model, tmp_path):
@@ -50,6 +62,19 @@ def test_multi_actor_async_run_survives_a_raising_reward_function(ray_cluster, t
     assert summary["steps"] == 6
     assert summary["reward_failures"] > 0
     assert "rlsys_reward_failures_total" in text and "rlsys_learner_steps_total 6.0" in text
+    # the report's numbers are the metrics' numbers
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rlsys.report import write_report
+
+    scraped = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    write_report(summary, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert f"| steps | {int(scraped['rlsys_learner_steps_total'])} |" in md
+    assert f"-> {scraped['rlsys_controller_eval_accuracy']:.3f} |" in md
+    assert scraped["rlsys_scheduler_effective_gradient_ratio"] == pytest.approx(
+        summary["curves"]["effective_gradient_ratio"][-1])
+    assert scraped["rlsys_reward_mean"] == pytest.approx(summary["curves"]["reward"][-1])
     hist = {int(k): v for k, v in summary["replay"]["staleness_hist"].items()}
     assert set(hist) <= {0, 1} and sum(hist.values()) == 6 * 8
 
