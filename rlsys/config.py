@@ -26,6 +26,7 @@ from rlsys.replay import ReplayConfig
 from rlsys.reward import RewardConfig
 from rlsys.rollout import RolloutConfig
 from rlsys.scheduler import SchedulerConfig
+from rlsys.loggers import LoggersConfig
 from rlsys.task import TaskConfig
 from rlsys.tinymodel import ModelConfig
 
@@ -91,6 +92,7 @@ class RunConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
     resume: Optional[str] = None
     """Continue a run from a checkpoint: a checkpoint directory, or a run directory (its newest
     checkpoint). ``steps`` stays the total: resuming at step 40 with steps=100 trains 60 more."""

@@ -46,6 +46,7 @@ from rlsys.config import ClusterConfig, RunConfig
 from rlsys.control import CONTROL_NAME, RunControl
 from rlsys.judge import JudgeWorker
 from rlsys.learner import LearnerRank
+from rlsys.loggers import MetricLoggers
 from rlsys.losses import LossNormalizer
 from rlsys.metrics import Metrics, MetricsServer, serve
 from rlsys.records import Group
@@ -211,6 +212,9 @@ class Controller:
             ray.get(self.scheduler.load_state_dict.remote(self.resume_state["scheduler"]))
             self.progress = _progress_from(self.resume_state["progress"])
         self.sampler = Sampler(cfg.scheduler)
+        self.loggers = MetricLoggers(cfg.loggers, self.run_dir, self.run_dir.name,
+                                     config={"steps": cfg.steps, "strategy": cfg.scheduler.strategy,
+                                             "max_staleness": cfg.replay.max_staleness})
         # Every actor serves its own Prometheus endpoint when metrics are on (rlsys.metrics).
         self._mhost = cfg.cluster.metrics_host if cfg.cluster.metrics_port >= 0 else None
         self.judge = None
@@ -420,6 +424,8 @@ class Controller:
 
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if getattr(self, "loggers", None) is not None:
+            self.loggers.close()
         if self.transport == "shm" and isinstance(self._committed_weights, str):
             Path(self._committed_weights).unlink(missing_ok=True)
         extra = [a for a in (getattr(self, "judge", None), getattr(self, "control", None)) if a is not None]
@@ -732,7 +738,8 @@ class Controller:
         p.groups_trained += len(groups)
         m.effective_gradient_ratio.set(egr)
         m.effective_prompt_ratio.set(effective_prompt_ratio(group_rewards))
-        m.rollouts_per_step.set(p.samples - p.samples_at_last_step)
+        rollouts_step = p.samples - p.samples_at_last_step
+        m.rollouts_per_step.set(rollouts_step)
         p.samples_at_last_step = p.samples
         for n in sizes:
             m.group_size.observe(n)
@@ -747,6 +754,19 @@ class Controller:
             m.replay_staleness.observe(x)
         m.replay_dropped_stale.inc(self.store.counters.dropped_stale - self._dropped_seen)
         self._dropped_seen = self.store.counters.dropped_stale
+        m.kl.set(stats[0].extra.get("behav_kl", 0.0))
+        if self.loggers.active:  # the same numbers, under the Prometheus names
+            self.loggers.log(p.step, {
+                "rlsys_learner_loss": loss, "rlsys_learner_grad_norm": stats[0].grad_norm,
+                "rlsys_learner_kl": stats[0].extra.get("behav_kl", 0.0), "rlsys_reward_mean": reward,
+                "rlsys_learner_step_seconds": train_s, "rlsys_learner_weight_sync_seconds": sync_s,
+                "rlsys_learner_policy_version": self.store.learner_version,
+                "rlsys_scheduler_effective_gradient_ratio": egr,
+                "rlsys_scheduler_effective_prompt_ratio": effective_prompt_ratio(group_rewards),
+                "rlsys_scheduler_rollouts_per_step": rollouts_step,
+                "rlsys_replay_staleness_versions": float(np.mean(lag)),
+                "rlsys_replay_dropped_stale_groups": self.store.counters.dropped_stale,
+                "rlsys_rollout_samples": p.samples, "rlsys_rollout_tokens": p.tokens})
         if p.step % self.cfg.log_every == 0 or p.step == self.cfg.steps:
             el = time.perf_counter() - t_start
             log.info("step %4d/%d | reward %.3f | loss %+.4f | grad %.3f | clip %.3f | tokens/s %6.0f | "

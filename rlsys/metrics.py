@@ -29,6 +29,8 @@ class Metrics:
         self.policy_version = Gauge("rlsys_learner_policy_version", "Current policy version", registry=r)
         self.loss = Gauge("rlsys_learner_loss", "Policy loss of the last step", registry=r)
         self.grad_norm = Gauge("rlsys_learner_grad_norm", "Global gradient norm of the last step", registry=r)
+        self.kl = Gauge("rlsys_learner_kl", "KL(behaviour || current policy) of the last step (k1 estimate)",
+                        registry=r)
         self.step_seconds = Histogram("rlsys_learner_step_seconds", "Learner step wall time", registry=r,
                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.sync_seconds = Histogram("rlsys_learner_weight_sync_seconds", "Weight sync wall time", registry=r,

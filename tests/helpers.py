@@ -172,3 +172,12 @@ def build_char_chat_model(out_dir: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def tb_scalars(run_dir) -> dict:
+    """Scalars of the TensorBoard event files under <run_dir>/tensorboard: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -56,7 +56,7 @@ def test_multi_actor_async_run_survives_a_raising_reward_function(ray_cluster, t
     cfg = to_run_config(compose([
         "steps=6", "rollout.num_workers=2", "rollout.num_cpus=1", "learner.num_ranks=2", "learner.num_cpus=0.5",
         "replay.max_staleness=1", "scheduler.prompts_per_step=8", "rollout.prompts_per_call=4",
-        "reward.target=helpers.flaky_reward",
+        "reward.target=helpers.flaky_reward", "loggers.tensorboard=true",
     ]))
     summary, text = run_and_scrape(cfg, tmp_path)
     assert summary["steps"] == 6
@@ -75,6 +75,13 @@ def test_multi_actor_async_run_survives_a_raising_reward_function(ray_cluster, t
     assert scraped["rlsys_scheduler_effective_gradient_ratio"] == pytest.approx(
         summary["curves"]["effective_gradient_ratio"][-1])
     assert scraped["rlsys_reward_mean"] == pytest.approx(summary["curves"]["reward"][-1])
+    # TensorBoard got the same per-step records, under the Prometheus names
+    from helpers import tb_scalars
+
+    tb = tb_scalars(tmp_path)
+    assert [s for s, _ in tb["rlsys_reward_mean"]] == list(range(1, 7))
+    assert [v for _, v in tb["rlsys_reward_mean"]] == pytest.approx(summary["curves"]["reward"])
+    assert tb["rlsys_learner_loss"][-1][1] == pytest.approx(scraped["rlsys_learner_loss"])
     hist = {int(k): v for k, v in summary["replay"]["staleness_hist"].items()}
     assert set(hist) <= {0, 1} and sum(hist.values()) == 6 * 8
 
