@@ -155,6 +155,23 @@ def _progress_from(d: dict) -> Progress:
     return Progress(**{**d, "timing": Timing(**d["timing"])})
 
 
+class RecentErrors(logging.Handler):
+    """The last few warnings and errors logged by rlsys in this process (for ``rlsys status``)."""
+
+    def __init__(self, keep: int = 5):
+        super().__init__(level=logging.WARNING)
+        from collections import deque
+
+        self.lines: "deque[str]" = deque(maxlen=keep)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname} "
+                              f"{record.getMessage()[:300]}")
+        except Exception:  # noqa: BLE001 - a log handler must never raise
+            pass
+
+
 class Controller:
     """Owns the actors of one run. ``await run()`` trains and returns the summary."""
 
@@ -164,6 +181,8 @@ class Controller:
         self.metrics = Metrics()
         self.progress = Progress()
         self.metrics_server: Optional[MetricsServer] = None
+        self._recent_errors = RecentErrors()
+        logging.getLogger("rlsys").addHandler(self._recent_errors)
         self._dropped_seen = 0
         self.learner_restarts = 0
         self.store = None
@@ -426,6 +445,7 @@ class Controller:
             self.metrics_server.close()
         if getattr(self, "loggers", None) is not None:
             self.loggers.close()
+        logging.getLogger("rlsys").removeHandler(self._recent_errors)
         if self.transport == "shm" and isinstance(self._committed_weights, str):
             Path(self._committed_weights).unlink(missing_ok=True)
         extra = [a for a in (getattr(self, "judge", None), getattr(self, "control", None)) if a is not None]
@@ -642,10 +662,14 @@ class Controller:
                 await self._add_workers(want - len(self.workers))
             elif want < len(self.workers):
                 await self._remove_workers(len(self.workers) - want)
+            js = getattr(self, "judge_stats", None) or {}
             await self.control.update_report.remote({
                 "step": self.progress.step, "steps": self.cfg.steps, "policy_version": self._published_version,
                 "rollout_workers": len(self.workers), "learner_ranks": len(self.ranks),
-                "samples": self.progress.samples})
+                "samples": self.progress.samples, "replay_depth": await self.store.depth(),
+                "replay_dropped_stale": self.store.counters.dropped_stale,
+                "judge_queue": js.get("queued", 0) + js.get("in_flight", 0) if js else None,
+                "learner_restarts": self.learner_restarts, "last_errors": list(self._recent_errors.lines)})
             await asyncio.sleep(self.cfg.cluster.control_poll_s)
 
     async def _add_workers(self, k: int) -> None:

@@ -667,6 +667,9 @@ def _fit(step_loss, params, cfg: RewardModelConfig, steps: int, n: int, what: st
     order = torch.Generator().manual_seed(cfg.seed + 1)
     perm, cursor = torch.randperm(n, generator=order), 0
     history, running = [], []
+    from rlsys.tinymodel import progress_bar
+
+    bar = progress_bar(steps, what)
     for step in range(steps):
         if cursor + cfg.batch_size > n:
             perm, cursor = torch.randperm(n, generator=order), 0
@@ -680,11 +683,14 @@ def _fit(step_loss, params, cfg: RewardModelConfig, steps: int, n: int, what: st
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         running.append(loss.item())
+        bar.update()
         if (step + 1) % 100 == 0 or step + 1 == steps:
             history.append([step + 1, float(np.mean(running))])
             running = []
+            bar.set_postfix(loss=f"{history[-1][1]:.4f}")
             if len(history) % 10 == 0 or step + 1 == steps:
                 log.info("%s step %d/%d: loss %.4f", what, step + 1, steps, history[-1][1])
+    bar.close()
     return history
 
 

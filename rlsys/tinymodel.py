@@ -150,6 +150,15 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- tokenizer
 
 
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on an interactive terminal; a no-op in logs, CI and Ray workers."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not sys.stderr.isatty(), leave=False)
+
+
 def build_tokenizer(max_length: int = 64) -> PreTrainedTokenizerFast:
     """The character-level tokenizer: specials ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, then
     one token per character of :data:`ALPHABET`; encoding prepends ``<bos>``."""
@@ -467,6 +476,7 @@ def _warm_start(
     history: list[list[float]] = []
     step = 0
     model.train()
+    bar = progress_bar(cfg.warmstart_max_steps, "warm start (stops at the target accuracy)")
     while step < cfg.warmstart_max_steps:
         if cursor + cfg.warmstart_batch_size > n:
             perm, cursor = torch.randperm(n, generator=order), 0
@@ -480,12 +490,15 @@ def _warm_start(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
+        bar.update()
         if step % cfg.warmstart_eval_every == 0 or step == cfg.warmstart_max_steps:
             accuracy = _teacher_forced_exact_match(model, *val_pack)
             history.append([step, accuracy])
+            bar.set_postfix(val_accuracy=f"{accuracy:.3f}")
             if len(history) % 10 == 0 or accuracy >= cfg.warmstart_target_accuracy:
                 log.info("warm start step %d: loss %.4f, val accuracy %.3f", step, loss.item(), accuracy)
             if accuracy >= cfg.warmstart_target_accuracy:
                 break
+    bar.close()
     model.eval()
     return step, history

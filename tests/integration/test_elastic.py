@@ -65,6 +65,8 @@ def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path, m
     steps = summary["steps"]
     assert 4 < steps < 1000  # ended by the stop request, at a step boundary
     assert status["desired_rollout"] == 1 and status["run"] == tmp_path.name
+    assert status["replay_depth"] >= 0 and status["learner_restarts"] == 0
+    assert isinstance(status["last_errors"], list)
     workers = {w["index"]: w for w in summary["rollout_workers"]}
     assert sorted(workers) == [0, 1, 2]  # worker 2 joined, then 2 and 1 left
     assert workers[2]["joined_at_version"] >= 2 and workers[2]["left_at_version"] is not None
