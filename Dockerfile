@@ -19,7 +19,7 @@ WORKDIR /opt/rlsys
 COPY pyproject.toml ./
 COPY scripts/setup.sh scripts/setup.sh
 # Stub package and README (pyproject's readme): a docs edit must not rebuild this layer.
-RUN mkdir -p rlsys && touch rlsys/__init__.py README.md && PYTHON=python3 bash scripts/setup.sh
+RUN mkdir -p rlsys && touch rlsys/__init__.py README.md && PYTHON=python3 RLSYS_TEST_TOOLS=0 bash scripts/setup.sh
 ENV PATH=/opt/rlsys/.venv/bin:$PATH RLSYS_CONF_DIR=/opt/rlsys/conf
 # Login shells (KubeRay starts Ray with bash -l) reset PATH from /etc/profile on Debian bases.
 # hadolint ignore=SC2016

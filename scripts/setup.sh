@@ -18,7 +18,10 @@ log() { printf '[setup] %s\n' "$*"; }
 #    and prometheus (the scrape test starts its own server; promtool checks the deploy configs).
 MISSING=()
 command -v redis-server >/dev/null || MISSING+=(redis-server)
-command -v prometheus >/dev/null || MISSING+=(prometheus)
+# RLSYS_TEST_TOOLS=0 (the Dockerfile): no test-only tools in a production image.
+if [ "${RLSYS_TEST_TOOLS:-1}" = 1 ]; then
+  command -v prometheus >/dev/null || MISSING+=(prometheus)
+fi
 if [ ${#MISSING[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   if command -v apt-get >/dev/null; then
