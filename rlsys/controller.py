@@ -776,6 +776,13 @@ class Controller:
         m.sync_seconds.observe(sync_s)
         for x in lag:
             m.replay_staleness.observe(x)
+        m.version_lag.set(max(lag))
+        c = self.store.counters
+        m.replay_acked.set(c.acked)
+        m.replay_put.set(c.put)
+        m.replay_redelivered.set(c.requeued)
+        m.replay_rejected.set(c.rejected)
+        m.replay_duplicates.set(c.duplicates)
         m.replay_dropped_stale.inc(self.store.counters.dropped_stale - self._dropped_seen)
         self._dropped_seen = self.store.counters.dropped_stale
         m.kl.set(stats[0].extra.get("behav_kl", 0.0))

@@ -47,6 +47,18 @@ class Metrics:
         self.replay_depth = Gauge("rlsys_replay_depth_groups", "Groups waiting in the replay store", registry=r)
         self.replay_dropped_stale = Counter("rlsys_replay_dropped_stale_groups",
                                             "Groups dropped for exceeding max_staleness", registry=r)
+        self.replay_acked = Gauge("rlsys_replay_acked_groups", "Groups acknowledged (trained and committed)",
+                                  registry=r)
+        self.replay_put = Gauge("rlsys_replay_put_groups", "Groups put into the store", registry=r)
+        self.replay_redelivered = Gauge("rlsys_replay_redelivered_groups",
+                                        "Groups handed back for redelivery after a learner failure", registry=r)
+        self.replay_rejected = Gauge("rlsys_replay_rejected_records", "Records rejected (corrupt, unknown version)",
+                                     registry=r)
+        self.replay_duplicates = Gauge("rlsys_replay_duplicate_groups", "Already-trained groups skipped (dedupe)",
+                                       registry=r)
+        self.version_lag = Gauge("rlsys_rollout_policy_version_lag_versions",
+                                 "Largest policy-version lag among the last step's groups (learner - sampler)",
+                                 registry=r)
         self.replay_staleness = Histogram("rlsys_replay_staleness_versions", "Policy-version lag of trained groups",
                                           registry=r, buckets=(0, 1, 2, 3, 4, 8))
         self.group_size = Histogram("rlsys_scheduler_group_size_rollouts", "Rollouts per trained group (allocation)",

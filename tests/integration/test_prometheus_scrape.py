@@ -72,7 +72,10 @@ class Prometheus:
 KEY_SERIES = {
     "controller": [("rlsys_learner_steps_total", 1), ("rlsys_learner_policy_version", 1),
                    ("rlsys_scheduler_effective_gradient_ratio", 0), ("rlsys_replay_depth_groups", 0),
-                   ("rlsys_learner_weight_sync_seconds_count", 1), ("rlsys_controller_process_memory_bytes", 1e6)],
+                   ("rlsys_learner_weight_sync_seconds_count", 1), ("rlsys_controller_process_memory_bytes", 1e6),
+                   ("rlsys_replay_acked_groups", 16), ("rlsys_replay_staleness_versions_count", 16),
+                   ("rlsys_learner_kl", -1.0), ("rlsys_rollout_policy_version_lag_versions", 0),
+                   ("rlsys_reward_routed_fraction", 0), ("rlsys_judge_calls", 1)],
     "learner": [("rlsys_learner_rank_tokens_total", 1), ("rlsys_learner_rank_step_seconds_count", 1),
                 ("rlsys_learner_process_memory_bytes", 1e6)],
     "rollout": [("rlsys_rollout_engine_tokens_total", 1), ("rlsys_rollout_engine_generate_seconds_count", 1),
