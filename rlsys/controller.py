@@ -250,6 +250,12 @@ class Controller:
                         .remote(cfg.reward, rm_path, self.judge, self._mhost) for _ in range(cfg.reward.num_workers)]
         self._actor_opts = opts
         self._version0 = self._published_version = version0
+        self.ranks = []
+        if cfg.learner.num_gpus and rc.num_gpus:
+            # On GPUs an engine may share a device with a learner rank: let the ranks take their
+            # memory first, or vLLM's start-up profiling sees memory vanish and refuses to start.
+            self.ranks = self._start_ranks(None, resume_dir=str(self.resume_ckpt) if self.resume_ckpt else None)
+            ray.get([r.ready.remote() for r in self.ranks], timeout=cfg.cluster.actor_start_timeout_s)
         self.workers = [self._spawn_rollout_worker(i) for i in range(rc.num_workers)]
         self._stop_requested = False
         self._publish_lock = asyncio.Lock()  # weight publication vs. a worker joining
@@ -257,7 +263,8 @@ class Controller:
         self.worker_log = {i: _worker_entry(i, version0) for i in range(rc.num_workers)}
         self.control = ray.remote(num_cpus=0)(RunControl).options(name=CONTROL_NAME).remote(
             self.run_dir.name, rc.num_workers)
-        self.ranks = self._start_ranks(None, resume_dir=str(self.resume_ckpt) if self.resume_ckpt else None)
+        if not self.ranks:
+            self.ranks = self._start_ranks(None, resume_dir=str(self.resume_ckpt) if self.resume_ckpt else None)
         try:
             ray.get([a.ready.remote() for a in self.workers + self.rewards + self.ranks],
                     timeout=cfg.cluster.actor_start_timeout_s)
@@ -327,7 +334,8 @@ class Controller:
         gpus = ray.get([self.ranks[0].gpu_id.remote()] + [w.gpu_id.remote() for w in self.workers])
         if want in ("nccl", "cuda_ipc") or (want == "auto" and gpus[0] is not None):
             shared = [g == gpus[0] for g in gpus[1:]]
-            if gpus[0] is not None and None not in gpus and all(shared):
+            if gpus[0] is not None and None not in gpus and all(shared) \
+                    and self.cfg.rollout.tensor_parallel_size == 1:  # IPC maps onto each worker's own device
                 pick = "cuda_ipc"
             elif gpus[0] is not None and None not in gpus and not any(shared):
                 pick = "nccl"
@@ -357,6 +365,7 @@ class Controller:
         and every engine worker form the weight group."""
         dtype = self.cfg.rollout.dtype if self.cfg.rollout.dtype in ("float32", "bfloat16", "float16") else "bfloat16"
         self._weight_plan = await self.ranks[0].weight_plan.remote(dtype)
+        await asyncio.gather(*[w.check_weight_plan.remote(self._weight_plan) for w in self.workers])
         if self.transport != "nccl":
             return
         tp = self.cfg.rollout.tensor_parallel_size

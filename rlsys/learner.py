@@ -293,12 +293,23 @@ class LearnerRank:
         the engine workers join; the group forms in the background once they have."""
         import threading
 
-        from rlsys.weight_sync import WeightGroup, free_port, node_ip
+        from rlsys.weight_sync import WeightGroup, node_ip
 
-        host, port = node_ip(), free_port()
+        import socket
+
+        host = node_ip()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # bound now: nobody can take the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        self._wg_error = None
 
         def form():  # blocks until every engine worker has joined
-            self._wg = WeightGroup(host, port, 0, world_size, self.device)
+            try:
+                self._wg = WeightGroup(host, port, 0, world_size, self.device, listen_socket=sock)
+            except BaseException as e:  # noqa: BLE001 - surfaced by broadcast_weights
+                self._wg_error = e
 
         self._wg_thread = threading.Thread(target=form, daemon=True)
         self._wg_thread.start()
@@ -347,6 +358,8 @@ class LearnerRank:
         if self.rank == 0 and getattr(self, "_wg_thread", None) is not None:
             self._wg_thread.join()
             self._wg_thread = None
+            if self._wg_error is not None:
+                raise RuntimeError(f"the NCCL weight group did not form: {self._wg_error}") from self._wg_error
         sent = 0
         for bucket, ps in self._gathered(plan):
             if self.rank == 0:

@@ -139,7 +139,10 @@ class RolloutConfig:
 
 def prepare_vllm_process(scratch: Path, compile_cache_dir: str) -> None:
     """Environment of a process about to start a vLLM engine (call before importing vllm)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # In-process engine: a few seconds to start on CPU instead of 15-30 s, and the GPU weight
+    # transports pass plans and CUDA IPC handles through collective_rpc, which only the
+    # in-process executor hands over as Python objects (rlsys/weight_sync.py).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     scratch.mkdir(parents=True, exist_ok=True)  # sockets and temp files of this run
     os.environ["TMPDIR"] = str(scratch)
     # Compiled kernels are content-addressed: share them across runs instead of recompiling
@@ -475,10 +478,7 @@ class RolloutWorker:
     def update_weights_nccl(self, version: int, plan: list) -> int:
         """Receive a version bucket by bucket over the weight group (learner rank 0 broadcasts
         at the same time); the plan is checked against the checkpoint before any byte moves."""
-        from rlsys.weight_sync import check_plan
-
-        check_plan(plan, self.expected)
-        with self.gate.update():
+        with self.gate.update():  # the plan was checked once, by check_weight_plan
             for bucket in plan:
                 self.llm.collective_rpc("rlsys_receive_bucket", args=(bucket,))
             self.llm.reset_prefix_cache()
@@ -490,10 +490,7 @@ class RolloutWorker:
 
     def update_weights_ipc(self, version: int, plan: list, handles: list) -> int:
         """Load a version from CUDA IPC handles learner rank 0 exported on this same GPU."""
-        from rlsys.weight_sync import check_plan
-
-        check_plan(plan, self.expected)
-        with self.gate.update():
+        with self.gate.update():  # the plan was checked once, by check_weight_plan
             self.llm.collective_rpc("rlsys_receive_ipc_buckets", args=(plan, handles))
             self.llm.reset_prefix_cache()
             self.version = version
@@ -501,6 +498,12 @@ class RolloutWorker:
             if self.metrics is not None:
                 self.metrics.version.set(version)
         return version
+
+    def check_weight_plan(self, plan: list) -> None:
+        """Refuse a GPU transport's bucket plan that does not fit this engine's checkpoint."""
+        from rlsys.weight_sync import check_plan
+
+        check_plan(plan, self.expected)
 
     def gpu_id(self) -> Optional[str]:
         """node id + the GPU's UUID (None on CPU): equal ids mean one physical device."""

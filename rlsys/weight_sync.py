@@ -21,13 +21,18 @@ Two GPU transports carry the buckets:
 * ``nccl`` (learner and engines on distinct GPUs, any nodes): the weight group has rank 0 =
   learner rank 0 and ``tensor_parallel_size`` ranks per engine after it, formed with vLLM's
   ``StatelessProcessGroup`` + ``PyNcclCommunicator`` so it never touches torch.distributed's
-  global group (DeepSpeed's). ``NCCL_CUMEM_ENABLE=0`` on the learner side, as vLLM sets it.
-  Buckets stream: rank 0 packs and broadcasts one while the engines load the previous one.
+  global group (DeepSpeed's). Buckets stream: rank 0 packs and broadcasts one while the engines load the previous one.
 * ``cuda_ipc`` (learner rank 0 and the engine on the *same* GPU, e.g. a single-GPU machine,
   where NCCL refuses two ranks on one device, "Duplicate GPU detected"): rank 0 packs every
   bucket on its GPU and hands each engine a CUDA IPC handle per bucket (via Ray: a few hundred
   bytes); the engine maps the memory and loads from it, then rank 0 frees the buffers. Peak
   extra memory: one packed copy of the weights on that GPU.
+
+Plans and IPC handles reach the engine's workers through ``LLM.collective_rpc`` in-process
+(rollout workers force ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; with vLLM's engine process the
+arguments would go through msgpack, which neither a dataclass plan nor an IPC handle survives).
+The plan is checked against every engine's checkpoint once, when the transport is prepared, so
+that no engine refuses a broadcast mid-stream (which would leave rank 0 waiting on the group).
 
 ``learner.weight_transport=auto`` picks cuda_ipc when every engine shares rank 0's GPU, nccl
 when all are on GPUs but not that one, and shm/ray on CPU (controller.py).
@@ -138,15 +143,13 @@ def unpack(bucket: Bucket, buf) -> list[tuple[str, object]]:
 class WeightGroup:
     """One end of the NCCL weight group (learner rank 0 or an engine worker)."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, device):
-        import os
-
-        os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")  # must match vLLM's engines
+    def __init__(self, host: str, port: int, rank: int, world_size: int, device, listen_socket=None):
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
         self.rank, self.world_size = rank, world_size
-        pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
+        pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
+                                          listen_socket=listen_socket)
         self.comm = PyNcclCommunicator(pg, device=device)
         self.device = device
 
@@ -167,15 +170,20 @@ class GpuWeightReceiver:
         self._rlsys_group = WeightGroup(host, port, rank, world_size, self.device)
         return rank
 
+    def _rlsys_load(self, bucket: Bucket, buf) -> None:
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):  # as Worker.reload_weights does
+            self.model_runner.get_model().load_weights(weights=unpack(bucket, buf))
+
     def rlsys_receive_bucket(self, bucket: Bucket) -> int:
         import torch
 
         buf = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
         self._rlsys_group.broadcast(buf)
-        self.model_runner.model.load_weights(weights=unpack(bucket, buf))
+        self._rlsys_load(bucket, buf)
         torch.cuda.current_stream().synchronize()
         return bucket.nbytes
-
 
     def rlsys_receive_ipc_buckets(self, plan: list, handles: list) -> int:
         """cuda_ipc: map each bucket rank 0 exported (same GPU) and load from it."""
@@ -186,19 +194,11 @@ class GpuWeightReceiver:
             args = list(args)
             args[6] = self.device.index  # the storage's device, as this process numbers it
             buf = rebuild(*args)
-            self.model_runner.model.load_weights(weights=unpack(bucket, buf))
+            self._rlsys_load(bucket, buf)
             total += bucket.nbytes
             del buf
         torch.cuda.current_stream().synchronize()
         return total
-
-
-def export_ipc(plan: Sequence[Bucket], tensors_by_name: dict, device) -> tuple[list, list]:
-    """Pack every bucket on ``device`` and return (buffers to keep alive, IPC handle per bucket)."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    bufs = [pack(b, [tensors_by_name[s.name] for s in b.slots], device=device) for b in plan]
-    return bufs, [reduce_tensor(b) for b in bufs]
 
 
 async def publish(transport: str, version: int, ranks: Sequence, workers: Sequence, plan: list) -> None:

@@ -121,7 +121,7 @@ def main() -> int:
             model = Path(d) / "model"
             out["params"] = build(model, args.size)
             print(f"built {args.size} Llama: {out['params'] / 1e6:.0f}M parameters", flush=True)
-            rc = RolloutConfig(dtype="bfloat16", gpu_memory_utilization=0.35 if n_gpus == 1 else 0.8,
+            rc = RolloutConfig(dtype="bfloat16", gpu_memory_utilization=0.35,  # shares GPU 0 with the learner
                                max_new_tokens=args.new_tokens, enforce_eager=False, temperature=1.0)
             # lr 1e-2: a few steps move the weights far from the engine's, so the logprob check
             # below can tell a synced engine from a stale one.
@@ -130,15 +130,16 @@ def main() -> int:
             # gets an engine of its own (nccl).
             learner = ray.remote(num_cpus=1, num_gpus=0.5)(LearnerRank).remote(
                 lc, str(model), 0, 1, free_port(), rc.temperature, rc.max_new_tokens)
+            ray.get(learner.ready.remote())  # before the engine profiles GPU 0's free memory
             engines = {"cuda_ipc": ray.remote(num_cpus=1, num_gpus=0.5, max_concurrency=2)(RolloutWorker).remote(
                 rc, str(model), 0, d)}
-            ray.get([learner.ready.remote(), *[e.ready.remote() for e in engines.values()]])
+            ray.get([e.ready.remote() for e in engines.values()])
             ids = [ray.get(learner.gpu_id.remote())] + [ray.get(e.gpu_id.remote()) for e in engines.values()]
             if ids[0] != ids[1]:
                 failures.append(f"learner ({ids[0]}) and the first engine ({ids[1]}) should share a GPU")
             if n_gpus >= 2:  # the NCCL path: an engine on a GPU of its own
                 nccl_engine = ray.remote(num_cpus=1, num_gpus=1, max_concurrency=2)(RolloutWorker).remote(
-                    rc, str(model), 1, d)
+                    dataclasses.replace(rc, gpu_memory_utilization=0.8), str(model), 1, d)
                 ray.get(nccl_engine.ready.remote())
                 engines["nccl"] = nccl_engine
             print(f"learner on {ids[0]}, engine on {ids[1]}", flush=True)
@@ -171,6 +172,7 @@ def main() -> int:
                   f"{out['learner_tokens_per_s']:.0f} tokens/s", flush=True)
 
             plan = ray.get(learner.weight_plan.remote("bfloat16"))
+            ray.get([e.check_weight_plan.remote(plan) for e in engines.values()])
             nbytes = sum(b.nbytes for b in plan)
             floor = d2d_floor_s(nbytes)
             out.update({"sync_bytes": nbytes, "sync_buckets": len(plan), "copy_floor_s": floor, "sync": {}})
