@@ -20,7 +20,8 @@ Partial rollouts versus wait-for-all (``--partial-steps N``, 0 skips): the same 
 ``rollout.partial_chunk_tokens`` 0 (a weight update waits for the whole generate call in
 progress) and 16 (it waits one 16-token segment). The policy is a random-init Llama over the
 tiny task's ~20-token vocabulary, so response lengths are long-tailed (geometric: eos is about
-1 token in 20, capped at 192): the lengths of one 16 x 8 call are printed first. Step time =
+1 token in 20, capped at 192): the lengths of one 16 x 8 call are printed first. Each mode runs
+``--partial-repeats`` times, alternating with the other; the median runs are compared. Step time =
 training wall seconds / steps; the sync column is the learner's time from the end of its step
 to every worker serving the new version, which is where waiting for stragglers shows. Beside
 it, generation alone: 8 calls of 16 prompts x 8 on one worker, wait-for-all against partial
@@ -77,7 +78,7 @@ def build(out: Path, hidden: int, inter: int, layers: int, heads: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def partial_vs_waitall(model_dir: Path, steps: int, chunk: int, staleness: int) -> dict:
+def partial_vs_waitall(model_dir: Path, steps: int, chunk: int, staleness: int, repeats: int) -> dict:
     """The same short run with wait-for-all and with partial rollouts; returns both summaries."""
     import ray
 
@@ -96,46 +97,57 @@ def partial_vs_waitall(model_dir: Path, steps: int, chunk: int, staleness: int) 
         return [RolloutRequest(f"c{k}-{i}", e.prompt, tuple(encode_prompt(tok, e.prompt)), e.answer, 8)
                 for i, e in enumerate(examples[16 * k:16 * (k + 1)])]
 
-    # Generation alone: 8 calls of 16 x 8 on one worker, after a warm-up call, per mode.
-    gen = {}
+    # Generation alone: rounds of 8 calls of 16 x 8 per mode (after a warm-up call), modes
+    # alternating round by round so that machine noise hits both alike; medians.
+    gen = {"wait_for_all": [], "partial": []}
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as d:
-            for name, c in (("wait_for_all", 0), ("partial", chunk)):
-                w = ray.remote(num_cpus=1)(RolloutWorker).remote(
-                    RolloutConfig(max_new_tokens=max_new, partial_chunk_tokens=c), str(model_dir), 0, d)
-                res = ray.get(w.generate.remote(call(0)))
-                groups = tokens = 0
-                t0 = time.perf_counter()
-                for k in range(1, 9):
-                    r = ray.get(w.generate.remote(call(k), carry=c > 0))
-                    groups, tokens = groups + len(r.groups), tokens + r.num_tokens
-                dt = time.perf_counter() - t0
-                gen[name] = {"groups_per_s": groups / dt, "tokens_per_s": tokens / dt, "still_carried": r.carried}
-                if name == "wait_for_all":
-                    lengths = np.array([len(c.token_ids) for g in res.groups for c in g.completions])
+            workers = {name: ray.remote(num_cpus=1)(RolloutWorker).remote(
+                RolloutConfig(max_new_tokens=max_new, partial_chunk_tokens=c), str(model_dir), 0, d)
+                for name, c in (("wait_for_all", 0), ("partial", chunk))}
+            first = {name: ray.get(w.generate.remote(call(0))) for name, w in workers.items()}
+            res = first["wait_for_all"]
+            for _ in range(repeats):
+                for name, w in workers.items():
+                    groups = 0
+                    t0 = time.perf_counter()
+                    for k in range(1, 9):
+                        r = ray.get(w.generate.remote(call(k), carry=name == "partial"))
+                        groups += len(r.groups)
+                    gen[name].append(groups / (time.perf_counter() - t0))
+            for w in workers.values():
                 ray.kill(w)
     finally:
         ray.shutdown()
+    lengths = np.array([len(c.token_ids) for g in res.groups for c in g.completions])
+    gen = {name: {"groups_per_s": statistics.median(v), "groups_per_s_runs": v} for name, v in gen.items()}
     out = {"lengths": {"p50": float(np.percentile(lengths, 50)), "p90": float(np.percentile(lengths, 90)),
                        "max": int(lengths.max()), "mean": float(lengths.mean()), "cap": max_new},
            "generation": gen,
            "partial_over_waitall_generation_groups_per_s": gen["partial"]["groups_per_s"] /
            gen["wait_for_all"]["groups_per_s"]}
-    for name, c in (("wait_for_all", 0), ("partial", chunk)):
-        cfg = to_run_config(compose([
-            f"steps={steps}", "max_train_seconds=0", "cluster.metrics_port=-1", f"model.path={model_dir}",
-            f"rollout.max_new_tokens={max_new}", f"rollout.partial_chunk_tokens={c}", f"replay.max_staleness={staleness}",
-            "task.num_eval=16"]))
-        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as d:
-            s = run_training(cfg, Path(d))
-        ray.shutdown()
-        out[name] = {"chunk": c, "steps": s["steps"], "train_seconds": s["train_seconds"],
-                     "step_s": s["train_seconds"] / s["steps"], "sync_s_per_step": s["busy_seconds"]["weight_sync"] / s["steps"],
-                     "samples_per_s": s["samples_per_s"], "tokens_per_s": s["tokens_per_s"],
-                     "switched": s["partial_switched"], "samples": s["samples"],
-                     "dropped_stale": s["replay"]["dropped_stale"], "staleness_hist": s["replay"]["staleness_hist"]}
+    runs: dict = {"wait_for_all": [], "partial": []}
+    for _ in range(repeats):  # alternating, as above
+        for name, c in (("wait_for_all", 0), ("partial", chunk)):
+            cfg = to_run_config(compose([
+                f"steps={steps}", "max_train_seconds=0", "cluster.metrics_port=-1", f"model.path={model_dir}",
+                f"rollout.max_new_tokens={max_new}", f"rollout.partial_chunk_tokens={c}",
+                f"replay.max_staleness={staleness}", "task.num_eval=16", "report=false"]))
+            with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as d:
+                s = run_training(cfg, Path(d))
+            ray.shutdown()
+            runs[name].append({
+                "chunk": c, "steps": s["steps"], "train_seconds": s["train_seconds"],
+                "step_s": s["train_seconds"] / s["steps"], "sync_s_per_step": s["busy_seconds"]["weight_sync"] / s["steps"],
+                "samples_per_s": s["samples_per_s"], "tokens_per_s": s["tokens_per_s"],
+                "switched": s["partial_switched"], "samples": s["samples"],
+                "dropped_stale": s["replay"]["dropped_stale"], "staleness_hist": s["replay"]["staleness_hist"]})
+    for name, rs in runs.items():  # the median run by step time, and every run's step time
+        med = sorted(rs, key=lambda r: r["step_s"])[len(rs) // 2]
+        out[name] = {**med, "step_s_runs": [r["step_s"] for r in rs]}
     out["partial_over_waitall_step_time"] = out["partial"]["step_s"] / out["wait_for_all"]["step_s"]
+    out["pairwise_ratios"] = [p["step_s"] / w["step_s"] for p, w in zip(runs["partial"], runs["wait_for_all"])]
     return out
 
 
@@ -159,6 +171,7 @@ def main() -> int:
                     "comparison (0 skips it)")
     ap.add_argument("--partial-chunk", type=int, default=16, help="rollout.partial_chunk_tokens of the partial run")
     ap.add_argument("--partial-staleness", type=int, default=2, help="replay.max_staleness of both runs")
+    ap.add_argument("--partial-repeats", type=int, default=3, help="runs per mode, alternating (medians reported)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
@@ -218,7 +231,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as d:
             build(Path(d) / "longtail", *SIZES["tiny"])
             partial = partial_vs_waitall(Path(d) / "longtail", args.partial_steps, args.partial_chunk,
-                                         args.partial_staleness)
+                                         args.partial_staleness, args.partial_repeats)
         ln = partial["lengths"]
         print(f"\npartial rollouts vs wait-for-all: {args.partial_steps} steps each, max_staleness "
               f"{args.partial_staleness}, one worker; "
@@ -230,11 +243,15 @@ def main() -> int:
             r = partial[name]
             print(f"{name:>13s} {r['chunk']:6d} {r['step_s']:8.2f} {r['sync_s_per_step']:12.2f} "
                   f"{r['samples_per_s']:10.1f} {r['tokens_per_s']:9.0f} {r['switched']:9d} {r['dropped_stale']:10d}")
-        print(f"partial / wait-for-all step time = {partial['partial_over_waitall_step_time']:.2f}")
+        print(f"(median run of {args.partial_repeats} per mode; step s of every run: wait-for-all "
+              + " ".join(f"{x:.2f}" for x in partial["wait_for_all"]["step_s_runs"]) + ", partial "
+              + " ".join(f"{x:.2f}" for x in partial["partial"]["step_s_runs"]) + ")")
+        print(f"partial / wait-for-all step time = {partial['partial_over_waitall_step_time']:.2f} (median runs; "
+              "run by run: " + " ".join(f"{x:.2f}" for x in partial["pairwise_ratios"]) + ")")
         g = partial["generation"]
-        print(f"generation alone (8 calls of 16 x 8 on one worker): wait-for-all "
-              f"{g['wait_for_all']['groups_per_s']:.1f} groups/s, partial with carry-over "
-              f"{g['partial']['groups_per_s']:.1f} groups/s ({g['partial']['still_carried']} still carried) = "
+        print(f"generation alone (rounds of 8 calls of 16 x 8 on one worker, median of {args.partial_repeats}): "
+              f"wait-for-all {g['wait_for_all']['groups_per_s']:.1f} groups/s, partial with carry-over "
+              f"{g['partial']['groups_per_s']:.1f} groups/s = "
               f"{partial['partial_over_waitall_generation_groups_per_s']:.2f}x")
     by = {(r["size"], r["transport"]): r for r in rows}
     largest = args.sizes.split(",")[-1]
