@@ -9,6 +9,7 @@
                                           a running job's step, policy version and workers
     rlsys stop [--run NAME] [--address ADDR]
                                           end a running job after its current step
+    rlsys report RUN_DIR                  (re)draw report.png and report.md from RUN_DIR/summary.json
 
 Overrides are Hydra's: ``key=value``, ``group=option``; a typo fails with the key named.
 """
@@ -94,6 +95,18 @@ def _build_model_main(argv: list[str]) -> int:
     return 0
 
 
+def _report_main(argv: list[str]) -> int:
+    from rlsys.report import write_report
+
+    if len(argv) != 1 or not (Path(argv[0]) / "summary.json").is_file():
+        print("usage: rlsys report RUN_DIR   (a run directory holding summary.json)", file=sys.stderr)
+        return 2
+    run = Path(argv[0])
+    for p in write_report(json.loads((run / "summary.json").read_text()), run):
+        print(f"wrote {p}")
+    return 0
+
+
 def _control_main(cmd: str, argv: list[str]) -> int:
     """``rlsys scale`` / ``status`` / ``stop``: talk to a running job's control actor."""
     from rlsys import control
@@ -137,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         return _build_model_main(rest)
     if cmd in ("scale", "status", "stop"):
         return _control_main(cmd, rest)
+    if cmd == "report":
+        return _report_main(rest)
     print(f"rlsys: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
 

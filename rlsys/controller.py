@@ -323,7 +323,6 @@ class Controller:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
             os.replace(tmp, path)
-        self.targets_file = paths[0]
 
     def _pick_transport(self) -> str:
         import ray
@@ -518,39 +517,39 @@ class Controller:
         with carry-over drains the groups its worker still holds)."""
         reward = self.rewards[index % len(self.rewards)]
         info = self.worker_log[index]
-        carry, held = self._carries(), [0]  # held: groups the worker carries over (partial mode)
+        carry, held = self._carries(), 0  # held: groups the worker carries over (partial mode)
         while True:
             per_call = min(self.cfg.rollout.prompts_per_call,
                            math.ceil(self.cfg.scheduler.prompts_per_step / len(self.workers)))
             try:
                 # A worker holding carried groups must not wait for room: those groups hold the
                 # slots, and may be what the learner waits for. No room -> continue them instead.
-                k = await self._reserve_or_stop(per_call, stop, patience=0.05 if held[0] else None)
+                k = await self._reserve_or_stop(per_call, stop, patience=0.05 if held else None)
             except StoreClosed:
                 return
             if k is None and not stop.is_set():
                 requests = []
             elif k is None:
                 if carry:  # scale-down: the groups this worker still holds were admitted; finish them
-                    await self._produce(worker, reward, info, [], held, carry=True, drain=True)
+                    await self._produce(worker, reward, info, [], carry=True, drain=True)
                 return
             else:
                 if info["first_request_version"] is None:
                     info["first_request_version"] = self._published_version
                 requests = await self.scheduler.plan.remote(k)
-            if not await self._produce(worker, reward, info, requests, held, carry=carry):
+            held = await self._produce(worker, reward, info, requests, carry=carry)
+            if held is None:
                 return
 
-    async def _produce(self, worker, reward, info: dict, requests: list, held: list, carry: bool = False,
-                       drain: bool = False) -> bool:
-        """One generate + score round into the store; False once the store is closed. ``held[0]``
-        becomes the number of groups the worker carries over after it."""
+    async def _produce(self, worker, reward, info: dict, requests: list, carry: bool = False,
+                       drain: bool = False) -> Optional[int]:
+        """One generate + score round into the store. Returns the number of groups the worker
+        carries over after it, or None once the store is closed."""
         generate = (lambda reqs: worker.generate.remote(reqs, carry=True, drain=drain)) if carry \
             else worker.generate.remote
         groups, scored, rs = await self.sampler.run(requests, generate, reward.score.remote,
                                                     self.store.learner_version)
         self.scheduler.observe.remote([(g.prompt_id, g.rewards.tolist()) for g in scored])
-        held[0] = rs.carried
         self.progress.carried += rs.carried
         p, m = self.progress, self.metrics
         failures = sum(g.reward_failures for g in scored)
@@ -576,8 +575,8 @@ class Controller:
         try:
             await self.store.put(groups)
         except StoreClosed:
-            return False
-        return True
+            return None
+        return rs.carried
 
     async def learner_loop(self, t_start: float) -> None:
         """Consumes M fresh groups per step; trains; publishes weights; advances the version."""

@@ -1,6 +1,6 @@
 """End-of-run report: ``report.png`` (four plots over steps) and ``report.md`` (a summary table),
 written into the run directory from ``summary.json`` alone, so a finished run can be re-reported
-(``python -m rlsys.report runs/<run>``).
+(``rlsys report runs/<run>``).
 
 Every number comes from the summary, whose per-step curves are recorded from the same values
 the controller sets on its Prometheus gauges (``rlsys_reward_mean``,
@@ -15,8 +15,6 @@ the controller sets on its Prometheus gauges (``rlsys_reward_mean``,
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,16 +123,3 @@ def write_report(summary: dict, out_dir: Path, window: int = 10) -> list[Path]:
     md.write_text("\n".join(lines) + "\n")
     return [png, md]
 
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m rlsys.report <run dir containing summary.json>", file=sys.stderr)
-        return 2
-    run = Path(argv[0])
-    for p in write_report(json.loads((run / "summary.json").read_text()), run):
-        print(f"wrote {p}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

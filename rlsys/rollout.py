@@ -461,8 +461,14 @@ class RolloutWorker:
     def update_weights(self, version: int, named_tensors: list[tuple[str, object]]) -> int:
         """Load a new policy version; returns the version now served."""
         validate_weights(named_tensors, self.expected)
+        return self._swap(version, lambda: self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": list(named_tensors)}))
+
+    def _swap(self, version: int, load) -> int:
+        """Every transport's last step: ``load()`` the weights between two engine calls, drop
+        the prefix cache (KV of the old weights would corrupt logprobs), serve ``version``."""
         with self.gate.update():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+            load()
             self.llm.reset_prefix_cache()
             self.version = version
             self._repeats.clear()
@@ -477,27 +483,14 @@ class RolloutWorker:
 
     def update_weights_nccl(self, version: int, plan: list) -> int:
         """Receive a version bucket by bucket over the weight group (learner rank 0 broadcasts
-        at the same time); the plan is checked against the checkpoint before any byte moves."""
-        with self.gate.update():  # the plan was checked once, by check_weight_plan
-            for bucket in plan:
-                self.llm.collective_rpc("rlsys_receive_bucket", args=(bucket,))
-            self.llm.reset_prefix_cache()
-            self.version = version
-            self._repeats.clear()
-            if self.metrics is not None:
-                self.metrics.version.set(version)
-        return version
+        at the same time). The plan was checked once, by check_weight_plan."""
+        return self._swap(version, lambda: [self.llm.collective_rpc("rlsys_receive_bucket", args=(b,))
+                                            for b in plan])
 
     def update_weights_ipc(self, version: int, plan: list, handles: list) -> int:
         """Load a version from CUDA IPC handles learner rank 0 exported on this same GPU."""
-        with self.gate.update():  # the plan was checked once, by check_weight_plan
-            self.llm.collective_rpc("rlsys_receive_ipc_buckets", args=(plan, handles))
-            self.llm.reset_prefix_cache()
-            self.version = version
-            self._repeats.clear()
-            if self.metrics is not None:
-                self.metrics.version.set(version)
-        return version
+        return self._swap(version, lambda: self.llm.collective_rpc("rlsys_receive_ipc_buckets",
+                                                                   args=(plan, handles)))
 
     def check_weight_plan(self, plan: list) -> None:
         """Refuse a GPU transport's bucket plan that does not fit this engine's checkpoint."""

@@ -229,14 +229,6 @@ def local_params(module) -> list[tuple[str, str, tuple]]:
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def node_ip() -> Optional[str]:
     try:
         import ray

@@ -108,7 +108,8 @@ def main() -> int:
     from rlsys.losses import LossConfig, LossNormalizer
     from rlsys.records import RolloutRequest
     from rlsys.rollout import RolloutConfig, RolloutWorker
-    from rlsys.weight_sync import free_port, publish
+    from rlsys.controller import _free_port as free_port
+    from rlsys.weight_sync import publish
 
     n_gpus = torch.cuda.device_count()
     out: dict = {"size": args.size, "gpus": n_gpus, "device": torch.cuda.get_device_name(0)}

@@ -181,3 +181,14 @@ def tb_scalars(run_dir) -> dict:
     acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def hf_logprobs(model, prompt_ids, completion_ids):
+    """Per-token logprobs of ``completion_ids`` after ``prompt_ids`` under an HF causal LM (temperature 1)."""
+    import torch
+
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits.float(), -1)[0]
+    p = len(prompt_ids)
+    return np.array([lp[p - 1 + i, t].item() for i, t in enumerate(completion_ids)])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import build_char_chat_model
+from helpers import build_char_chat_model, hf_logprobs as _hf_logprobs
 from rlsys.records import RolloutRequest
 from rlsys.rollout import RolloutConfig, RolloutWorker
 
@@ -51,14 +51,6 @@ def _update_during_generate(ray_cluster, w, tok, weights, wait_s):
     ready, _ = ray_cluster.wait([ref], timeout=wait_s)  # was the call's result there (soon) after the update?
     res = ray_cluster.get(ref, timeout=300)
     return res, t_update, time.perf_counter(), bool(ready)
-
-
-def _hf_logprobs(model, prompt_ids, completion_ids):
-    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
-    with torch.no_grad():
-        lp = torch.log_softmax(model(ids).logits.float(), -1)[0]
-    p = len(prompt_ids)
-    return np.array([lp[p - 1 + i, t].item() for i, t in enumerate(completion_ids)])
 
 
 def test_update_lands_between_segments_and_tokens_carry_their_version(ray_cluster, models, tmp_path):

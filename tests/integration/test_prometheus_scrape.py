@@ -5,7 +5,6 @@ of every role (controller, learner rank, rollout worker, reward worker, judge) w
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -16,15 +15,9 @@ import pytest
 from helpers import OracleJudgeServer
 from rlsys import control
 from rlsys.config import compose, to_run_config
-from rlsys.controller import Controller
+from rlsys.controller import Controller, _free_port
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import hf_logprobs as _hf_logprobs
 from rlsys.records import RolloutRequest
 from rlsys.rollout import RolloutConfig, RolloutWorker, WeightMismatchError
 
@@ -33,14 +34,6 @@ def _requests(tok, n=4):
     from rlsys.tinymodel import encode_prompt
 
     return [RolloutRequest(f"p{i}", p, tuple(encode_prompt(tok, p)), "0", n) for i, p in enumerate(PROMPTS)]
-
-
-def _hf_logprobs(model, prompt_ids, completion_ids):
-    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
-    with torch.no_grad():
-        lp = torch.log_softmax(model(ids).logits.float(), -1)[0]
-    p = len(prompt_ids)
-    return np.array([lp[p - 1 + i, t].item() for i, t in enumerate(completion_ids)])
 
 
 def test_generates_n_samples_with_logprobs_and_version(ray_cluster, worker, hf_model):

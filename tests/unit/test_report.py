@@ -40,3 +40,14 @@ def test_report_of_an_old_summary_without_the_new_curves(tmp_path):
         del s["curves"][k]
     png, _ = write_report(s, tmp_path)
     assert png.stat().st_size > 10_000
+
+
+def test_rlsys_report_redraws_from_a_run_dir(tmp_path, capsys):
+    import json
+
+    from rlsys.cli import main
+
+    (tmp_path / "summary.json").write_text(json.dumps(_summary()))
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.png").is_file() and "report.md" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "missing")]) == 2
