@@ -46,10 +46,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
+from urllib.parse import urlsplit
 
 from rlsys.records import Group
 
@@ -67,9 +69,16 @@ class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     """redis:// or rediss:// (TLS) URL, without a password (see password_env)."""
     username: Optional[str] = None
-    """ACL user name; None uses the default user."""
+    """ACL user name; None uses the default user. The user needs only the run's keys
+    (``~<key_prefix>:*``) and the commands the store sends: the ``user rlsys`` line of
+    deploy/redis/redis.conf."""
     password_env: str = "RLSYS_REDIS_PASSWORD"
     """Environment variable holding the password (never put secrets in config files)."""
+    allow_no_auth: bool = False
+    """Accept a Redis server that lets clients in without a password. By default the store
+    refuses to start against one (anyone who can reach it could read or forge training
+    data); allowed only for a loopback host (127.0.0.0/8, ::1, localhost) or a unix://
+    socket, i.e. a throwaway development server on this machine."""
     tls: bool = False
     """Use TLS (also implied by a rediss:// URL)."""
     tls_ca_cert: Optional[str] = None
@@ -99,6 +108,23 @@ class RedisConfig:
             raise ValueError(f"replay.redis.key_prefix must be non-empty without ':', got {self.key_prefix!r}")
         if self.block_ms < 1 or self.reconnect_timeout_s <= 0 or self.dedupe_window_versions < 1:
             raise ValueError("replay.redis.block_ms, reconnect_timeout_s and dedupe_window_versions must be positive")
+        if self.allow_no_auth and not self.is_local:
+            raise ValueError(f"replay.redis.allow_no_auth=true is only allowed for a loopback host (127.0.0.0/8, ::1, "
+                             f"localhost) or a unix:// socket, not {self.url!r}: give the server a password "
+                             f"(requirepass or an ACL user) and put it in ${self.password_env}")
+
+    @property
+    def is_local(self) -> bool:
+        """Whether ``url`` names a unix socket or a loopback host (where allow_no_auth may apply)."""
+        if self.url.startswith("unix://"):
+            return True
+        host = urlsplit(self.url).hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
 
 @dataclass

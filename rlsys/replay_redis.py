@@ -28,6 +28,13 @@ MULTI for whatever it discards); ack = one MULTI.
 Connection loss (Redis restart, failover) is retried with backoff for
 ``replay.redis.reconnect_timeout_s``; a retried XADD may duplicate a record, which the dedupe
 rule absorbs. Records are decoded with rlsys.codec (never pickle).
+
+Security: the store refuses a server that serves unauthenticated clients (``check_auth``)
+unless ``replay.redis.allow_no_auth`` (loopback hosts and unix sockets only). The password
+comes from ``$RLSYS_REDIS_PASSWORD`` (``replay.redis.password_env``), never from config;
+an ACL user (``replay.redis.username``) needs only ``~<key_prefix>:*`` and the commands in
+deploy/redis/redis.conf; ``rediss://`` (or ``replay.redis.tls``) verifies the server's
+certificate against ``replay.redis.tls_ca_cert`` or the system CAs.
 """
 
 from __future__ import annotations
@@ -61,24 +68,67 @@ class ReplayConfigError(RuntimeError):
     """Redis is reachable but cannot be used as configured (auth, key type)."""
 
 
-def connect(cfg: ReplayConfig) -> aioredis.Redis:
+def connect(cfg: ReplayConfig, credentials: bool = True) -> aioredis.Redis:
+    """A client for ``replay.redis``: TLS as configured, the password from ``$password_env``
+    (with ``credentials=False``, none: the probe of ``check_auth``)."""
     rc = cfg.redis
     # 1 MiB reads: records are tens of KB and XREADGROUP replies MBs; 64 KiB reads halve throughput.
     kwargs: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5, "socket_read_size": 1 << 20,
                               "socket_timeout": max(10.0, rc.block_ms / 1000 * 4), "health_check_interval": 15}
     password = os.environ.get(rc.password_env) or None
-    if password is not None:
+    if password is not None and credentials:
         kwargs["password"] = password
-    if rc.username:
+    if rc.username and credentials:
         kwargs["username"] = rc.username
     if rc.tls or rc.url.startswith("rediss://"):
         url = rc.url.replace("redis://", "rediss://", 1)
         kwargs["ssl_cert_reqs"] = _ssl.CERT_REQUIRED
+        kwargs["ssl_check_hostname"] = True  # redis-py < 6 defaults to False
         if rc.tls_ca_cert:
             kwargs["ssl_ca_certs"] = rc.tls_ca_cert
     else:
         url = rc.url
     return aioredis.Redis.from_url(url, **kwargs)
+
+
+async def check_auth(cfg: ReplayConfig) -> None:
+    """Refuse a Redis server that serves clients without authentication (unless
+    ``replay.redis.allow_no_auth``, which config validation limits to loopback hosts and unix
+    sockets), and a protected one when no password is configured.
+
+    Probe: a second connection, with no credentials at all, sends PING. A server with
+    ``requirepass``, or with ``user default off`` and ACL users, answers NOAUTH (or NOPERM
+    when the default user may not even PING); an open one answers PONG. The probe is made
+    whether or not the run has credentials: a server whose default user is open is exposed
+    to anyone who can reach it, whatever user rlsys itself logs in as.
+    """
+    rc = cfg.redis
+    probe = connect(cfg, credentials=False)
+    try:
+        await probe.ping()
+        open_server = True
+    except (rexc.AuthenticationError, rexc.NoPermissionError):
+        open_server = False
+    except rexc.ResponseError as e:
+        if "NOAUTH" not in str(e):
+            raise
+        open_server = False
+    finally:
+        await probe.aclose()
+    has_password = bool(os.environ.get(rc.password_env))
+    if open_server and not rc.allow_no_auth:
+        raise ReplayConfigError(
+            f"Redis at {rc.url} accepts clients without authentication; refusing to use it for the replay "
+            f"store (anyone who can reach it could read or forge training data). Require a password "
+            f"(requirepass, or an ACL user and 'user default off' as in deploy/redis/redis.conf) and put it "
+            f"in ${rc.password_env} (with replay.redis.username for an ACL user), or, for a throwaway "
+            f"development server on localhost, set replay.redis.allow_no_auth=true")
+    if open_server:
+        log.warning("Redis at %s accepts clients without authentication (replay.redis.allow_no_auth=true)", rc.url)
+    elif not has_password:
+        user_hint = "" if rc.username else " (and, for an ACL user, its name in replay.redis.username)"
+        raise ReplayConfigError(f"Redis at {rc.url} requires authentication and ${rc.password_env} is not set: "
+                                f"put the password in ${rc.password_env}{user_hint}")
 
 
 class RedisReplayStore:
@@ -122,16 +172,22 @@ class RedisReplayStore:
             try:
                 return await fn()
             except rexc.AuthenticationError as e:
+                if "without any password configured" in str(e) or "no password is set" in str(e):  # open server
+                    raise ReplayConfigError(f"Redis at {self.rc.url} has no password configured, but "
+                                            f"${self.rc.password_env} is set: configure requirepass (or an ACL "
+                                            f"user) on the server, or unset ${self.rc.password_env}") from e
                 raise ReplayConfigError(f"Redis at {self.rc.url} refused authentication"
                                         f"{' for user ' + repr(self.rc.username) if self.rc.username else ''}: {e}; "
                                         f"set the password in ${self.rc.password_env}") from e
+            except rexc.NoPermissionError as e:  # NOPERM (redis-py strips the code from the message)
+                user = repr(self.rc.username) if self.rc.username else "default"
+                raise ReplayConfigError(f"Redis at {self.rc.url} denied {what} under {self.prefix!r} to user {user}: "
+                                        f"{e}; the ACL user needs ~{self.rc.key_prefix}:* and the commands of the "
+                                        f"'user rlsys' line in deploy/redis/redis.conf") from e
             except rexc.ResponseError as e:
                 if "WRONGTYPE" in str(e):
                     raise ReplayConfigError(f"a Redis key under {self.prefix!r} holds the wrong type ({e}); another "
                                             "program uses this prefix: set replay.redis.key_prefix or run_id") from e
-                if "NOAUTH" in str(e) or "NOPERM" in str(e):
-                    raise ReplayConfigError(f"Redis at {self.rc.url} denied {what}: {e}; check the ACL user and "
-                                            f"${self.rc.password_env}") from e
                 if "NOGROUP" in str(e):
                     log.error("consumer group missing on %s (Redis restarted without persistence?); recreating it",
                               self.k_stream.decode())
@@ -139,6 +195,10 @@ class RedisReplayStore:
                     continue
                 raise
             except TRANSIENT as e:
+                if "certificate verify failed" in str(e).lower():  # TLS: retrying will not help
+                    raise ReplayConfigError(f"TLS to Redis at {self.rc.url} failed: {e}; set replay.redis.tls_ca_cert "
+                                            "to the CA that signed the server's certificate, and use a host name "
+                                            "the certificate names") from e
                 if self.gate.closed:
                     raise StoreClosed("replay store closed") from e
                 if time.monotonic() > deadline:
@@ -159,7 +219,10 @@ class RedisReplayStore:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        """Connect (after ``check_auth``), create the consumer group, recover this consumer's
+        unacknowledged groups. Raises ReplayConfigError for an unauthenticated server."""
         self._r = connect(self.cfg)
+        await self._call("auth check", lambda: check_auth(self.cfg))
         await self._call("ping", self._r.ping)
         await self._call("create group", self._ensure_group)
         version = await self._call("get version", lambda: self._r.get(self.k_version))

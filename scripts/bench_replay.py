@@ -12,7 +12,8 @@
 
     .venv/bin/python scripts/bench_replay.py [--groups 4000] [--batch 256] [--steps 30] [--json out.json]
 
-Starts its own redis-server (AOF everysec, as in production) on a free loopback port.
+Starts its own redis-server (AOF everysec, as in production) on a free loopback port, with a
+throwaway password (requirepass, as the store requires) put in $RLSYS_REDIS_PASSWORD.
 JSON keys: redis_groups_per_s, memory_groups_per_s, store_share_of_step,
 redis_transport_floor_groups_per_s, redis_over_floor (+ details).
 """
@@ -35,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from helpers import RedisServer  # noqa: E402  (the tests' private-server helper)
+from helpers import TEST_REDIS_PASSWORD, RedisServer  # noqa: E402  (the tests' private-server helper)
 from rlsys.records import Completion, Group  # noqa: E402
 from rlsys.replay import RedisConfig, ReplayConfig, make_store  # noqa: E402
 
@@ -91,6 +92,7 @@ def main() -> int:
     record_kb = len(encode_group(groups[0])) / 1024
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as d, \
             tempfile.TemporaryDirectory(prefix="bench-redis-noaof-") as d2:
+        os.environ["RLSYS_REDIS_PASSWORD"] = TEST_REDIS_PASSWORD  # both servers require it; the store reads it here
         server = RedisServer(d, appendonly=True).start()
         plain = RedisServer(d2, appendonly=False).start()
         try:
@@ -153,7 +155,7 @@ def raw_transport(url: str, record: bytes, n: int, batch: int) -> dict:
     """Pre-encoded records through raw redis-py pipelines: the floor under any Redis store."""
     import redis
 
-    r = redis.Redis.from_url(url, socket_read_size=1 << 20)
+    r = redis.Redis.from_url(url, socket_read_size=1 << 20, password=os.environ["RLSYS_REDIS_PASSWORD"])
     key = f"raw:{uuid.uuid4().hex[:8]}"
     r.xgroup_create(key, "g", id="0", mkstream=True)
     t_put = t_take = 0.0
@@ -186,8 +188,9 @@ def c_client_floor(port: int, nbytes: int, n: int = 20000) -> Optional[dict]:
     exe = shutil.which("redis-benchmark")
     if exe is None:
         return None
-    out = subprocess.run([exe, "-h", "127.0.0.1", "-p", str(port), "-t", "set,get", "-d", str(nbytes), "-n", str(n),
-                          "-P", "16", "--csv"], capture_output=True, text=True, timeout=600, check=True).stdout
+    out = subprocess.run([exe, "-h", "127.0.0.1", "-p", str(port), "-a", os.environ["RLSYS_REDIS_PASSWORD"],
+                          "-t", "set,get", "-d", str(nbytes), "-n", str(n), "-P", "16", "--csv"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
     rps = {}
     for line in out.splitlines():
         cells = [c.strip('"') for c in line.split(",")]

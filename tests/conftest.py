@@ -54,9 +54,26 @@ def tiny_model():
     return str(ensure_model(ModelConfig(), TaskConfig()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def secrets_env():
+    """The session's secrets, in the environment before anything starts (Ray included, so
+    every actor inherits them, as on a real cluster where they are in the nodes' environment,
+    never in a runtime env): $RLSYS_REDIS_PASSWORD = helpers.TEST_REDIS_PASSWORD, which every
+    RedisServer requires by default and the replay store (in the test process, the
+    controller) reads; $RLSYS_JUDGE_API_KEY = helpers.TEST_JUDGE_API_KEY, which the judge
+    actor sends. Tests of other values or none override them with monkeypatch."""
+    from helpers import TEST_JUDGE_API_KEY, TEST_REDIS_PASSWORD
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLSYS_REDIS_PASSWORD", TEST_REDIS_PASSWORD)
+        mp.setenv("RLSYS_JUDGE_API_KEY", TEST_JUDGE_API_KEY)
+        yield
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    """A private redis-server (AOF on) on a free loopback port for the whole session."""
+    """A private redis-server (AOF on, password helpers.TEST_REDIS_PASSWORD) on a free
+    loopback port for the whole session."""
     from helpers import RedisServer
 
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()

@@ -1,11 +1,20 @@
 """Shared builders for tests (no Ray)."""
 
+import secrets
 import uuid
 from pathlib import Path
 
 import numpy as np
 
 from rlsys.records import Completion, Group
+
+TEST_REDIS_PASSWORD = f"rlsys-test-{secrets.token_hex(16)}"
+"""The password every RedisServer requires unless given another (one per test process);
+tests/conftest.py puts it in $RLSYS_REDIS_PASSWORD for the session, where the replay store
+(in the test process: the controller) reads it."""
+TEST_JUDGE_API_KEY = f"sk-rlsys-test-{secrets.token_hex(16)}"
+"""$RLSYS_JUDGE_API_KEY of the test session (conftest sets it before Ray starts, so the judge
+actor inherits it); OracleJudgeServer(api_key=...) checks it."""
 
 
 def make_group(version=0, rewards=(1.0, 0.0), prompt=(1, 3, 4), completion_lens=None, prompt_id=None):
@@ -26,9 +35,17 @@ def flaky_reward(completion: str, reference: str) -> float:
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port (started and stopped by the tests)."""
+    """A private redis-server on a free loopback port (started and stopped by the tests).
 
-    def __init__(self, directory, appendonly=True, password=None):
+    It requires ``password`` (requirepass; default TEST_REDIS_PASSWORD, which conftest puts
+    in $RLSYS_REDIS_PASSWORD); ``password=None`` starts an open server (for the refusal and
+    replay.redis.allow_no_auth tests). ``acl`` lines (``user ... on >pw ~keys +cmds``) add
+    ACL users. ``tls=(cert, key, ca)`` files serve TLS only, on ``port`` (``url`` is then
+    rediss://, for the host name ``localhost``). The password reaches redis-cli through
+    $REDISCLI_AUTH, never a command line."""
+
+    def __init__(self, directory, appendonly=True, password=TEST_REDIS_PASSWORD, acl=(), tls=None,
+                 appendfsync="everysec"):
         import socket
 
         with socket.socket() as s:
@@ -37,10 +54,23 @@ class RedisServer:
         self.dir = str(directory)
         self.appendonly = appendonly
         self.password = password
+        self.acl = list(acl)
+        self.tls = tls
+        self.appendfsync = appendfsync
 
     @property
     def url(self):
+        if self.tls:
+            return f"rediss://localhost:{self.port}/0"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **kw):
+        """A synchronous redis-py client logged in as the default user (for assertions)."""
+        import redis
+
+        if self.tls:
+            kw.setdefault("ssl_ca_certs", self.tls[2])
+        return redis.Redis.from_url(self.url, password=self.password, **kw)
 
     def start(self):
         import shutil
@@ -50,12 +80,23 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed; run scripts/setup.sh (it installs it)")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+        if self.tls:
+            cert, key, ca = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file",
+                     str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        else:
+            ports = ["--port", str(self.port)]
+        args = [exe, *ports, "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
                 "--daemonize", "yes", "--dir", self.dir, "--logfile", f"{self.dir}/redis.log",
                 "--pidfile", f"{self.dir}/redis.pid"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.acl:  # a config file: ACL rules contain spaces and '>' (passwords)
+            conf = Path(self.dir) / "acl.conf"
+            conf.write_text("".join(f"{line}\n" for line in self.acl))
+            conf.chmod(0o600)
+            args.insert(1, str(conf))
         subprocess.run(args, check=True)
         deadline = time.time() + 10
         while time.time() < deadline:
@@ -65,34 +106,129 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.dir}/redis.log")
 
     def _cli(self, *cmd):
+        import os
         import subprocess
 
-        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
-        return subprocess.run(["redis-cli", "-p", str(self.port), *auth, *cmd], capture_output=True, text=True)
+        tls = ["--tls", "--cacert", str(self.tls[2])] if self.tls else []
+        env = {**os.environ, "REDISCLI_AUTH": self.password} if self.password else None  # not on the command line
+        return subprocess.run(["redis-cli", "-p", str(self.port), *tls, *cmd], capture_output=True, text=True, env=env)
 
     def stop(self, save=False):
+        import os
+        import signal
         import time
 
         self._cli("shutdown", "save" if save else "nosave")
+        deadline, signalled = time.time() + 10, False
+        while time.time() < deadline and self._cli("ping").returncode == 0:
+            if not signalled and time.time() > deadline - 8:  # shutdown refused (ACL: default user off)
+                pid = Path(self.dir, "redis.pid")
+                if pid.exists():
+                    os.kill(int(pid.read_text()), signal.SIGTERM)  # a graceful shutdown too
+                signalled = True
+            time.sleep(0.02)
+
+    def kill(self):
+        """SIGKILL: no shutdown, no final AOF flush (a crash, an OOM kill, a lost node)."""
+        import os
+        import signal
+        import time
+
+        os.kill(int(Path(self.dir, "redis.pid").read_text()), signal.SIGKILL)
         deadline = time.time() + 10
         while time.time() < deadline and self._cli("ping").returncode == 0:
             time.sleep(0.02)
+        Path(self.dir, "redis.pid").unlink(missing_ok=True)
 
     def flushall(self):
         self._cli("flushall")
 
 
+def make_tls_files(directory, dns_names=("localhost",), ip="127.0.0.1"):
+    """A throwaway CA and a server certificate it signs for ``dns_names`` and ``ip`` (one
+    day): returns (cert, key, ca) paths, as RedisServer(tls=...) takes them. Uses the
+    ``cryptography`` package, else the ``openssl`` CLI; None if neither is available."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cert, key, ca = d / "server.crt", d / "server.key", d / "ca.crt"
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        return _make_tls_files_openssl(d, cert, key, ca, dns_names, ip)
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rlsys test CA")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                            crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+               .sign(ca_key, hashes.SHA256()))
+    srv_cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+                .issuer_name(ca_name).public_key(srv_key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(
+                    [*map(x509.DNSName, dns_names), *([x509.IPAddress(ipaddress.ip_address(ip))] if ip else [])]),
+                    critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    ca.write_bytes(ca_cert.public_bytes(pem))
+    cert.write_bytes(srv_cert.public_bytes(pem))
+    key.write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key.chmod(0o600)
+    return cert, key, ca
+
+
+def _make_tls_files_openssl(d, cert, key, ca, dns_names, ip):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        return None
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"), "-out", str(ca), "-days", "1",
+        "-subj", "/CN=rlsys test CA")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(d / "server.csr"), "-subj",
+        f"/CN={dns_names[0]}")
+    san = [f"DNS:{n}" for n in dns_names] + ([f"IP:{ip}"] if ip else [])
+    (d / "san.ext").write_text(f"subjectAltName={','.join(san)}\n")
+    ssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(ca), "-CAkey", str(d / "ca.key"), "-CAcreateserial",
+        "-out", str(cert), "-days", "1", "-extfile", str(d / "san.ext"))
+    return cert, key, ca
+
+
 class OracleJudgeServer:
     """An OpenAI-compatible chat endpoint (aiohttp, loopback, own thread) that judges the
-    built-in addition task exactly: it prefers the response equal to the true sum."""
+    built-in addition task exactly: it prefers the response equal to the true sum. With
+    ``api_key``, requests must carry it as a bearer token (others get a 401, counted in
+    ``unauthorized``)."""
 
-    def __init__(self):
+    def __init__(self, api_key=None):
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.calls = 0
+        self.api_key = api_key  # when set, a request without "Authorization: Bearer <api_key>" gets a 401
+        self.unauthorized = 0
 
     @property
     def url(self):
@@ -101,6 +237,9 @@ class OracleJudgeServer:
     async def _chat(self, request):
         from aiohttp import web
 
+        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            self.unauthorized += 1
+            return web.json_response({"error": {"message": "invalid api key"}}, status=401)
         self.calls += 1
         text = (await request.json())["messages"][0]["content"]
         section = lambda tag: text.split(f"<{tag}>\n")[1].split(f"\n</{tag}>")[0]  # noqa: E731

@@ -296,15 +296,13 @@ def _bad_records():
 
 @pytest.mark.parametrize("kind", sorted(_bad_records()))
 def test_bad_record_is_rejected_counted_and_dead_lettered(redis_store, redis_server, kind):
-    import redis as sync_redis
-
     run_id = uuid.uuid4().hex[:8]
 
     async def scenario():
         s = await redis_store(run_id)
         await s.reserve(2)
         good = make_group(0)
-        r = sync_redis.Redis.from_url(redis_server.url)
+        r = redis_server.client()
         r.xadd(f"rlsys:{run_id}:stream", {"gid": "bad", "v": "0", "rec": _bad_records()[kind]})
         await s.put([good])
         got = await s.take(1)
@@ -319,12 +317,10 @@ def test_bad_record_is_rejected_counted_and_dead_lettered(redis_store, redis_ser
 
 
 def test_wrong_key_type_is_a_clear_error(redis_store, redis_server):
-    import redis as sync_redis
-
     from rlsys.replay_redis import ReplayConfigError
 
     run_id = uuid.uuid4().hex[:8]
-    sync_redis.Redis.from_url(redis_server.url).set(f"rlsys:{run_id}:stream", "not a stream")
+    redis_server.client().set(f"rlsys:{run_id}:stream", "not a stream")
     with pytest.raises(ReplayConfigError, match="wrong type"):
         run(redis_store(run_id))
 
