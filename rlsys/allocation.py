@@ -74,6 +74,7 @@ variance — the figure Knapsack RL improves), ``effective_prompt_ratio`` (fract
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -152,8 +153,8 @@ def allocate_knapsack(
     zero_cap: most rollouts a p̂ = 0 prompt may get from the surplus (rule 4); None: n_max.
 
     Raises ValueError on n_min < 1, n_min > n_max, a budget below the fixed minimum (unseen
-    prompts at uniform_n, the rest at n_min) or above what n_max lets the prompts take, p̂
-    outside [0, 1], or arrays of mismatched length.
+    prompts at uniform_n, the rest at n_min) or above what n_max lets the prompts take, a
+    non-finite budget, p̂ outside [0, 1], or arrays of mismatched length.
 
     >>> allocate_knapsack(np.array([0.1, 0.5, 0.95]), 24, 2, 64).tolist()
     [15, 7, 2]
@@ -171,6 +172,8 @@ def allocate_knapsack(
         raise ValueError("p_hat is NaN for a prompt not marked unseen; mark it in unseen_mask")
     if ((seen_p < 0) | (seen_p > 1)).any():
         raise ValueError(f"p_hat must lie in [0, 1], got min {seen_p.min()} max {seen_p.max()}")
+    if not math.isfinite(budget):
+        raise ValueError(f"budget must be a finite number (rollouts, or tokens with cost=), got {budget}")
     if cost is None:
         if int(budget) != budget:
             raise ValueError(f"a rollout budget must be a whole number, got {budget}")
@@ -293,8 +296,9 @@ def ar3po_reuse(
     mask = np.ones(len(r), dtype=bool)
     if len(r) == 0 or stored_correct_reward is None or (r >= threshold).any():
         return r, mask, None
-    if stored_correct_reward < threshold:
-        raise ValueError(f"stored response has reward {stored_correct_reward} < threshold {threshold}: not correct")
+    if not stored_correct_reward >= threshold:  # NaN included
+        raise ValueError(f"stored response has reward {stored_correct_reward}, not >= threshold {threshold}: "
+                         "not correct")
     i = len(r) - 1
     r[i] = stored_correct_reward
     mask[i] = False

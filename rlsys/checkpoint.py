@@ -98,6 +98,9 @@ def read_state(ckpt: Path) -> dict:
         state = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt / STATE_FILE} must hold a JSON object, got {type(state).__name__}; the "
+                              "checkpoint is damaged")
     if state.get("state_version") != STATE_VERSION:
         raise CheckpointError(f"{ckpt} has checkpoint format {state.get('state_version')!r}; this rlsys reads "
                               f"{STATE_VERSION}")

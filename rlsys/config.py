@@ -3,7 +3,8 @@
 Every component's dataclass lives next to its code (``rollout.RolloutConfig``,
 ``learner.LearnerConfig`` ...) and holds the only defaults. ``RunConfig`` gathers them and is
 registered once as Hydra's structured schema (``rlsys_schema``); the YAML files under
-``conf/`` only select and override, so a mistyped key fails at composition.
+``conf/`` only select and override, so a mistyped key fails at composition (and one added
+with ``+key=value``, which Hydra lets through, fails in ``to_run_config``).
 
 ``to_run_config`` converts the composed DictConfig into typed objects exactly once, running
 every ``__post_init__`` check; the result is then treated as read-only.
@@ -12,7 +13,7 @@ every ``__post_init__`` check; the result is then treated as read-only.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -54,11 +55,16 @@ class ClusterConfig:
     """Also write the run's Prometheus file_sd list here (e.g. a file Prometheus watches, as in
     deploy/prometheus/prometheus.yml); it is always written to <run dir>/prometheus_targets.json."""
     control_poll_s: float = 0.5
-    """How often the controller checks for a ``rlsys scale`` request."""
+    """How often the controller checks for a ``rlsys scale`` request (and pings the judge)."""
+    max_worker_restarts: int = 10
+    """Dead or hung rollout / reward / judge workers replaced per role in one run before the run
+    fails (rlsys/supervision.py; learner ranks: learner.max_restarts)."""
 
     def __post_init__(self) -> None:
         if self.num_cpus < 1:
             raise ValueError(f"cluster.num_cpus must be >= 1, got {self.num_cpus}")
+        if self.max_worker_restarts < 0:
+            raise ValueError(f"cluster.max_worker_restarts must be >= 0, got {self.max_worker_restarts}")
         if not (-1 <= self.metrics_port <= 65535):
             raise ValueError(f"cluster.metrics_port must be -1 (off), 0 (any) or a port, got {self.metrics_port}")
 
@@ -130,7 +136,23 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"invalid configuration: {cause}") from e
     if not isinstance(obj, RunConfig):
         raise ConfigError("the composed config is not a RunConfig; is conf/config.yaml's schema 'rlsys_schema'?")
+    unknown = _unknown_keys(obj)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: no component has such a setting (a '+' "
+                          "override adds keys the schema lacks); check the spelling with `rlsys train --cfg job`")
     return obj
+
+
+def _unknown_keys(obj: object, prefix: str = "") -> list[str]:
+    """Dotted keys an override added (``+learner.learning_rate=...``) that no config dataclass
+    declares: OmegaConf.to_object sets them as plain attributes, where nothing would read them."""
+    declared = [f.name for f in fields(obj)]
+    unknown = [prefix + key for key in vars(obj) if key not in declared]
+    for name in declared:
+        value = getattr(obj, name)
+        if is_dataclass(value):
+            unknown += _unknown_keys(value, f"{prefix}{name}.")
+    return unknown
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:

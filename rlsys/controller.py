@@ -57,6 +57,7 @@ from rlsys.rollout import RolloutWorker
 from rlsys.allocation import effective_gradient_ratio, effective_prompt_ratio
 from rlsys.sampling import Sampler
 from rlsys.scheduler import BudgetScheduler, Prompt
+from rlsys.supervision import OpenRequests, RestartBudget, describe, is_worker_failure, with_deadline
 from rlsys.task import DatasetError, Example, load_task, verify_answer
 from rlsys.tinymodel import encode_prompt, ensure_model
 
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 GPU_TRANSPORTS = ("nccl", "cuda_ipc")
+JUDGE_TOTALS = ("calls", "verdicts", "fallbacks", "timeouts", "errors", "garbage", "over_budget", "spend")
+"""Cumulative judge counters, carried over when a judge worker is replaced."""
 
 
 def start_ray(cfg: ClusterConfig, namespace: str) -> None:
@@ -141,6 +144,8 @@ class Progress:
     """[step, held-out accuracy] pairs: before training (step 0), every ``eval_every`` steps, after."""
     switched: int = 0
     carried: int = 0
+    skipped_nonfinite: int = 0
+    """Groups of learner steps skipped for a non-finite loss or gradient (never trained)."""
     timing: Timing = field(default_factory=Timing)
 
 
@@ -190,6 +195,13 @@ class Controller:
         # or None (nccl: the weights go device to device and no host copy is kept)
         self.transport = "ray"
         self._learner_pg = None
+        self.restarts = RestartBudget(cfg.cluster.max_worker_restarts)  # dead/hung workers replaced, per role
+        self._open: dict[int, OpenRequests] = {}  # per rollout worker index: requests not yet returned
+        self._dead: set = set()  # actor ids of rollout workers known dead, until their replacement serves
+        self._reward_lock = asyncio.Lock()
+        self._nonfinite_run = 0  # non-finite learner steps in a row
+        self._last_ckpt: Optional[tuple[str, int]] = None  # (checkpoint dir, policy version)
+        self.judge = self.judge_stats = self.judge_stats_base = None
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -207,6 +219,13 @@ class Controller:
                                                  f"already at steps={cfg.steps}; raise steps to train further")
             log.info("resuming from %s", checkpoint.describe(self.resume_ckpt, self.resume_state))
         data = load_task(cfg.task)  # bad rows fail here, before anything is built
+        if cfg.replay.backend == "redis":  # so does an unauthenticated or unreachable Redis
+            from concurrent.futures import ThreadPoolExecutor
+
+            from rlsys.replay_redis import check_auth
+
+            with ThreadPoolExecutor(1) as pool:  # its own event loop: setup() may run inside one
+                pool.submit(asyncio.run, check_auth(cfg.replay)).result()
         self.model_path = str(ensure_model(cfg.model, cfg.task))
         # The policy the actors start from: the base model, or the checkpoint's HF weights.
         self.policy_path = str(self.resume_ckpt / checkpoint.HF_DIR) if self.resume_ckpt else self.model_path
@@ -230,6 +249,7 @@ class Controller:
         if self.resume_state:
             ray.get(self.scheduler.load_state_dict.remote(self.resume_state["scheduler"]))
             self.progress = _progress_from(self.resume_state["progress"])
+            self._last_ckpt = (str(self.resume_ckpt), version0)
         self.sampler = Sampler(cfg.scheduler)
         self.loggers = MetricLoggers(cfg.loggers, self.run_dir, self.run_dir.name,
                                      config={"steps": cfg.steps, "strategy": cfg.scheduler.strategy,
@@ -239,16 +259,14 @@ class Controller:
         self.judge = None
         self.judge_per_step: list[dict] = []
         if cfg.judge.backend != "none":
-            jc = cfg.judge
-            self.judge = ray.remote(num_cpus=jc.num_cpus, num_gpus=jc.num_gpus)(JudgeWorker).options(**opts) \
-                .remote(jc, str(self.run_dir), self._mhost)
-        rm_path = None
+            self._actor_opts = opts
+            self.judge = self._spawn_judge()
+        self._rm_path = None
         if cfg.reward.mode in ("rm_judge_router", "rm_pointwise"):
-            rm_path = str(ensure_reward_model(cfg.reward.model, cfg.task))
-            log.info("pairwise reward model %s", rm_path)
-        self.rewards = [ray.remote(num_cpus=cfg.reward.num_cpus)(RewardWorker).options(**opts)
-                        .remote(cfg.reward, rm_path, self.judge, self._mhost) for _ in range(cfg.reward.num_workers)]
+            self._rm_path = str(ensure_reward_model(cfg.reward.model, cfg.task))
+            log.info("pairwise reward model %s", self._rm_path)
         self._actor_opts = opts
+        self.rewards = [self._spawn_reward_worker() for _ in range(cfg.reward.num_workers)]
         self._version0 = self._published_version = version0
         self.ranks = []
         if cfg.learner.num_gpus and rc.num_gpus:
@@ -292,6 +310,20 @@ class Controller:
                 .options(**self._actor_opts).remote(rc, self.policy_path, index, str(self.run_dir), self._version0,
                                                     self._mhost))
 
+    def _spawn_reward_worker(self):
+        import ray
+
+        rc = self.cfg.reward
+        return (ray.remote(num_cpus=rc.num_cpus)(RewardWorker).options(**self._actor_opts)
+                .remote(rc, self._rm_path, self.judge, self._mhost))
+
+    def _spawn_judge(self):
+        import ray
+
+        jc = self.cfg.judge
+        return (ray.remote(num_cpus=jc.num_cpus, num_gpus=jc.num_gpus)(JudgeWorker).options(**self._actor_opts)
+                .remote(jc, str(self.run_dir), self._mhost))
+
     def _write_targets(self) -> None:
         """Prometheus file_sd: every endpoint of this run (controller and each actor), labelled
         run / role / index, in <run dir>/prometheus_targets.json and cluster.prometheus_targets.
@@ -311,7 +343,12 @@ class Controller:
         actors += [("reward", i, a) for i, a in enumerate(self.rewards)]
         if self.judge is not None:
             actors.append(("judge", 0, self.judge))
-        endpoints = ray.get([a.metrics_endpoint.remote() for _, _, a in actors])
+        endpoints = []
+        for ref in [a.metrics_endpoint.remote() for _, _, a in actors]:
+            try:
+                endpoints.append(ray.get(ref, timeout=10))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                endpoints.append(None)  # dead or hung: being replaced (rlsys.supervision)
         entries += [(role, i, ep) for (role, i, _), ep in zip(actors, endpoints) if ep]
         doc = [{"targets": [ep], "labels": {"run": self.run_dir.name, "role": role, "index": str(i)}}
                for role, i, ep in entries]
@@ -423,11 +460,10 @@ class Controller:
         ]
 
     async def _recover_learner(self, error: Exception) -> None:
-        """A rank died mid-step: nothing of that step was committed. Recreate every rank (the
-        collective group is broken) from the last committed weights and redeliver the batch."""
-        import ray
-
+        """A rank died or hung mid-step: nothing of that step was committed. Recreate every rank
+        (the collective group is broken) from the last committed weights and redeliver the batch."""
         self.learner_restarts += 1
+        self.metrics.worker_restarts.labels("learner").inc()
         if self.transport in GPU_TRANSPORTS:
             raise RuntimeError(f"a learner rank died, and the {self.transport} weight transport keeps no host copy of the "
                                "committed weights to restart from: resume the run from its last checkpoint "
@@ -436,15 +472,49 @@ class Controller:
             raise RuntimeError(f"learner failed {self.learner_restarts} times (learner.max_restarts="
                                f"{self.cfg.learner.max_restarts}); last error: {error}") from error
         n = await self.store.requeue_pending()
-        log.error("learner rank died during step %d (%s); restarting %d rank(s) from policy version %d, "
-                  "redelivering %d uncommitted group(s) [restart %d/%d]", self.progress.step + 1,
-                  type(error).__name__, len(self.ranks), self.store.learner_version, n, self.learner_restarts,
+        log.error("learner rank %s during step %d; restarting %d rank(s) from policy version %d, "
+                  "redelivering %d uncommitted group(s) [restart %d/%d]", describe(error), self.progress.step + 1,
+                  len(self.ranks), self.store.learner_version, n, self.learner_restarts,
                   self.cfg.learner.max_restarts)
+        await self._restart_ranks()
+
+    async def _restart_ranks(self) -> None:
+        """Recreate every rank at the committed policy: from the checkpoint written at that version
+        when there is one (weights and optimizer state), else from the committed weights (the
+        optimizer moments restart from zero)."""
+        import ray
+
         for r in self.ranks:
             ray.kill(r)
-        self.ranks = self._start_ranks(self._committed_weights)
-        await asyncio.gather(*[r.ready.remote() for r in self.ranks])
+        ckpt = self._last_ckpt if self._last_ckpt and self._last_ckpt[1] == self.store.learner_version else None
+        if ckpt is not None:
+            log.info("learner ranks restart from checkpoint %s (policy version %d, optimizer state included)", *ckpt)
+            self.ranks = self._start_ranks(None, resume_dir=ckpt[0])
+        else:
+            self.ranks = self._start_ranks(self._committed_weights)
+        await with_deadline(asyncio.gather(*[r.ready.remote() for r in self.ranks]),
+                            self.cfg.cluster.actor_start_timeout_s)
         self._write_targets()
+
+    async def _skip_nonfinite(self, step: int, groups: list[Group], stats: list) -> None:
+        """A step with a NaN/inf loss or gradient norm: never publish its weights (learner.on_nonfinite)."""
+        lc = self.cfg.learner
+        self._nonfinite_run += 1
+        what = (f"step {step + 1}: non-finite loss or gradient norm (loss {[s.loss for s in stats]}, grad norm "
+                f"{[s.grad_norm for s in stats]})")
+        if lc.on_nonfinite == "stop" or self._nonfinite_run >= lc.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{what}; stopping the run ({self._nonfinite_run} in a row; learner.on_nonfinite={lc.on_nonfinite}, "
+                f"learner.max_nonfinite_steps={lc.max_nonfinite_steps}). The last checkpoint is intact: lower "
+                "learner.lr (or check the rewards) and resume from it")
+        self.progress.skipped_nonfinite += len(groups)
+        self.metrics.skipped_nonfinite.inc(len(groups))
+        log.error("%s; step skipped: its weights are discarded, the ranks restart from policy version %d, and its "
+                  "%d group(s) are not trained (skipped_nonfinite) [%d in a row, at most %d]", what,
+                  self.store.learner_version, len(groups), self._nonfinite_run, lc.max_nonfinite_steps)
+        await self.store.ack([g.group_id for g in groups])  # consumed, never trained: counted above
+        await self.store.release(len(groups))  # their admission slots: producers make the batch again
+        await self._restart_ranks()
 
     def shutdown(self) -> None:
         import ray
@@ -465,11 +535,26 @@ class Controller:
 
     # -- evaluation ----------------------------------------------------------------------
     async def evaluate(self) -> float:
-        """Greedy accuracy on the held-out prompts, split over the rollout workers."""
-        prompts = self.eval_prompts
-        shards = [prompts[i:: len(self.workers)] for i in range(len(self.workers))]
-        outs = await asyncio.gather(*[w.generate_greedy.remote([list(p.prompt_token_ids) for p in s])
-                                      for w, s in zip(self.workers, shards)])
+        """Greedy accuracy on the held-out prompts, split over the rollout workers (the shards of a
+        worker that is dead or past rollout.call_timeout_s go to one that answered)."""
+        prompts, workers = self.eval_prompts, list(self.workers)
+        shards = [prompts[i:: len(workers)] for i in range(len(workers))]
+
+        def greedy(w, shard):
+            return with_deadline(w.generate_greedy.remote([list(p.prompt_token_ids) for p in shard]),
+                                 self.cfg.rollout.call_timeout_s)
+
+        outs = await asyncio.gather(*[greedy(w, s) for w, s in zip(workers, shards)], return_exceptions=True)
+        for o in outs:
+            if isinstance(o, BaseException) and not is_worker_failure(o):
+                raise o
+        healthy = [w for w, o in zip(workers, outs) if not isinstance(o, BaseException)]
+        for i, o in enumerate(outs):
+            if isinstance(o, BaseException):
+                if not healthy:
+                    raise RuntimeError("no rollout worker answered the evaluation") from o
+                log.warning("evaluation: a rollout worker %s; its shard goes to another worker", describe(o))
+                outs[i] = await greedy(healthy[0], shards[i])
         correct = sum(verify_answer(text, p.reference) for s, o in zip(shards, outs) for p, text in zip(s, o))
         acc = correct / max(len(prompts), 1)
         self.metrics.eval_accuracy.set(acc)
@@ -514,8 +599,8 @@ class Controller:
     async def rollout_loop(self, worker, index: int, stop: asyncio.Event) -> None:
         """Consumes admission slots (replay.reserve) and produces scored groups (replay.put),
         until the store closes or ``stop`` is set (then it finishes the request in hand, and
-        with carry-over drains the groups its worker still holds)."""
-        reward = self.rewards[index % len(self.rewards)]
+        with carry-over drains the groups its worker still holds). ``worker`` is the loop's first
+        actor; a replacement (rlsys.supervision) takes its place in ``_loops[index]``."""
         info = self.worker_log[index]
         carry, held = self._carries(), 0  # held: groups the worker carries over (partial mode)
         while True:
@@ -531,24 +616,23 @@ class Controller:
                 requests = []
             elif k is None:
                 if carry:  # scale-down: the groups this worker still holds were admitted; finish them
-                    await self._produce(worker, reward, info, [], carry=True, drain=True)
+                    await self._produce(index, info, [], carry=True, drain=True)
                 return
             else:
                 if info["first_request_version"] is None:
                     info["first_request_version"] = self._published_version
                 requests = await self.scheduler.plan.remote(k)
-            held = await self._produce(worker, reward, info, requests, carry=carry)
+            held = await self._produce(index, info, requests, carry=carry)
             if held is None:
                 return
 
-    async def _produce(self, worker, reward, info: dict, requests: list, carry: bool = False,
+    async def _produce(self, index: int, info: dict, requests: list, carry: bool = False,
                        drain: bool = False) -> Optional[int]:
         """One generate + score round into the store. Returns the number of groups the worker
         carries over after it, or None once the store is closed."""
-        generate = (lambda reqs: worker.generate.remote(reqs, carry=True, drain=drain)) if carry \
-            else worker.generate.remote
-        groups, scored, rs = await self.sampler.run(requests, generate, reward.score.remote,
-                                                    self.store.learner_version)
+        groups, scored, rs = await self.sampler.run(
+            requests, lambda reqs: self._generate(index, reqs, carry, drain),
+            lambda gs: self._score(index, gs), self.store.learner_version)
         self.scheduler.observe.remote([(g.prompt_id, g.rewards.tolist()) for g in scored])
         self.progress.carried += rs.carried
         p, m = self.progress, self.metrics
@@ -578,12 +662,124 @@ class Controller:
             return None
         return rs.carried
 
+    # -- supervised calls (rlsys.supervision) ------------------------------------------------
+    async def _generate(self, index: int, requests: list, carry: bool, drain: bool):
+        """``generate`` on rollout worker ``index``; if the worker dies or outlives
+        rollout.call_timeout_s, it is replaced and every request it had not returned (including
+        groups it carried over from earlier calls) goes to the replacement."""
+        open_ = self._open.setdefault(index, OpenRequests())
+        open_.sent(requests)
+        send = requests
+        while True:
+            worker = self._loops[index][0]
+            call = worker.generate.remote(send, carry=True, drain=drain) if carry else worker.generate.remote(send)
+            try:
+                result = await with_deadline(call, self.cfg.rollout.call_timeout_s)
+            except Exception as e:  # noqa: BLE001 - a dead or hung worker is replaced; anything else re-raised
+                if not is_worker_failure(e):
+                    raise
+                await self._replace_rollout(index, worker, e, len(open_))
+                send = open_.outstanding()
+                continue
+            open_.returned(result.groups)
+            return result
+
+    async def _score(self, index: int, groups: list[Group]) -> list[Group]:
+        """``score`` on the loop's reward worker; a dead or hung one is replaced and the groups are
+        scored again by its replacement."""
+        slot = index % len(self.rewards)
+        while True:
+            actor = self.rewards[slot]
+            try:
+                return await with_deadline(actor.score.remote(groups), self.cfg.reward.call_timeout_s)
+            except Exception as e:  # noqa: BLE001 - a dead or hung worker is replaced; anything else re-raised
+                if not is_worker_failure(e):
+                    raise
+                await self._replace_reward(slot, actor, e)
+
+    async def _replace_rollout(self, index: int, dead, error: BaseException, open_requests: int) -> None:
+        """A new rollout worker under ``index``, serving the current policy (as a joining worker)."""
+        import ray
+
+        n = self.restarts.spend("rollout", error)
+        self.metrics.worker_restarts.labels("rollout").inc()
+        if self.transport in GPU_TRANSPORTS:
+            raise RuntimeError(f"rollout worker {index} {describe(error)}; the {self.transport} weight transport "
+                               "cannot take a replacement engine into its group: resume the run from its last "
+                               "checkpoint (resume=<run dir>)") from error
+        log.error("rollout worker %d %s; replacing it (restart %d/%d) and retrying its %d open request(s)", index,
+                  describe(error), n, self.cfg.cluster.max_worker_restarts, open_requests)
+        ray.kill(dead, no_restart=True)
+        self._dead.add(dead._actor_id.hex())
+        new = self._spawn_rollout_worker(index)
+        try:
+            await with_deadline(new.ready.remote(), self.cfg.cluster.actor_start_timeout_s)
+            async with self._publish_lock:  # no publication in between: it gets the current policy
+                v = self._published_version
+                if v != self._version0:
+                    await with_deadline(self._load_on(new, v, self._committed_weights),
+                                        self.cfg.rollout.call_timeout_s)
+                self.workers[self.workers.index(dead)] = new
+                self._dead.discard(dead._actor_id.hex())
+                _, task, stop = self._loops[index]
+                self._loops[index] = (new, task, stop)
+        except BaseException:  # noqa: BLE001 - cancelled (the run ended) or failed: never leak the new actor
+            ray.kill(new, no_restart=True)
+            raise
+        self.restarts.done["rollout"] += 1
+        self._write_targets()
+        log.info("rollout worker %d replaced (serving policy version %d)", index, v)
+
+    async def _replace_reward(self, slot: int, dead, error: BaseException) -> None:
+        import ray
+
+        async with self._reward_lock:
+            if self.rewards[slot] is not dead:
+                return  # another rollout loop replaced it already
+            n = self.restarts.spend("reward", error)
+            self.metrics.worker_restarts.labels("reward").inc()
+            log.error("reward worker %d %s; replacing it (restart %d/%d) and scoring its groups again", slot,
+                      describe(error), n, self.cfg.cluster.max_worker_restarts)
+            ray.kill(dead, no_restart=True)
+            new = self._spawn_reward_worker()
+            try:
+                await with_deadline(new.ready.remote(), self.cfg.cluster.actor_start_timeout_s)
+            except BaseException:  # noqa: BLE001 - cancelled or failed: never leak the new actor
+                ray.kill(new, no_restart=True)
+                raise
+            self.rewards[slot] = new
+            self.restarts.done["reward"] += 1
+        self._write_targets()
+
+    async def _check_judge(self) -> None:
+        """Ping the judge worker; replace it if it is dead or hung, and hand the reward workers
+        the new one (they retry what failed on the old one)."""
+        import ray
+
+        dead = self.judge
+        try:
+            await with_deadline(dead.ready.remote(), self.cfg.judge.ping_timeout_s)
+            return
+        except Exception as e:  # noqa: BLE001 - a dead or hung judge is replaced; anything else re-raised
+            if not is_worker_failure(e):
+                raise
+            error = e
+        n = self.restarts.spend("judge", error)
+        self.metrics.worker_restarts.labels("judge").inc()
+        log.error("judge worker %s; replacing it (restart %d/%d)", describe(error), n,
+                  self.cfg.cluster.max_worker_restarts)
+        ray.kill(dead, no_restart=True)
+        self.judge = self._spawn_judge()  # shutdown() kills it whatever happens next
+        await with_deadline(self.judge.ready.remote(), self.cfg.cluster.actor_start_timeout_s)
+        self.judge_stats_base = {k: v for k, v in (self.judge_stats or {}).items() if k in JUDGE_TOTALS}
+        await asyncio.gather(*[r.set_judge.remote(self.judge) for r in self.rewards])
+        self.restarts.done["judge"] += 1
+        self._write_targets()
+
     async def learner_loop(self, t_start: float) -> None:
         """Consumes M fresh groups per step; trains; publishes weights; advances the version."""
         cfg = self.cfg
         m = cfg.scheduler.prompts_per_step
-        import ray
-
         step = self.progress.step  # > 0 when resuming
         while step < cfg.steps:
             if cfg.max_train_seconds and time.perf_counter() - t_start > cfg.max_train_seconds:
@@ -599,26 +795,22 @@ class Controller:
             lengths = batch.attention_mask.sum(1)
             shards = [batch.select(ix) for ix in shard_indices(lengths, len(self.ranks))]
             try:
-                stats = await asyncio.gather(*[r.train_step.remote(s, norm) for r, s in zip(self.ranks, shards)])
+                stats = await with_deadline(asyncio.gather(*[r.train_step.remote(s, norm)
+                                                             for r, s in zip(self.ranks, shards)]), cfg.learner.step_timeout_s)
                 t1 = time.perf_counter()
-                if self.transport in GPU_TRANSPORTS:  # device to device, loaded as it goes
-                    async with self._publish_lock:
-                        await weight_sync.publish(self.transport, version + 1, self.ranks, self.workers,
-                                                  self._weight_plan)
-                    published = None
-                elif self.transport == "shm":
-                    published = (await asyncio.gather(*[r.publish_weights.remote(self._shm_path(version + 1))
-                                                        for r in self.ranks]))[0]
-                else:
-                    weight_refs = [r.gather_weights.remote() for r in self.ranks]
-                    await asyncio.gather(*weight_refs)
-                    published = weight_refs[0]
-            except ray.exceptions.RayActorError as e:
+                if not all(math.isfinite(s.loss) and math.isfinite(s.grad_norm) for s in stats):
+                    await self._skip_nonfinite(step, groups, stats)
+                    continue
+                self._nonfinite_run = 0
+                published = await with_deadline(self._publish(version + 1), cfg.learner.step_timeout_s)
+            except Exception as e:  # noqa: BLE001 - a dead or hung rank is recovered; anything else re-raised
+                if not is_worker_failure(e):
+                    raise
                 await self._recover_learner(e)
                 continue
             async with self._publish_lock:
                 if self.transport not in GPU_TRANSPORTS:
-                    await asyncio.gather(*[self._load_on(w, version + 1, published) for w in self.workers])
+                    await self._load_on_all(version + 1, published)
                 previous, self._committed_weights = self._committed_weights, published
                 self._published_version = version + 1
                 if self.transport == "shm" and previous is not None:
@@ -641,6 +833,36 @@ class Controller:
                 self.progress.eval_curve.append([step, acc])
                 log.info("step %d: eval accuracy %.3f", step, acc)
         await self.store.stop()
+
+    async def _publish(self, version: int):
+        """Gather the new weights from the ranks; returns what ``_load_on`` hands the workers (GPU
+        transports load the engines as they go, and keep no host copy)."""
+        if self.transport in GPU_TRANSPORTS:  # device to device, loaded as it goes
+            async with self._publish_lock:
+                await weight_sync.publish(self.transport, version, self.ranks, self.workers, self._weight_plan)
+            return None
+        if self.transport == "shm":
+            return (await asyncio.gather(*[r.publish_weights.remote(self._shm_path(version)) for r in self.ranks]))[0]
+        weight_refs = [r.gather_weights.remote() for r in self.ranks]
+        await asyncio.gather(*weight_refs)
+        return weight_refs[0]
+
+    async def _load_on_all(self, version: int, weights) -> None:
+        """Every rollout worker loads ``version`` (caller holds the publication lock). A worker that
+        is dead or does not load within rollout.call_timeout_s is killed: its rollout loop then
+        replaces it with one that loads the current policy (rlsys.supervision)."""
+        import ray
+
+        workers = [w for w in self.workers if w._actor_id.hex() not in self._dead]
+        done = await asyncio.gather(*[with_deadline(self._load_on(w, version, weights), self.cfg.rollout.call_timeout_s)
+                                      for w in workers], return_exceptions=True)
+        for w, r in zip(workers, done):
+            if isinstance(r, BaseException):
+                if not is_worker_failure(r):
+                    raise r
+                log.error("a rollout worker %s while loading policy version %d; it is replaced", describe(r), version)
+                ray.kill(w, no_restart=True)
+                self._dead.add(w._actor_id.hex())
 
     # -- elastic rollout workers (rlsys.control) -------------------------------------------
     def _start_loop(self, index: int, worker) -> None:
@@ -670,6 +892,8 @@ class Controller:
                 await self._add_workers(want - len(self.workers))
             elif want < len(self.workers):
                 await self._remove_workers(len(self.workers) - want)
+            if self.judge is not None:
+                await self._check_judge()
             js = getattr(self, "judge_stats", None) or {}
             await self.control.update_report.remote({
                 "step": self.progress.step, "steps": self.cfg.steps, "policy_version": self._published_version,
@@ -677,7 +901,8 @@ class Controller:
                 "samples": self.progress.samples, "replay_depth": await self.store.depth(),
                 "replay_dropped_stale": self.store.counters.dropped_stale,
                 "judge_queue": js.get("queued", 0) + js.get("in_flight", 0) if js else None,
-                "learner_restarts": self.learner_restarts, "last_errors": list(self._recent_errors.lines)})
+                "learner_restarts": self.learner_restarts, "worker_restarts": dict(self.restarts.counts),
+                "last_errors": list(self._recent_errors.lines)})
             await asyncio.sleep(self.cfg.cluster.control_poll_s)
 
     async def _add_workers(self, k: int) -> None:
@@ -746,6 +971,7 @@ class Controller:
         state = {"step": p.step, "version": version, "run_id": self.run_id, "scheduler": sched,
                  "progress": asdict(p), "config_name": self.cfg.name}
         final = checkpoint.commit(tmp, state, Path(self.model_path), self.cfg.checkpoint.keep_last)
+        self._last_ckpt = (str(final), version)  # a learner restart at this version restores from it
         log.info("checkpoint %s written in %.1fs", final, time.perf_counter() - t0)
 
     def _record_step(self, step: int, groups: list[Group], stats, train_s: float, sync_s: float,
@@ -815,7 +1041,8 @@ class Controller:
 
     async def _record_reward_stats(self) -> None:
         """Router and judge figures (cumulative in the actors) into gauges and the summary."""
-        per_worker = await asyncio.gather(*[r.stats.remote() for r in self.rewards])
+        answers = await asyncio.gather(*[r.stats.remote() for r in self.rewards], return_exceptions=True)
+        per_worker = [a for a in answers if isinstance(a, dict)]  # a dead worker's figures are gone with it
         tot = {k: sum(w.get(k, 0) for w in per_worker) for k in per_worker[0]} if per_worker else {}
         m = self.metrics
         if tot.get("pairs"):
@@ -824,7 +1051,14 @@ class Controller:
             m.rm_judge_agreement.set(tot["agreement_sum"] / tot["agreement_n"])
         self.reward_stats = tot
         if self.judge is not None:
-            js = await self.judge.stats.remote()
+            try:
+                js = await with_deadline(self.judge.stats.remote(), self.cfg.judge.ping_timeout_s)
+            except Exception as e:  # noqa: BLE001 - the judge ping (scale_loop) replaces it
+                if not is_worker_failure(e):
+                    raise
+                return
+            base = self.judge_stats_base or {}  # totals of judge workers that were replaced
+            js = {k: v + base.get(k, 0) if k in JUDGE_TOTALS else v for k, v in js.items()}
             m.judge_calls.set(js["calls"])
             m.judge_fallbacks.set(js["fallbacks"])
             m.judge_spend.set(js["spend"])
@@ -915,6 +1149,9 @@ class Controller:
                        **({"judge_calls": [j["calls"] for j in judged],
                            "judge_spend": [j["spend"] for j in judged]} if judged else {})},
             "learner_restarts": self.learner_restarts,
+            "worker_restarts": dict(self.restarts.counts),
+            "groups_trained": p.groups_trained,
+            "skipped_nonfinite": p.skipped_nonfinite,
             "weight_transport": self.transport,
             "rollout_workers": list(getattr(self, "worker_log", {}).values()),
             "reward_router": getattr(self, "reward_stats", None),

@@ -43,6 +43,7 @@ from typing import Optional, Protocol
 import numpy as np
 
 from rlsys.routing import JudgeParseError, parse_verdict, render_judge_prompt
+from rlsys.supervision import FaultPoint
 
 VERDICT_LINES = ("VERDICT: A", "VERDICT: B", "VERDICT: TIE")
 """Everything ``routing.parse_verdict`` accepts (what a constrained engine may emit)."""
@@ -117,6 +118,9 @@ class JudgeConfig:
     """Ray CPUs of the JudgeWorker (give the vllm backend at least one on a shared machine)."""
     num_gpus: float = 0.0
     """Ray GPUs of the JudgeWorker (vllm backend on GPU)."""
+    ping_timeout_s: float = 30.0
+    """The controller pings the judge worker every cluster.control_poll_s; one that does not answer
+    within this is hung, and is killed and replaced (rlsys/supervision.py)."""
     engine: JudgeEngineConfig = field(default_factory=JudgeEngineConfig)
     """The engine of the vllm backend."""
 
@@ -135,11 +139,14 @@ class JudgeConfig:
             raise ValueError(f"judge.chat_template={self.chat_template!r} is not a file")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("judge.num_cpus and judge.num_gpus must be >= 0")
-        if self.concurrency < 1 or self.timeout_s <= 0 or self.retries < 0 or self.max_pairs_per_step < 0:
+        if self.concurrency < 1 or not self.timeout_s > 0 or self.retries < 0 or self.max_pairs_per_step < 0:
             raise ValueError("judge.concurrency >= 1, judge.timeout_s > 0, judge.retries >= 0 and "
                              "judge.max_pairs_per_step >= 0 are required")
-        if self.rate_limit_per_s < 0 or self.cost_per_call < 0:
-            raise ValueError("judge.rate_limit_per_s and judge.cost_per_call must be >= 0")
+        if self.ping_timeout_s <= 0:
+            raise ValueError(f"judge.ping_timeout_s must be > 0, got {self.ping_timeout_s}")
+        if not (self.rate_limit_per_s >= 0 and self.cost_per_call >= 0):  # NaN fails too
+            raise ValueError(f"judge.rate_limit_per_s and judge.cost_per_call must be numbers >= 0, got "
+                             f"{self.rate_limit_per_s} and {self.cost_per_call}")
 
 
 @dataclass(frozen=True)
@@ -395,6 +402,7 @@ class JudgeWorker:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg = cfg
         self.queue = JudgeQueue(cfg, make_backend(cfg, work_dir))
+        self.faults = FaultPoint()
         self.step: Optional[int] = None
         self.metrics = self.metrics_endpoint_ = None
         if metrics_host is not None:  # this worker's own Prometheus endpoint (rlsys.metrics)
@@ -404,6 +412,7 @@ class JudgeWorker:
             self.metrics.queue.set_function(lambda: self.queue.queued + self.queue.in_flight)
 
     async def judge_pairs(self, pairs: list[JudgePair], step: int) -> list[Optional[int]]:
+        self.faults.hang_here()
         if step != self.step:  # a new policy version: a new step's budget
             self.step = step
             self.queue.new_step()
@@ -421,6 +430,10 @@ class JudgeWorker:
 
     def metrics_endpoint(self) -> Optional[str]:
         return self.metrics_endpoint_
+
+    def inject_fault(self, kind: str, seconds: float = 3600.0) -> None:
+        """Fault injection (tests, scripts/soak.py): 'hang' the next judge call (blocks the actor)."""
+        self.faults.arm(kind, seconds)
 
     def stats(self) -> dict:
         st = self.queue.stats

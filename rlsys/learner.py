@@ -29,6 +29,7 @@ import numpy as np
 
 from rlsys.batch import TrainBatch, micro_batches
 from rlsys.losses import LossConfig, LossNormalizer, policy_loss, token_logprobs
+from rlsys.supervision import FaultPoint
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,16 @@ class LearnerConfig:
     """Learner failures (a rank dies mid-step) survived per run: the ranks are recreated from the
     last committed weights and the uncommitted batch is redelivered. Adam moments restart from
     zero (a resumed run, ``resume=<checkpoint>``, restores them)."""
+    step_timeout_s: float = 3600.0
+    """Deadline of one learner step (train and publish). Ranks past it count as hung and are
+    recreated like dead ones (``max_restarts``). 0 = none."""
+    on_nonfinite: str = "skip"
+    """A step whose loss or gradient norm is NaN/inf: 'skip' it (its weights are discarded, the
+    ranks restart from the last committed weights, its groups are counted as skipped_nonfinite
+    and never trained) or 'stop' the run with an error. The last checkpoint stays valid."""
+    max_nonfinite_steps: int = 3
+    """With on_nonfinite=skip: stop the run after this many non-finite steps in a row (the run
+    has diverged; lower learner.lr or check the reward)."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The policy-gradient objective."""
 
@@ -85,7 +96,7 @@ class LearnerConfig:
             raise ValueError(f"learner.num_ranks must be >= 1, got {self.num_ranks}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.lr <= 0:
+        if not self.lr > 0:  # NaN too
             raise ValueError(f"learner.lr must be > 0, got {self.lr}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"learner.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
@@ -94,6 +105,10 @@ class LearnerConfig:
                              f"got {self.weight_transport!r}")
         if self.gather_bucket_mb < 1:
             raise ValueError(f"learner.gather_bucket_mb must be >= 1, got {self.gather_bucket_mb}")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"learner.on_nonfinite must be skip or stop, got {self.on_nonfinite!r}")
+        if self.max_nonfinite_steps < 1 or self.step_timeout_s < 0:
+            raise ValueError("learner.max_nonfinite_steps must be >= 1 and learner.step_timeout_s >= 0 (0 = none)")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"learner.dtype must be fp32 or bf16, got {self.dtype!r}")
 
@@ -174,6 +189,7 @@ class LearnerRank:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(cfg, world_size))
         self.steps = 0
+        self.faults = FaultPoint()
         if resume_dir is not None:  # module and optimizer state of this rank (rlsys.checkpoint)
             from rlsys.checkpoint import LEARNER_DIR, LEARNER_TAG
 
@@ -200,6 +216,7 @@ class LearnerRank:
         """One optimizer step on this rank's shard of the global batch."""
         import torch
 
+        self.faults.hang_here()
         t0 = time.perf_counter()
         self.engine.train()
         total, agg = 0.0, {}
@@ -231,6 +248,18 @@ class LearnerRank:
             self.metrics.kl.set(extra.get("behav_kl", 0.0))
         return StepStats(total, float(gn) if gn is not None else float("nan"), int(ntok),
                          time.perf_counter() - t0, extra)
+
+    def inject_fault(self, kind: str, seconds: float = 3600.0) -> None:
+        """Fault injection (tests, scripts/soak.py): 'hang' the next train_step, or 'nan': poison
+        this rank's weights, so the next step's loss and gradients are NaN."""
+        if kind != "nan":
+            return self.faults.arm(kind, seconds)
+        import torch
+
+        with torch.no_grad():
+            for p in self.engine.module.parameters():
+                p.fill_(float("nan"))
+                break
 
     def compute_logprobs(self, batch: TrainBatch) -> np.ndarray:
         """Per-token logprobs of ``batch`` under the current weights (tests, diagnostics)."""

@@ -15,6 +15,7 @@ References (ALGORITHMS.md §4):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,10 +58,15 @@ class LossConfig:
             )
         if not (0.0 <= self.clip_low < 1.0):
             raise ValueError(f"learner.loss.clip_low must be in [0, 1), got {self.clip_low}")
-        if self.clip_high < 0.0:
-            raise ValueError(f"learner.loss.clip_high must be >= 0, got {self.clip_high}")
-        if self.advantage_clip < 0 or self.tis_cap < 0:
-            raise ValueError("learner.loss.advantage_clip and learner.loss.tis_cap must be >= 0 (0 disables)")
+        if not (0.0 <= self.clip_high < math.inf):
+            raise ValueError(f"learner.loss.clip_high must be a finite number >= 0, got {self.clip_high}")
+        for key in ("advantage_clip", "tis_cap"):
+            if not (0.0 <= getattr(self, key) < math.inf):
+                raise ValueError(f"learner.loss.{key} must be a finite number >= 0 (0 disables), "
+                                 f"got {getattr(self, key)}")
+        if not (0.0 < self.eps < math.inf):
+            raise ValueError(f"learner.loss.eps must be a finite number > 0 (a group with equal rewards has std 0), "
+                             f"got {self.eps}")
 
 
 def group_advantages(rewards: np.ndarray, cfg: LossConfig) -> np.ndarray:

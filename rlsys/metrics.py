@@ -91,6 +91,13 @@ class Metrics:
         self.judge_queue_depth = Gauge("rlsys_judge_queue_depth_calls", "Judge calls queued or in flight",
                                        registry=r)
         self.eval_accuracy = Gauge("rlsys_controller_eval_accuracy", "Held-out greedy accuracy", registry=r)
+        self.worker_restarts = Counter("rlsys_controller_worker_restarts",
+                                       "Dead or hung workers replaced (role: rollout, reward, judge, learner)",
+                                       ["role"], registry=r)
+        for role in ("rollout", "reward", "judge", "learner"):  # exported at 0 from the start
+            self.worker_restarts.labels(role)
+        self.skipped_nonfinite = Counter("rlsys_learner_skipped_nonfinite_groups",
+                                         "Groups of steps skipped for a non-finite loss or gradient", registry=r)
         self.memory = _memory_gauge("controller", r)
 
 

@@ -28,6 +28,7 @@ raises, the batch keeps the rule rewards (logged, counted in ``stats()["rm_failu
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -43,8 +44,12 @@ from rlsys.records import Group
 from rlsys.reward_model import RewardModelConfig
 from rlsys.routing import (RouterConfig, all_pairs, pair_scores, pairwise_advantage, rm_judge_agreement,
                            rm_uncertainty, route_batch, verifier_separable)
+from rlsys.supervision import FaultPoint
 
 log = logging.getLogger(__name__)
+
+JUDGE_REPLACEMENT_WAIT_S = 60.0
+"""How long a reward worker waits for the controller to replace a dead judge worker."""
 
 RewardFn = Callable[[str, str], float]
 MODES = ("rule", "rm_pointwise", "rm_judge_router")
@@ -90,6 +95,9 @@ class RewardConfig:
     """Reward given to a completion whose reward function failed."""
     num_workers: int = 1
     """RewardWorker actors."""
+    call_timeout_s: float = 300.0
+    """Deadline of one score call on a reward worker (a batch of groups). A worker past it counts as
+    hung: it is killed and replaced, and the groups are scored again (rlsys/supervision.py). 0 = none."""
     num_cpus: float = 0.25
     """Ray CPUs reserved per RewardWorker."""
     mode: str = "rule"
@@ -115,10 +123,14 @@ class RewardConfig:
         if self.mode == "rm_pointwise" and self.model.pointwise_steps == 0 and not self.model.path:
             raise ValueError("reward.mode=rm_pointwise needs the pointwise model: reward.model.pointwise_steps > 0 "
                              "(or reward.model.path to a directory holding one)")
-        if self.timeout_s <= 0:
-            raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s} (and finite)")
+        if not math.isfinite(self.failure_reward):
+            raise ValueError(f"reward.failure_reward must be finite, got {self.failure_reward}")
         if self.num_workers < 1:
             raise ValueError(f"reward.num_workers must be >= 1, got {self.num_workers}")
+        if self.call_timeout_s < 0:
+            raise ValueError(f"reward.call_timeout_s must be >= 0 (0 = no deadline), got {self.call_timeout_s}")
 
 
 class RewardFunctionError(RuntimeError):
@@ -161,8 +173,12 @@ def call_with_timeout(fn: RewardFn, completion: str, reference: str, timeout_s: 
     value = box.get("value")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise RewardFunctionError(f"returned {type(value).__name__} {value!r}, expected a float")
-    if not math.isfinite(float(value)):
-        raise RewardFunctionError(f"returned non-finite value {value!r}")
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise RewardFunctionError(f"returned non-finite value {value if isinstance(value, float) else str(value)[:40]}")
     return float(value)
 
 
@@ -307,6 +323,9 @@ class RewardWorker:
 
             self.metrics, self.metrics_endpoint_, self._metrics_server = serve_actor("reward", metrics_host)
         self.scorer = GroupScorer(cfg)
+        self.faults = FaultPoint()
+        self.judge, self._judge_swapped = judge, asyncio.Event()
+        self.judge_unavailable = 0
         self.pairwise = self.pointwise = None
         if cfg.mode == "rm_pointwise":
             from rlsys.reward_model import PointwiseRewardModel
@@ -320,10 +339,41 @@ class RewardWorker:
             if reward_model_path is None:
                 raise ValueError("reward.mode=rm_judge_router needs a reward model path")
             rm = PairwiseRewardModel.load(reward_model_path)
-            call = (lambda pairs, step: judge.judge_pairs.remote(pairs, step)) if judge is not None else None
-            self.pairwise = PairwiseStage(cfg, rm, call)
+            self.pairwise = PairwiseStage(cfg, rm, self._call_judge if judge is not None else None)
+
+    async def _call_judge(self, pairs: list, step: int) -> list[Optional[int]]:
+        """The judge worker's verdicts. If it died (the controller replaces it, rlsys/supervision.py),
+        wait for the replacement and retry once; else keep the RM's scores (verdict None, counted)."""
+        import ray
+
+        for attempt in range(2):
+            judge = self.judge
+            try:
+                return await judge.judge_pairs.remote(pairs, step)
+            except ray.exceptions.RayActorError as e:
+                if attempt == 0:
+                    log.warning("judge worker unavailable (%s); waiting for its replacement", type(e).__name__)
+                    self._judge_swapped.clear()
+                    if self.judge is judge:
+                        try:
+                            await asyncio.wait_for(self._judge_swapped.wait(), JUDGE_REPLACEMENT_WAIT_S)
+                        except asyncio.TimeoutError:
+                            break
+        self.judge_unavailable += len(pairs)
+        log.error("judge worker unavailable: %d pair(s) keep the reward model's score", len(pairs))
+        return [None] * len(pairs)
+
+    def set_judge(self, judge) -> None:
+        """The controller replaced the judge worker."""
+        self.judge = judge
+        self._judge_swapped.set()
+
+    def inject_fault(self, kind: str, seconds: float = 3600.0) -> None:
+        """Fault injection (tests, scripts/soak.py): 'hang' the next score call (blocks the actor)."""
+        self.faults.arm(kind, seconds)
 
     async def score(self, groups: list[Group]) -> list[Group]:
+        self.faults.hang_here()
         m = self.metrics
         if m is None:
             return await self._score(groups)
@@ -351,7 +401,9 @@ class RewardWorker:
     def stats(self) -> dict:
         if self.pointwise is not None:
             return dict(self.pointwise.stats)
-        return dataclasses.asdict(self.pairwise.stats) if self.pairwise is not None else {}
+        if self.pairwise is None:
+            return {}
+        return {**dataclasses.asdict(self.pairwise.stats), "judge_unavailable": self.judge_unavailable}
 
     def ready(self) -> bool:
         return True

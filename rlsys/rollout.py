@@ -65,6 +65,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from rlsys.records import Completion, Group, RolloutRequest
+from rlsys.supervision import FaultPoint
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +116,16 @@ class RolloutConfig:
     groups that are complete once no more than this fraction of its sequences are still running,
     and the unfinished groups continue in the worker's next call, beside new requests (the long
     tail no longer idles the engine). 0 = every call finishes all its requests."""
+    call_timeout_s: float = 600.0
+    """Deadline of one generate call (and of one weight load). A worker past it counts as hung: it
+    is killed and replaced, and its open requests are retried (rlsys/supervision.py). 0 = none."""
     compile_cache_dir: str = "~/.cache/rlsys/compile"
     """Persistent cache of vLLM's and torch inductor's compiled kernels (shared by runs)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"rollout.num_workers must be >= 1, got {self.num_workers}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:  # NaN too
             raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
@@ -133,6 +137,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.prompts_per_call must be >= 1, got {self.prompts_per_call}")
         if not (0.0 <= self.partial_carry_fraction < 1.0):
             raise ValueError(f"rollout.partial_carry_fraction must be in [0, 1), got {self.partial_carry_fraction}")
+        if self.call_timeout_s < 0:
+            raise ValueError(f"rollout.call_timeout_s must be >= 0 (0 = no deadline), got {self.call_timeout_s}")
         if self.partial_chunk_tokens < 0:
             raise ValueError(f"rollout.partial_chunk_tokens must be >= 0 (0 = off), got {self.partial_chunk_tokens}")
 
@@ -180,6 +186,9 @@ def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
 
 def validate_weights(named: Sequence[tuple[str, object]], expected: dict[str, tuple[int, ...]]) -> None:
     got = {name: tuple(t.shape) for name, t in named}
+    if len(got) != len(named):
+        twice = sorted({n for n, _ in named if sum(m == n for m, _ in named) > 1})
+        raise WeightMismatchError(f"weight update rejected, engine left unchanged: tensors named twice {twice[:5]}")
     missing = sorted(set(expected) - set(got))
     unknown = sorted(set(got) - set(expected))
     wrong = sorted(n for n in set(got) & set(expected) if got[n] != expected[n])
@@ -305,6 +314,7 @@ class RolloutWorker:
             self.metrics, self.metrics_endpoint_, self._metrics_server = serve_actor("rollout", metrics_host)
             self.metrics.version.set(version)
         self.gate = EngineGate()
+        self.faults = FaultPoint()
         self._carry: list[_Pending] = []  # unfinished groups continued by the next call (partial mode)
         self.index = worker_index
         self.version = version  # the policy version of model_path (non-zero when resuming)
@@ -350,6 +360,7 @@ class RolloutWorker:
         return self.tokenizer.decode([t for t in token_ids if t != self.eos_id], skip_special_tokens=True)
 
     def generate(self, requests: list[RolloutRequest], carry: bool = False, drain: bool = False) -> RolloutResult:
+        self.faults.hang_here()
         m = self.metrics
         if m is None:
             return self._generate(requests, carry, drain)
@@ -364,6 +375,10 @@ class RolloutWorker:
 
     def metrics_endpoint(self) -> Optional[str]:
         return self.metrics_endpoint_
+
+    def inject_fault(self, kind: str, seconds: float = 3600.0) -> None:
+        """Fault injection (tests, scripts/soak.py): 'hang' the next generate call."""
+        self.faults.arm(kind, seconds)
 
     def _generate(self, requests: list[RolloutRequest], carry: bool = False, drain: bool = False) -> RolloutResult:
         """n_i sampled completions per request, with behaviour logprobs and their version.

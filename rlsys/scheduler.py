@@ -23,6 +23,7 @@ resume. The controller runs it as a Ray actor (``scheduler`` role); it is unit-t
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -96,9 +97,9 @@ class SchedulerConfig:
             raise ValueError(f"scheduler.history must be >= 1, got {self.history}")
         if self.unseen_threshold < 0:
             raise ValueError(f"scheduler.unseen_threshold must be >= 0, got {self.unseen_threshold}")
-        if self.prior_alpha < 0 or self.prior_beta < 0:
+        if not (0 <= self.prior_alpha < math.inf and 0 <= self.prior_beta < math.inf):
             raise ValueError(
-                f"scheduler.prior_alpha and scheduler.prior_beta must be >= 0 (0 and 0 = no prior), "
+                f"scheduler.prior_alpha and scheduler.prior_beta must be finite numbers >= 0 (0 and 0 = no prior), "
                 f"got {self.prior_alpha}, {self.prior_beta}"
             )
         if self.ar3po_stages < 1 or self.ar3po_stage_size < 1:

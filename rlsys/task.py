@@ -186,6 +186,9 @@ def _load_jsonl(path: Path, cfg: TaskConfig) -> TaskData:
         first_line_of_prompt[example.prompt] = lineno
         splits[split].append(example)
 
+    if not first_line_of_id:
+        raise DatasetError(f"{path}: no rows (the file is empty or all blank lines); write one JSON object per "
+                           "line with \"id\", \"prompt\", \"answer\" and \"split\"")
     for split in _SPLITS:
         if not splits[split]:
             raise DatasetError(f"{path}: no rows with \"split\": \"{split}\"; both train and eval are needed")
@@ -210,8 +213,8 @@ def _parse_row(line: str, where: str) -> tuple[Example, str]:
         if not isinstance(row[field], str):
             raise DatasetError(f"{where}: field {field!r} must be a string, got {_json_type(row[field])}")
     for field in ("id", "prompt", "answer"):
-        if not row[field]:
-            raise DatasetError(f"{where}: field {field!r} must not be empty")
+        if not row[field].strip():
+            raise DatasetError(f"{where}: field {field!r} must not be empty or blank")
     for field in ("prompt", "answer"):
         bad = sorted(set(row[field]) - set(ALPHABET))
         if bad:

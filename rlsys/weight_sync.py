@@ -91,6 +91,8 @@ def plan_buckets(params: Iterable[tuple[str, str, Sequence[int]]], max_bytes: in
             raise ValueError(f"parameter {name} appears twice")
         seen.add(name)
         shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"cannot publish {name}: shape {shape} has a negative dimension")
         n = _itemsize(dtype)
         for d in shape:
             n *= d
@@ -119,6 +121,9 @@ class _Shape:
 
 def pack(bucket: Bucket, tensors: Sequence, device=None):
     """One contiguous uint8 buffer holding ``tensors`` (in slot order) at their offsets."""
+    if len(tensors) != len(bucket.slots):
+        raise ValueError(f"the bucket plans {len(bucket.slots)} tensors but {len(tensors)} were given "
+                         "(one per slot, in slot order)")
     import torch
 
     buf = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device or tensors[0].device)

@@ -1,0 +1,82 @@
+"""The pure parts of worker supervision (rlsys/supervision.py)."""
+
+import asyncio
+import time
+
+import pytest
+
+from helpers import make_group
+from rlsys.records import RolloutRequest
+from rlsys.supervision import FaultPoint, OpenRequests, RestartBudget, describe, is_worker_failure, with_deadline
+
+
+def req(pid, n=4):
+    return RolloutRequest(pid, "1+1=", (1, 2), "2", n)
+
+
+def test_open_requests_are_what_a_replacement_must_redo():
+    o = OpenRequests()
+    o.sent([req("a"), req("b"), req("c")])
+    o.returned([make_group(prompt_id="b", rewards=(1, 0, 0, 1))])
+    assert sorted(r.prompt_id for r in o.outstanding()) == ["a", "c"] and len(o) == 2
+    # carry-over: a later call returns a group asked for earlier, beside new requests
+    o.sent([req("d")])
+    o.returned([make_group(prompt_id="a", rewards=(0, 0, 0, 0)), make_group(prompt_id="d", rewards=(1, 1, 1, 1))])
+    assert [r.prompt_id for r in o.outstanding()] == ["c"]
+
+
+def test_open_requests_match_the_same_prompt_by_group_size():
+    o = OpenRequests()
+    o.sent([req("a", n=2), req("a", n=6)])  # knapsack may ask for one prompt twice, with different n
+    o.returned([make_group(prompt_id="a", rewards=(1,) * 6)])
+    assert [(r.prompt_id, r.n) for r in o.outstanding()] == [("a", 2)]
+    o.returned([make_group(prompt_id="a", rewards=(1, 0))])
+    assert len(o) == 0
+    o.returned([make_group(prompt_id="zz")])  # a group nobody is waiting for changes nothing
+    assert len(o) == 0
+
+
+def test_restart_budget_fails_the_run_past_the_limit_with_the_last_error():
+    b = RestartBudget(limit=2)
+    assert b.spend("rollout", RuntimeError("x")) == 1 and b.in_progress() == 1
+    b.done["rollout"] += 1
+    assert b.in_progress() == 0
+    b.spend("rollout", RuntimeError("y"))
+    b.spend("reward", RuntimeError("other role, own count"))
+    with pytest.raises(RuntimeError, match=r"rollout workers failed 3 times .*max_worker_restarts=2.*boom"):
+        b.spend("rollout", ValueError("boom"))
+
+
+def test_worker_failures_are_death_unavailability_and_deadlines_not_errors_in_the_work():
+    import ray
+
+    assert is_worker_failure(ray.exceptions.RayActorError())
+    assert is_worker_failure(ray.exceptions.ActorUnavailableError("gone", None))
+    assert is_worker_failure(asyncio.TimeoutError())
+    assert not is_worker_failure(ValueError("a bug in a reward function"))
+    assert "hung" in describe(asyncio.TimeoutError()) and "died" in describe(ray.exceptions.RayActorError())
+
+
+def test_deadline_cuts_a_call_that_does_not_answer():
+    async def slow():
+        await asyncio.sleep(5)
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await with_deadline(slow(), 0.05)
+        assert await with_deadline(asyncio.sleep(0, result=7), 0) == 7  # 0: no deadline
+
+    asyncio.run(main())
+
+
+def test_fault_point_hangs_the_next_call_once(monkeypatch):
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    f = FaultPoint()
+    with pytest.raises(ValueError, match="unknown fault 'explode'"):
+        f.arm("explode")
+    f.arm("hang", 30)
+    assert f.armed == "hang"
+    f.hang_here()
+    f.hang_here()  # disarmed by the first
+    assert slept == [30.0] and f.armed is None
