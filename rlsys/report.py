@@ -58,6 +58,9 @@ def table(summary: dict) -> list[tuple[str, str]]:
         ("strategy", f"{s.get('strategy', '')}"),
         ("replay put / acked / dropped stale", f"{r.get('put', 0)} / {r.get('acked', 0)} / {r.get('dropped_stale', 0)}"),
         ("learner restarts", f"{s.get('learner_restarts', 0)}"),
+        ("workers replaced (dead or hung)",
+         ", ".join(f"{k} {v}" for k, v in sorted(s.get("worker_restarts", {}).items())) or "0"),
+        ("groups skipped (non-finite step)", f"{s.get('skipped_nonfinite', 0)}"),
         ("time share: generation / reward / learner / sync",
          f"{s['share_generation']:.2f} / {s['share_reward']:.2f} / {s['share_learner']:.2f} / "
          f"{s['share_weight_sync']:.2f}"),

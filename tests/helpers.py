@@ -331,3 +331,22 @@ def hf_logprobs(model, prompt_ids, completion_ids):
         lp = torch.log_softmax(model(ids).logits.float(), -1)[0]
     p = len(prompt_ids)
     return np.array([lp[p - 1 + i, t].item() for i, t in enumerate(completion_ids)])
+
+
+def record_store_calls(store):
+    """Wrap a replay store's take and ack: returns (batches taken, as lists of group ids; every
+    group id acknowledged), filled in as the run goes (fault tests, scripts/soak.py)."""
+    batches, acked = [], []
+    take, ack = store.take, store.ack
+
+    async def recording_take(k):
+        got = await take(k)
+        batches.append([g.group_id for g in got])
+        return got
+
+    async def recording_ack(group_ids):
+        acked.extend(group_ids)
+        return await ack(group_ids)
+
+    store.take, store.ack = recording_take, recording_ack
+    return batches, acked

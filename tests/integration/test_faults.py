@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from helpers import record_store_calls
 from rlsys.config import compose, to_run_config
 from rlsys.controller import Controller
 
@@ -61,16 +62,7 @@ def _inject_in_turn(ctl, faults, steps_after=2):
 
 
 def _record_batches(ctl):
-    batches = []
-    take = ctl.store.take
-
-    async def recording_take(k):
-        got = await take(k)
-        batches.append([g.group_id for g in got])
-        return got
-
-    ctl.store.take = recording_take
-    return batches
+    return record_store_calls(ctl.store)[0]
 
 
 def _run(ctl):

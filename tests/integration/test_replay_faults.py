@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from helpers import RedisServer
+from helpers import RedisServer, record_store_calls
 from rlsys.config import compose, to_run_config
 from rlsys.controller import Controller
 
@@ -25,16 +25,7 @@ def _controller(tmp_path, url, steps, extra=()):
 
 
 def _record_batches(ctl):
-    batches = []
-    take = ctl.store.take
-
-    async def recording_take(k):
-        got = await take(k)
-        batches.append([g.group_id for g in got])
-        return got
-
-    ctl.store.take = recording_take
-    return batches
+    return record_store_calls(ctl.store)[0]
 
 
 def _accounting(ctl, server):
