@@ -31,9 +31,13 @@ def _train_main(argv: list[str]) -> int:
 
     from rlsys.checkpoint import CheckpointError
     from rlsys.config import ConfigError, conf_dir, register_schema, to_run_config
+    from rlsys.replay_redis import ReplayConfigError, ReplayUnavailable
     from rlsys.task import DatasetError
 
-    USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, CheckpointError)
+    # Errors whose message says what to do: printed alone, no traceback. FloatingPointError: the run
+    # stopped on non-finite steps (learner.on_nonfinite); the message names the fix.
+    USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, CheckpointError, ReplayConfigError,
+                   ReplayUnavailable, FloatingPointError)
 
     register_schema()
     result = {"rc": 0}
