@@ -500,8 +500,8 @@ class Controller:
         """A step with a NaN/inf loss or gradient norm: never publish its weights (learner.on_nonfinite)."""
         lc = self.cfg.learner
         self._nonfinite_run += 1
-        what = (f"step {step + 1}: non-finite loss or gradient norm (loss {[s.loss for s in stats]}, grad norm "
-                f"{[s.grad_norm for s in stats]})")
+        what = (f"step {step + 1}: non-finite loss, gradient norm or weights (loss {[s.loss for s in stats]}, grad "
+                f"norm {[s.grad_norm for s in stats]}, weights finite {[s.weights_finite for s in stats]})")
         if lc.on_nonfinite == "stop" or self._nonfinite_run >= lc.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{what}; stopping the run ({self._nonfinite_run} in a row; learner.on_nonfinite={lc.on_nonfinite}, "
@@ -795,10 +795,10 @@ class Controller:
             lengths = batch.attention_mask.sum(1)
             shards = [batch.select(ix) for ix in shard_indices(lengths, len(self.ranks))]
             try:
-                stats = await with_deadline(asyncio.gather(*[r.train_step.remote(s, norm)
-                                                             for r, s in zip(self.ranks, shards)]), cfg.learner.step_timeout_s)
+                steps = asyncio.gather(*[r.train_step.remote(s, norm) for r, s in zip(self.ranks, shards)])
+                stats = await with_deadline(steps, cfg.learner.step_timeout_s)
                 t1 = time.perf_counter()
-                if not all(math.isfinite(s.loss) and math.isfinite(s.grad_norm) for s in stats):
+                if not all(math.isfinite(s.loss) and math.isfinite(s.grad_norm) and s.weights_finite for s in stats):
                     await self._skip_nonfinite(step, groups, stats)
                     continue
                 self._nonfinite_run = 0

@@ -141,6 +141,8 @@ class StepStats:
     tokens: int
     seconds: float
     extra: dict
+    weights_finite: bool = True
+    """Every weight of this rank (its ZeRO partition) is finite after the step."""
 
 
 class LearnerRank:
@@ -190,6 +192,7 @@ class LearnerRank:
                                                config=deepspeed_config(cfg, world_size))
         self.steps = 0
         self.faults = FaultPoint()
+        self._poison = False
         if resume_dir is not None:  # module and optimizer state of this rank (rlsys.checkpoint)
             from rlsys.checkpoint import LEARNER_DIR, LEARNER_TAG
 
@@ -246,20 +249,33 @@ class LearnerRank:
             self.metrics.tokens.inc(ntok)
             self.metrics.step_seconds.observe(time.perf_counter() - t0)
             self.metrics.kl.set(extra.get("behav_kl", 0.0))
+        if self._poison:  # fault injection: this step's update leaves NaN weights (loss and grads finite)
+            self._poison = False
+            with torch.no_grad():
+                next(iter(self.engine.module.parameters())).fill_(float("nan"))
         return StepStats(total, float(gn) if gn is not None else float("nan"), int(ntok),
-                         time.perf_counter() - t0, extra)
+                         time.perf_counter() - t0, extra, self._weights_finite())
 
-    def inject_fault(self, kind: str, seconds: float = 3600.0) -> None:
-        """Fault injection (tests, scripts/soak.py): 'hang' the next train_step, or 'nan': poison
-        this rank's weights, so the next step's loss and gradients are NaN."""
-        if kind != "nan":
-            return self.faults.arm(kind, seconds)
+    def _weights_finite(self) -> bool:
+        """A step with a finite loss and gradient norm can still leave inf/NaN weights (an
+        overflowing update): checked before they can be published."""
         import torch
 
         with torch.no_grad():
             for p in self.engine.module.parameters():
-                p.fill_(float("nan"))
-                break
+                t = p.ds_tensor if self.cfg.zero_stage == 3 and hasattr(p, "ds_tensor") else p.data
+                if t.numel() and not bool(torch.isfinite(t).all()):
+                    return False
+        return True
+
+    def inject_fault(self, kind: str, seconds: float = 3600.0) -> None:
+        """Fault injection (tests, scripts/soak.py): 'hang' the next train_step, or 'nan': the next
+        train_step's update leaves NaN weights on this rank (its loss and gradients are finite, so
+        only the weight check before publication can catch it)."""
+        if kind == "nan":
+            self._poison = True
+        else:
+            self.faults.arm(kind, seconds)
 
     def compute_logprobs(self, batch: TrainBatch) -> np.ndarray:
         """Per-token logprobs of ``batch`` under the current weights (tests, diagnostics)."""

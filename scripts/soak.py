@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from helpers import TEST_REDIS_PASSWORD, RedisServer, record_store_calls  # noqa: E402  (the tests' private-server helper)
+from helpers import TEST_REDIS_PASSWORD, RedisServer, record_store_calls  # noqa: E402  (tests' server helper)
 from rlsys.config import compose, to_run_config  # noqa: E402
 from rlsys.controller import Controller  # noqa: E402
 
@@ -100,7 +100,8 @@ class Injector(threading.Thread):
 
 
 class MemorySampler(threading.Thread):
-    """Resident memory of every rlsys process, from their own Prometheus endpoints (rlsys_<role>_process_memory_bytes)."""
+    """Resident memory of every rlsys process, from their own Prometheus endpoints
+    (``rlsys_<role>_process_memory_bytes``)."""
 
     def __init__(self, targets: Path, every_s: float):
         super().__init__(daemon=True, name="memory-sampler")

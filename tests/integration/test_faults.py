@@ -118,8 +118,9 @@ def test_dead_and_hung_rollout_and_reward_workers_are_replaced(ray_cluster, tiny
 
 def test_learner_crash_and_nonfinite_step_recover_from_the_checkpoint(ray_cluster, tiny_model, tmp_path, caplog):
     """A learner rank dies mid-run: the ranks restart from the checkpoint at the committed
-    version (optimizer state included) and the batch is redelivered. Then NaN weights make a
-    step non-finite: it is skipped (weights discarded, its groups counted), the run goes on."""
+    version (optimizer state included) and the batch is redelivered. Then a step's update leaves
+    NaN weights (loss and gradient finite): caught before publication, the step is skipped
+    (weights discarded, its groups counted), the run goes on."""
     import ray
 
     ctl = _controller(tmp_path, steps=6, extra=["checkpoint.every_steps=1"])
@@ -132,6 +133,7 @@ def test_learner_crash_and_nonfinite_step_recover_from_the_checkpoint(ray_cluste
     assert summary["steps"] == 6 and summary["learner_restarts"] == 1
     assert summary["skipped_nonfinite"] == 8  # one batch
     assert "restart from checkpoint" in caplog.text and "step skipped" in caplog.text
+    assert "weights finite [False]" in caplog.text
     # batch 2 was consumed by the crashed step and redelivered as batch 3; batch 4 was skipped
     assert batches[2] == batches[3]
     _assert_accounting(summary, batches, redelivered_batches={2})
@@ -143,7 +145,7 @@ def test_nonfinite_steps_stop_the_run_with_a_clear_error(ray_cluster, tiny_model
     """learner.on_nonfinite=stop: the first NaN step ends the run with an error naming the fix."""
     ctl = _controller(tmp_path, steps=4, extra=["learner.on_nonfinite=stop"])
     _inject(ctl, {0: lambda c: c.ranks[0].inject_fault.remote("nan")})
-    with pytest.raises(FloatingPointError, match="non-finite loss or gradient norm.*learner.on_nonfinite=stop"):
+    with pytest.raises(FloatingPointError, match="non-finite loss, gradient norm or weights.*on_nonfinite=stop"):
         _run(ctl)
 
 
