@@ -426,23 +426,9 @@ class RedisReplayStore:
         await self.set_learner_version(version)
 
     async def depth(self) -> int:
-        """Records stored and not yet delivered (+ those read ahead into this consumer's buffer).
-
-        With ``delete_acked`` the stream holds exactly the unacknowledged records, so this is
-        XLEN minus the group's pending count. The group's ``lag`` is not used there: after a Redis
-        restart it was measured 12,800 records too high (scripts/soak.py); it is the fallback
-        when acknowledged records stay in the stream."""
-
-        async def op():
-            async with self._r.pipeline(transaction=False) as p:
-                p.xlen(self.k_stream)
-                p.xinfo_groups(self.k_stream)
-                return await p.execute()
-
-        xlen, groups = await self._call("xinfo", op)
+        groups = await self._call("xinfo", lambda: self._r.xinfo_groups(self.k_stream))
         info = next(g for g in groups if g["name"] == GROUP)
-        stored = xlen - int(info["pending"]) if self.rc.delete_acked else int(info.get("lag") or 0)
-        return stored + len(self._buffer)
+        return int(info.get("lag") or 0) + len(self._buffer)
 
     async def totals(self) -> dict[str, int]:
         """Run-wide counters (all consumers, all incarnations)."""
