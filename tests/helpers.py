@@ -350,3 +350,17 @@ def record_store_calls(store):
 
     store.take, store.ack = recording_take, recording_ack
     return batches, acked
+
+
+def run_recording(ctl):
+    """Set up and run a Controller, recording the batches its store hands out; returns
+    (summary, batches). Actors are shut down whatever happens."""
+    import asyncio
+
+    ctl.setup()
+    batches = record_store_calls(ctl.store)[0]
+    try:
+        summary = asyncio.run(ctl.run())
+    finally:
+        ctl.shutdown()
+    return summary, batches

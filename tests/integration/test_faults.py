@@ -6,13 +6,12 @@ accounting: every produced group is trained, skipped by a non-finite step, dropp
 rejected or still held at the end, and no group id is trained twice.
 """
 
-import asyncio
 import logging
 import uuid
 
 import pytest
 
-from helpers import record_store_calls
+from helpers import run_recording
 from rlsys.config import compose, to_run_config
 from rlsys.controller import Controller
 
@@ -61,18 +60,7 @@ def _inject_in_turn(ctl, faults, steps_after=2):
     return fired
 
 
-def _record_batches(ctl):
-    return record_store_calls(ctl.store)[0]
-
-
-def _run(ctl):
-    ctl.setup()
-    batches = _record_batches(ctl)
-    try:
-        summary = asyncio.run(ctl.run())
-    finally:
-        ctl.shutdown()
-    return summary, batches
+_run = run_recording
 
 
 def _assert_accounting(summary, batches, redelivered_batches=()):

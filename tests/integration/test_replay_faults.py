@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from helpers import RedisServer, record_store_calls
+from helpers import RedisServer, run_recording
 from rlsys.config import compose, to_run_config
 from rlsys.controller import Controller
 
@@ -22,10 +22,6 @@ def _controller(tmp_path, url, steps, extra=()):
                                  f"replay.redis.run_id=t{uuid.uuid4().hex[:8]}", "cluster.metrics_port=-1",
                                  "scheduler.prompts_per_step=8", *extra]))
     return Controller(cfg, tmp_path)
-
-
-def _record_batches(ctl):
-    return record_store_calls(ctl.store)[0]
 
 
 def _accounting(ctl, server):
@@ -55,12 +51,7 @@ def test_learner_crash_after_consuming_before_commit_redelivers_exactly_once(ray
             ray.kill(ctl.ranks[0])
 
     ctl._record_step = kill_after_step_2
-    ctl.setup()
-    batches = _record_batches(ctl)
-    try:
-        summary = asyncio.run(ctl.run())
-    finally:
-        ctl.shutdown()
+    summary, batches = run_recording(ctl)
     assert summary["steps"] == 5 and summary["learner_restarts"] == 1
     assert len(batches) == 6  # one batch was consumed by the crashed step and redelivered
     assert batches[2] == batches[3]
