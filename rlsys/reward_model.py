@@ -105,7 +105,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel, PreTrainedTokenizerFast
 
 from rlsys.task import Example, TaskConfig, load_task
-from rlsys.tinymodel import _torch_single_thread, build_tokenizer, cached_build, config_key, save_tokenizer
+from rlsys.tinymodel import _torch_threads, build_tokenizer, cached_build, config_key, save_tokenizer
 
 __all__ = [
     "BUILD_VERSION",
@@ -795,7 +795,7 @@ def build(cfg: RewardModelConfig, task_cfg: TaskConfig, out_dir: Path) -> dict:
     tok = build_tokenizer(cfg.max_position)
     train = preference_data(task.train, cfg.negatives_per_prompt, cfg.label_noise, cfg.seed)
     val = preference_data(task.val, cfg.negatives_per_prompt, 0.0, cfg.seed + 1)
-    with _torch_single_thread():
+    with _torch_threads():
         pairwise, pair_report = train_pairwise(cfg, train, tok)
         val_logit, _ = pairwise.score_pairs(val.prompts, val.a, val.b)
         pair_report["val_accuracy"] = pairwise_accuracy(val_logit, val.clean_label)

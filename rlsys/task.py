@@ -9,8 +9,18 @@ A task is a list of :class:`Example` rows (``id``, ``prompt``, ``answer``) split
 Invariant: the three splits are pairwise disjoint by prompt, and for a given
 :class:`TaskConfig` they are the same on every machine and every run.
 
-Rows come either from the built-in generator (``"123+45="`` -> ``"168"``) or from a JSONL
-file (``TaskConfig.data_path``) whose rows are::
+Rows come from a built-in generator or from a JSONL file (``TaskConfig.data_path``). The
+built-in generators:
+
+* ``addition`` -- ``"123+45="`` -> ``"168"``: answers of a few tokens (the tiny experiment);
+* ``counting`` -- ``"57+3="`` -> ``"58+2=59+1=60+0"``: add ``b`` by counting, one step per
+  term, until the second operand reaches 0; the last term holds the sum. A long scratchpad
+  (``count_min..count_max`` terms of up to 8 tokens each) for a short prompt, so generation
+  dominates a step (the generation-heavy benchmark). Every step is local (increment one
+  number, decrement the other), so a small model learns the format quickly and RL improves
+  how reliably it carries it through to the end.
+
+JSONL rows are::
 
     {"id": "a1", "prompt": "12+7=", "answer": "19", "split": "train"}
 
@@ -32,6 +42,7 @@ __all__ = [
     "TaskConfig",
     "TaskData",
     "load_task",
+    "counting_answer",
     "verify_answer",
 ]
 
@@ -40,7 +51,7 @@ ALPHABET = "0123456789+="
 
 MAX_DIGITS = 6
 _SPLITS = ("train", "eval")
-_BUILTIN_TASKS = ("addition",)
+_BUILTIN_TASKS = ("addition", "counting")
 
 
 class DatasetError(ValueError):
@@ -52,9 +63,14 @@ class TaskConfig:
     """Which task to train and evaluate on, and how its splits are drawn."""
 
     name: str = "addition"
-    """Task name. The only built-in generator is ``"addition"``; with ``data_path`` it is a label."""
+    """Task name: a built-in generator (``"addition"`` or ``"counting"``); with ``data_path`` a label."""
     digits: int = 3
-    """Both operands are drawn uniformly from ``[0, 10**digits)`` (1..6)."""
+    """Operands are drawn uniformly from ``[0, 10**digits)`` (1..6); for ``counting`` only the
+    first one (the second is the number of counting steps)."""
+    count_min: int = 24
+    """``counting`` only: fewest counting steps (the second operand), >= 1."""
+    count_max: int = 32
+    """``counting`` only: most counting steps; answers grow by up to ``digits + 5`` tokens a step."""
     num_train: int = 20000
     """Number of generated training prompts (ignored with ``data_path``)."""
     num_eval: int = 200
@@ -84,9 +100,15 @@ class TaskConfig:
             raise ValueError(f"task.num_eval must be >= 1, got {self.num_eval}")
         if self.num_val < 1:
             raise ValueError(f"task.num_val must be >= 1, got {self.num_val}")
+        if not 1 <= self.count_min <= self.count_max:
+            raise ValueError(
+                f"task.count_min and task.count_max must satisfy 1 <= count_min <= count_max, "
+                f"got {self.count_min} and {self.count_max}"
+            )
         if self.data_path is None:
             total = self.num_train + self.num_val + self.num_eval
-            distinct = 10 ** (2 * self.digits)
+            distinct = 10**self.digits * (
+                10**self.digits if self.name == "addition" else self.count_max - self.count_min + 1)
             if total > distinct:
                 raise ValueError(
                     f"task.num_train + task.num_val + task.num_eval = {total} exceeds the "
@@ -127,25 +149,35 @@ def load_task(cfg: TaskConfig) -> TaskData:
     """
     if cfg.data_path is not None:
         return _load_jsonl(Path(cfg.data_path).expanduser(), cfg)
-    return _generate_addition(cfg)
+    return _generate(cfg)
 
 
-def _generate_addition(cfg: TaskConfig) -> TaskData:
+def counting_answer(a: int, b: int) -> str:
+    """The ``counting`` scratchpad of ``a+b``: ``a+1`` and ``b-1``, ..., down to ``a+b`` and 0."""
+    return "=".join(f"{a + i}+{b - i}" for i in range(1, b + 1))
+
+
+def _generate(cfg: TaskConfig) -> TaskData:
     # Draw eval first, then val, then train, each without replacement from what is left: the
     # eval set depends only on (seed, digits, num_eval), not on how much training data is drawn.
     rng = random.Random(cfg.seed)
     bound = 10**cfg.digits
     seen: set[tuple[int, int]] = set()
+    counting = cfg.name == "counting"
 
     def draw(split: str, count: int) -> list[Example]:
         rows = []
         while len(rows) < count:
-            pair = (rng.randrange(bound), rng.randrange(bound))
+            if counting:
+                pair = (rng.randrange(bound), rng.randint(cfg.count_min, cfg.count_max))
+            else:
+                pair = (rng.randrange(bound), rng.randrange(bound))
             if pair in seen:
                 continue
             seen.add(pair)
             a, b = pair
-            rows.append(Example(id=f"{cfg.name}-{split}-{len(rows)}", prompt=f"{a}+{b}=", answer=str(a + b)))
+            answer = counting_answer(a, b) if counting else str(a + b)
+            rows.append(Example(id=f"{cfg.name}-{split}-{len(rows)}", prompt=f"{a}+{b}=", answer=answer))
         return rows
 
     eval_rows = draw("eval", cfg.num_eval)

@@ -110,6 +110,9 @@ class ModelConfig:
     """Check validation accuracy every this many warm-start steps."""
     seed: int = 0
     """Seed of the initialisation and of the warm-start batch order."""
+    build_threads: int = 1
+    """torch threads for the warm start. 1 (the default) makes the build reproducible on a
+    given machine; more builds a large model faster (the generation-heavy benchmark's)."""
     cache_dir: str = "~/.cache/rlsys/models"
     """Where built models are cached, one directory per configuration; ``~`` is expanded."""
 
@@ -117,7 +120,7 @@ class ModelConfig:
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
             raise ValueError(f"model.path must be a non-empty path or null, got {self.path!r}")
         for key in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "max_position",
-                    "warmstart_batch_size", "warmstart_eval_every"):
+                    "warmstart_batch_size", "warmstart_eval_every", "build_threads"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{key} must be an integer >= 1, got {value!r}")
@@ -345,9 +348,9 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def _torch_single_thread() -> Iterator[None]:
+def _torch_threads(n: int = 1) -> Iterator[None]:
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -366,7 +369,7 @@ def _build(model_cfg: ModelConfig, task_cfg: TaskConfig, out_dir: Path) -> None:
             f"sequence ({longest} tokens with bos and eos); raise model.max_position"
         )
 
-    with _torch_single_thread(), torch.random.fork_rng(devices=[]):
+    with _torch_threads(model_cfg.build_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(model_cfg.seed)
         model = LlamaForCausalLM(_llama_config(model_cfg, tok))
         model.to(torch.float32)
