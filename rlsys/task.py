@@ -24,7 +24,9 @@ JSONL rows are::
 
     {"id": "a1", "prompt": "12+7=", "answer": "19", "split": "train"}
 
-A reward is :func:`verify_answer`: 1.0 when the stripped completion equals the answer.
+A reward is :func:`verify_answer`: 1.0 when the stripped completion equals the answer (the
+held-out accuracy always uses it); :func:`scratchpad_credit` gives partial credit per correct
+leading term of a scratchpad (``reward.function=scratchpad_credit``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "TaskData",
     "load_task",
     "counting_answer",
+    "scratchpad_credit",
     "verify_answer",
 ]
 
@@ -155,6 +158,19 @@ def load_task(cfg: TaskConfig) -> TaskData:
 def counting_answer(a: int, b: int) -> str:
     """The ``counting`` scratchpad of ``a+b``: ``a+1`` and ``b-1``, ..., down to ``a+b`` and 0."""
     return "=".join(f"{a + i}+{b - i}" for i in range(1, b + 1))
+
+
+def scratchpad_credit(completion_text: str, answer: str) -> float:
+    """Partial credit for a ``=``-separated scratchpad (the ``counting`` task): the number of
+    leading terms that match the answer's, over the longer of the two term counts. 1.0 exactly
+    when the stripped completion equals the answer; extra or missing terms cost credit."""
+    got, want = completion_text.strip().split("="), answer.split("=")
+    right = 0
+    for g, w in zip(got, want):
+        if g != w:
+            break
+        right += 1
+    return right / max(len(got), len(want))
 
 
 def _generate(cfg: TaskConfig) -> TaskData:

@@ -75,3 +75,25 @@ def test_unimportable_target_is_clear():
 def test_duplicate_registration_rejected():
     with pytest.raises(ValueError, match="already registered"):
         register_reward("exact_match")(_fn_half)
+
+
+def test_reward_calls_reuse_one_thread_until_one_hangs():
+    """CallThread: calls share a thread (a thread per call cost as much as the scoring RPC);
+    a call past its deadline leaves its thread behind and the next call gets a fresh one."""
+    import threading
+
+    from rlsys.reward import CallThread
+
+    release = threading.Event()
+    th = CallThread()
+    first = {th.call(threading.get_ident, (), 5.0)["value"] for _ in range(20)}
+    assert len(first) == 1 and first != {threading.get_ident()}
+    with pytest.raises(TimeoutError):
+        th.call(release.wait, (), 0.05)
+    try:
+        after = th.call(threading.get_ident, (), 5.0)["value"]
+        assert after not in first
+        assert th.call(lambda: 1 / 0, (), 5.0)["error"].__class__ is ZeroDivisionError
+        assert th.call(threading.get_ident, (), 5.0)["value"] == after  # an exception keeps the thread
+    finally:
+        release.set()

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from rlsys.task import ALPHABET, DatasetError, Example, TaskConfig, load_task, verify_answer
+from rlsys.task import (ALPHABET, DatasetError, Example, TaskConfig, counting_answer, load_task, scratchpad_credit,
+                        verify_answer)
 
 SAMPLE = Path(__file__).resolve().parents[2] / "rlsys" / "tasks_data" / "addition_sample.jsonl"
 
@@ -25,6 +26,33 @@ def test_generated_splits_have_the_configured_sizes_and_format():
         assert ex.prompt == f"{int(a)}+{int(b)}="
         assert 0 <= int(a) < 100 and 0 <= int(b) < 100
         assert ex.answer == str(int(a) + int(b))
+
+
+def test_counting_answers_are_the_counting_scratchpad_and_long():
+    """The generation-heavy task: "a+b=" -> "a+1+(b-1)=...=(a+b)+0", count_min..count_max terms."""
+    assert counting_answer(57, 3) == "58+2=59+1=60+0"
+    data = load_task(TaskConfig(name="counting", num_train=2000, num_val=50, num_eval=100))
+    for ex in [*data.train, *data.val, *data.eval]:
+        a, b = (int(x) for x in ex.prompt[:-1].split("+"))
+        assert 0 <= a < 1000 and 24 <= b <= 32
+        terms = ex.answer.split("=")
+        assert len(terms) == b and terms[-1] == f"{a + b}+0" and terms[0] == f"{a + 1}+{b - 1}"
+        assert set(ex.answer) <= set(ALPHABET)
+        assert 125 <= len(ex.answer) + 1 <= 246  # characters are tokens; + eos
+    assert len(_prompts([*data.train, *data.val, *data.eval])) == 2150
+    assert load_task(TaskConfig(name="counting", num_train=2000, num_val=50, num_eval=100)) == data
+
+
+def test_scratchpad_credit_counts_leading_correct_terms():
+    ref = counting_answer(57, 4)  # 58+3=59+2=60+1=61+0
+    assert scratchpad_credit(ref, ref) == 1.0 == scratchpad_credit(f" {ref}\n", ref)
+    assert scratchpad_credit("58+3=59+2=61+1=62+0", ref) == 0.5
+    assert scratchpad_credit("58+3=59+2", ref) == 0.5  # stopped early
+    assert scratchpad_credit(ref + "=62+-1=63+-2=64+-3=65+-4", ref) == 0.5  # did not stop
+    assert scratchpad_credit("", ref) == 0.0 == scratchpad_credit("59+3=59+2", ref)
+    from rlsys.reward import REWARD_FUNCTIONS
+
+    assert REWARD_FUNCTIONS["scratchpad_credit"] is scratchpad_credit
 
 
 def test_generated_splits_are_pairwise_disjoint_and_unique():
@@ -64,6 +92,10 @@ def test_eval_split_does_not_depend_on_the_amount_of_training_data():
         ({"num_val": -1}, "task.num_val"),
         ({"name": "sorting"}, "task.name"),
         ({"digits": 1, "num_train": 95}, "exceeds the 100 distinct problems"),
+        ({"name": "counting", "digits": 1, "count_min": 2, "count_max": 3, "num_train": 5, "num_val": 5,
+          "num_eval": 11}, "exceeds the 20 distinct problems"),
+        ({"count_min": 0}, "count_min"),
+        ({"count_min": 9, "count_max": 8}, "count_min <= count_max"),
         ({"data_path": ""}, "task.data_path"),
     ],
 )
