@@ -79,6 +79,20 @@ def build_batch(groups: list[Group], loss_cfg: LossConfig, pad_id: int) -> Train
     return TrainBatch(input_ids, attn, mask, behav, adv)
 
 
+def contributing_rows(batch: TrainBatch, at_least: int) -> np.ndarray:
+    """Indices of the sequences whose advantage is not 0, topped up with zero-advantage ones
+    to ``at_least`` (every rank needs a sequence to keep the collective schedule).
+
+    With no KL term a zero-advantage sequence adds exactly 0 to the loss and its gradient, so
+    training on these rows, with a ``LossNormalizer`` counted over the whole batch, gives the
+    same update as training on all of them."""
+    live = np.flatnonzero(batch.advantages != 0)
+    if len(live) >= at_least:
+        return live
+    rest = np.flatnonzero(batch.advantages == 0)[: at_least - len(live)]
+    return np.sort(np.concatenate([live, rest]))
+
+
 def shard_indices(lengths: np.ndarray, world_size: int) -> list[np.ndarray]:
     """Split sequences over ranks balancing token counts (longest first, to the lightest
     rank). Every rank gets at least one sequence when there are enough."""

@@ -88,6 +88,12 @@ class LearnerConfig:
     max_nonfinite_steps: int = 3
     """With on_nonfinite=skip: stop the run after this many non-finite steps in a row (the run
     has diverged; lower learner.lr or check the reward)."""
+    skip_zero_advantage: bool = True
+    """Leave completions whose advantage is exactly 0 (a group whose rewards are all equal) out
+    of the forward and backward pass. Their loss and gradient are exactly 0 and the loss keeps
+    its denominators over the whole batch, so the update is unchanged; only the compute goes.
+    Per-token statistics (KL to the behaviour policy, clip fraction) then cover the trained
+    tokens only."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The policy-gradient objective."""
 

@@ -46,6 +46,11 @@ def test_short_run_improves_reward_and_accuracy(ray_cluster, tiny_model, tmp_pat
     assert c["eval_accuracy"][0][1] == summary["eval_accuracy_before"]
     assert c["eval_accuracy"][-1][1] == summary["eval_accuracy_after"]
     assert len(c["time_s"]) == len(c["samples"]) == 40 and c["samples"][-1] == summary["samples"]
+    # time-to-accuracy clock: training seconds at each evaluation, the evaluations not counted
+    t = c["eval_time_s"]
+    assert len(t) == 3 and t[0] == 0.0 and 0 < t[1] < t[2] <= summary["train_seconds"], t
+    assert t[2] == pytest.approx(summary["train_seconds"] - summary["busy_seconds"]["evaluation"], abs=0.01)
+    assert t[1] >= c["time_s"][19] and summary["busy_seconds"]["evaluation"] > 0
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     md = (tmp_path / "report.md").read_text()

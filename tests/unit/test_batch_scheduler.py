@@ -187,3 +187,52 @@ def test_param_buckets_bound_the_gathered_bytes():
     buckets = param_buckets(params, max_bytes=160)
     assert [[n for n, _ in b] for b in buckets] == [["p0", "p1"], ["p2"], ["p3"], ["p4"]]
     assert [n for b in buckets for n, _ in b] == [n for n, _ in params]  # order kept, nothing lost
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_training_only_contributing_rows_gives_the_same_gradient(agg):
+    """learner.skip_zero_advantage: dropping the zero-advantage rows (groups whose rewards are
+    all equal) with the normaliser counted over the whole batch leaves the gradient unchanged."""
+    import torch
+
+    from rlsys.batch import contributing_rows
+    from rlsys.losses import LossNormalizer, policy_loss, token_logprobs
+
+    cfg = LossConfig(aggregation=agg)
+    groups = [make_group(rewards=(1.0, 0.0, 0.0, 1.0), completion_lens=[3, 5, 2, 4]),
+              make_group(rewards=(1.0, 1.0, 1.0, 1.0), completion_lens=[7, 7, 6, 7]),  # longest: trimmed away
+              make_group(rewards=(0.0, 0.0, 0.0, 0.0), completion_lens=[2, 3, 2, 2]),
+              make_group(rewards=(0.0, 1.0, 0.0, 0.0), completion_lens=[2, 2, 3, 2])]
+    batch = build_batch(groups, cfg, pad_id=0)
+    norm = LossNormalizer(batch.num_tokens, batch.num_seqs, 8)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.Linear(8, 20))
+
+    def grad(b):
+        model.zero_grad()
+        ids = torch.from_numpy(b.input_ids)
+        logp = token_logprobs(model(ids), ids)
+        loss, _ = policy_loss(logp, logp.detach(), torch.from_numpy(b.behav_logprobs),
+                              torch.from_numpy(b.advantages), torch.from_numpy(b.mask), cfg, norm)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    rows = contributing_rows(batch, at_least=1)
+    assert rows.tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    small = batch.select(rows)
+    assert small.input_ids.shape[1] < batch.input_ids.shape[1]  # the padding went with the rows
+    (loss_all, g_all), (loss_small, g_small) = grad(batch), grad(small)
+    torch.testing.assert_close(loss_small, loss_all)
+    for a, b in zip(g_all, g_small):
+        torch.testing.assert_close(b, a)
+    assert any(a.abs().sum() > 0 for a in g_all)
+
+
+def test_contributing_rows_leave_every_rank_a_row():
+    from rlsys.batch import contributing_rows
+
+    batch = build_batch([make_group(rewards=(1.0, 1.0)), make_group(rewards=(0.0, 1.0))], LossConfig(), pad_id=0)
+    assert contributing_rows(batch, at_least=1).tolist() == [2, 3]
+    assert contributing_rows(batch, at_least=3).tolist() == [0, 2, 3]
+    uniform = build_batch([make_group(rewards=(1.0, 1.0))], LossConfig(), pad_id=0)
+    assert contributing_rows(uniform, at_least=2).tolist() == [0, 1]  # a zero gradient, but a step
