@@ -18,7 +18,8 @@ rlsys / TRL (per repetition pair, then median [min-max]); beside it, where each 
 step time goes. ``--staleness`` runs rlsys once per max_staleness setting instead (async
 versus synchronous). JSON keys: ``scale``, ``reps``, ``spec``, ``runs`` (every result),
 ``summary`` (per system: median and spread of samples_per_s, tokens_per_s, peak_pss_mb,
-final_accuracy, time_to_<target>), ``ratios`` (rlsys / TRL of the same).
+final_accuracy, time_to_<target>), ``ratios`` (each system / TRL of the same, or / the first
+system when TRL is not in the run).
 """
 
 from __future__ import annotations
@@ -126,6 +127,16 @@ def run_system(system: str, spec: dict, workdir: Path, log) -> dict:
     return result
 
 
+def variant(name: str) -> tuple[str, list[str]]:
+    """(system, extra rlsys overrides) of a --systems name: trl, rlsys (its configured default,
+    synchronous) or rlsys_s<k> (rlsys at replay.max_staleness=k)."""
+    if name in ("trl", "rlsys"):
+        return name, []
+    if name.startswith("rlsys_s") and name[7:].isdigit():
+        return "rlsys", [f"replay.max_staleness={int(name[7:])}"]
+    raise SystemExit(f"unknown system {name!r}: use trl, rlsys or rlsys_s<k> (max_staleness k)")
+
+
 def time_to(result: dict, target: float) -> float | None:
     """Training seconds at the first evaluation with accuracy >= target (None: not reached)."""
     for point in result["curve"]:
@@ -161,18 +172,19 @@ def main() -> int:
     ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="override the scale's step count")
-    ap.add_argument("--systems", default="rlsys,trl")
+    ap.add_argument("--systems", default="rlsys,trl", help="comma list of trl, rlsys, rlsys_s<k>")
     ap.add_argument("--staleness", default=None,
                     help="comma list of max_staleness settings: run rlsys once per setting (async vs sync)")
     ap.add_argument("--rlsys-override", action="append", default=[], help="extra Hydra override for rlsys")
+    ap.add_argument("--trl-threads", type=int, default=os.cpu_count(),
+                    help="torch threads of the TRL process (default: every core, as a plain TRL run uses)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--logdir", type=Path, default=None, help="keep each run's output here (default: a temp dir)")
     args = ap.parse_args()
 
-    if args.staleness is not None:
-        variants = {f"rlsys_s{k}": ("rlsys", [f"replay.max_staleness={k}"]) for k in args.staleness.split(",")}
-    else:
-        variants = {s: (s, []) for s in args.systems.split(",")}
+    names = ([f"rlsys_s{k}" for k in args.staleness.split(",")] if args.staleness is not None
+             else args.systems.split(","))
+    variants = {name: variant(name) for name in names}
     targets = SCALES[args.scale]["targets"]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     spec0 = None
@@ -183,7 +195,7 @@ def main() -> int:
             spec = build_spec(args.scale, args.steps, seed=rep)
             spec0 = spec0 or spec
             for name, (system, extra) in variants.items():
-                spec_v = dict(spec, rlsys_overrides=[*args.rlsys_override, *extra])
+                spec_v = dict(spec, rlsys_overrides=[*args.rlsys_override, *extra], threads=args.trl_threads)
                 with open(logdir / f"{name}-rep{rep}.log", "w") as log:
                     result = run_system(system, spec_v, Path(tmp), log)
                 runs[name].append(result)
@@ -197,8 +209,8 @@ def main() -> int:
         fs = [figures(r, targets) for r in rs]
         summary[name] = {k: spread([f[k] for f in fs]) | {"of": len(fs)} for k in fs[0]}
     ratios = {}
-    base = "trl" if "trl" in runs else None
-    if base:
+    base = "trl" if "trl" in runs else names[0]
+    if len(runs) > 1:
         for name in runs:
             if name == base:
                 continue
