@@ -61,7 +61,8 @@ class LearnerConfig:
     num_gpus: float = 0.0
     """Ray GPUs per rank (1 on GPU clusters)."""
     torch_threads: int = 0
-    """torch intra-op threads per rank; 0 leaves torch's default."""
+    """torch intra-op threads per rank; 0 leaves the default (Ray gives an actor one thread per
+    CPU it reserves, rounded down, at least 1). See rollout.torch_threads."""
     weight_transport: str = "auto"
     """How published weights reach the rollout workers: 'shm' (rank 0 writes one safetensors
     file to /dev/shm, workers load it: same node only), 'ray' (Ray's object store, any node) or
@@ -104,6 +105,8 @@ class LearnerConfig:
             raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if not self.lr > 0:  # NaN too
             raise ValueError(f"learner.lr must be > 0, got {self.lr}")
+        if self.torch_threads < 0:
+            raise ValueError(f"learner.torch_threads must be >= 0 (0 = the default), got {self.torch_threads}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"learner.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.weight_transport not in ("auto", "ray", "shm", "nccl", "cuda_ipc"):

