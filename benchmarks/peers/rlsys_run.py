@@ -56,10 +56,14 @@ def result_from(summary: dict) -> dict:
         "system": "rlsys",
         "steps": summary["steps"],
         "train_seconds": train_s,
-        "samples": summary["samples"],
-        "tokens": summary["tokens_generated"],
-        "samples_per_s": summary["samples"] / train_s,
-        "tokens_per_s": summary["tokens_generated"] / train_s,
+        # Trained completions and their tokens: an asynchronous run also generates groups that are
+        # still in flight when it stops (generated_*), which TRL never does.
+        "samples": summary["samples_trained"],
+        "tokens": summary["tokens_trained"],
+        "samples_per_s": summary["samples_trained"] / train_s,
+        "tokens_per_s": summary["tokens_trained"] / train_s,
+        "generated_samples": summary["samples"],
+        "generated_tokens": summary["tokens_generated"],
         "final_accuracy": summary["eval_accuracy_after"],
         "initial_accuracy": summary["eval_accuracy_before"],
         "curve": curve,

@@ -36,6 +36,7 @@ def test_short_run_improves_reward_and_accuracy(ray_cluster, tiny_model, tmp_pat
     assert summary["reward_last"] > summary["reward_first"], summary
     assert summary["replay"]["dropped_stale"] == 0 and summary["replay"]["acked"] == 40 * 16
     assert summary["samples"] == 40 * 16 * 8 and summary["tokens_generated"] > summary["samples"]
+    assert (summary["samples_trained"], summary["tokens_trained"]) == (summary["samples"], summary["tokens_generated"])
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     for key in ("steps", "wall_seconds", "train_seconds", "eval_accuracy_before", "eval_accuracy_after",
                 "samples", "tokens_generated"):

@@ -51,7 +51,8 @@ def test_rlsys_runs_the_spec_and_reports_training_time_without_evaluations():
                      "scheduler.samples_per_prompt=8", "rollout.max_new_tokens=6", "rollout.seed=2",
                      "reward.function=exact_match"):
         assert expected in o
-    summary = {"steps": 40, "train_seconds": 50.0, "samples": 5120, "tokens_generated": 25600,
+    summary = {"steps": 40, "train_seconds": 50.0, "samples": 5248, "tokens_generated": 26000,
+               "samples_trained": 5120, "tokens_trained": 25600,
                "eval_accuracy_before": 0.2, "eval_accuracy_after": 0.3,
                "busy_seconds": {"generation": 10.0, "reward": 2.0, "learner": 20.0, "weight_sync": 4.0,
                                 "evaluation": 10.0},
@@ -60,6 +61,7 @@ def test_rlsys_runs_the_spec_and_reports_training_time_without_evaluations():
                           "eval_accuracy": [[0, 0.2], [20, 0.25], [40, 0.3]], "eval_time_s": [0.0, 19.0, 40.0]}}
     r = rlsys_run.result_from(summary)
     assert r["train_seconds"] == 40.0 and r["samples_per_s"] == 128.0 and r["tokens_per_s"] == 640.0
+    assert (r["generated_samples"], r["generated_tokens"]) == (5248, 26000)  # in flight at the end too
     assert [p["samples"] for p in r["curve"]] == [0, 2560, 5120]
     assert [p["train_seconds"] for p in r["curve"]] == [0.0, 19.0, 40.0]
     assert r["profile"] == {"generation": 0.25, "reward": 0.05, "learner_step": 0.5, "weight_sync": 0.1}
