@@ -177,12 +177,17 @@ def _decode_continuous(ctx0: np.ndarray, steps: np.ndarray, cal: Calibration) ->
     elapsed = useful = 0.0
     nxt = 0
     live_off: dict[int, float] = {}
-    while nxt < len(queue) and len(ends) < cap:
-        x, d = queue[nxt]
-        heapq.heappush(ends, (s + d, nxt))
-        live_off[nxt] = x - s
-        offset += x - s
-        nxt += 1
+
+    def admit() -> None:  # fill free slots from the queue at global step s
+        nonlocal nxt, offset
+        while nxt < len(queue) and len(ends) < cap:
+            x, d = queue[nxt]
+            heapq.heappush(ends, (s + d, nxt))
+            live_off[nxt] = x - s
+            offset += x - s
+            nxt += 1
+
+    admit()
     while ends:
         s1, i = ends[0]
         m = len(ends)
@@ -195,12 +200,7 @@ def _decode_continuous(ctx0: np.ndarray, steps: np.ndarray, cal: Calibration) ->
         while ends and ends[0][0] <= s:
             _, j = heapq.heappop(ends)
             offset -= live_off.pop(j)
-        while nxt < len(queue) and len(ends) < cap:
-            x, d = queue[nxt]
-            heapq.heappush(ends, (s + d, nxt))
-            live_off[nxt] = x - s
-            offset += x - s
-            nxt += 1
+        admit()
     return elapsed, useful
 
 
