@@ -42,7 +42,7 @@ TRL_PYTHON = ROOT / ".venv-trl" / "bin" / "python"
 
 SCALES = {
     # The built-in task and model: ~1M parameters, answers of 3-4 tokens (+ eos).
-    "tiny": {"experiment": "tiny", "steps": 400, "max_train_seconds": 420, "eval_every": 20,
+    "tiny": {"experiment": "tiny", "steps": 200, "max_train_seconds": 0, "eval_every": 20,
              "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 6, "lr": 1e-4,
              "targets": [0.3, 0.4, 0.5]},
     # ~20M parameters, completions of 125-246 tokens (the counting scratchpad).
