@@ -174,8 +174,6 @@ class LearnerRank:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
-        if cfg.torch_threads > 0:
-            torch.set_num_threads(cfg.torch_threads)
         import deepspeed
         import deepspeed.ops
 

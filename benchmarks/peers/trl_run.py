@@ -65,8 +65,6 @@ from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainerCallback,
 )
@@ -75,7 +73,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.extras import profiling  # noqa: E402
 
 from rlsys.task import Example, TaskConfig, load_task, scratchpad_credit, verify_answer  # noqa: E402
-from rlsys.tinymodel import decode_completion, encode_prompt  # noqa: E402
+from rlsys.tinymodel import greedy_accuracy  # noqa: E402  (the same greedy exact match as rlsys's model build)
 
 FORBIDDEN_MODULES = ("ray", "vllm", "deepspeed")
 RSS_SAMPLE_S = 0.05
@@ -207,46 +205,6 @@ def reward_function(name: str):
     return reward
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def greedy_accuracy(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
-    max_new_tokens: int,
-    batch_size: int = 256,
-) -> float:
-    """Exact-match accuracy of greedy completions (``verify_answer``), batched HF generate.
-
-    Prompts are batched by length, so there is no padding and each row is computed as it
-    would be alone; completions are cut at the first eos (``decode_completion``).
-    """
-    was_training = model.training
-    model.eval()
-    gen = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-    )
-    by_length: dict[int, list[tuple[list[int], str]]] = defaultdict(list)
-    for ex in examples:
-        ids = encode_prompt(tok, ex.prompt)
-        by_length[len(ids)].append((ids, ex.answer))
-    correct = 0.0
-    try:
-        for length, rows in by_length.items():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                ids = torch.tensor([r[0] for r in chunk], dtype=torch.long)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
-                for row, (_, answer) in zip(out[:, length:].tolist(), chunk):
-                    correct += verify_answer(decode_completion(tok, row), answer)
-    finally:
-        model.train(was_training)
-    return correct / len(examples)
-
-
 # ----------------------------------------------------------------------------- measurement
 
 
@@ -376,7 +334,7 @@ class BenchmarkCallback(TrainerCallback):
         trainer = self.trainer
         with self.clock.pause():
             t0 = time.perf_counter()
-            acc = greedy_accuracy(trainer.model, self.tok, self.eval_examples, self.spec.max_new_tokens)
+            acc = greedy_accuracy(trainer.model, self.tok, self.eval_examples)
             self.eval_seconds += time.perf_counter() - t0
         self.curve.append({
             "step": step, "samples": trainer.samples, "tokens": trainer.completion_tokens,
