@@ -295,6 +295,12 @@ class InProcessReplayStore:
         self._pending: OrderedDict[str, Group] = OrderedDict()
         self._seen: set[str] = set()
         self._changed = asyncio.Condition()
+        # Staleness is checked once per group per learner version, not once per wake-up: the
+        # groups at the head of _ready were checked at _checked_version, the _unchecked ones at
+        # its tail (put since) were not. Without this a take waiting for k groups rescanned the
+        # whole queue on every put (quadratic in groups per step).
+        self._checked_version: Optional[int] = None
+        self._unchecked = 0
 
     @property
     def learner_version(self) -> int:
@@ -321,19 +327,26 @@ class InProcessReplayStore:
                     continue
                 self._seen.add(g.group_id)
                 self._ready.append(g)
+                self._unchecked += 1
                 self.counters.put += 1
             self._changed.notify_all()
 
     async def _drop_stale(self) -> None:
-        kept, dropped = deque(), 0
-        for g in self._ready:
+        """Drop what may not train at the current learner version (every group once per version)."""
+        if self._checked_version != self.learner_version:
+            suspects, self._ready = self._ready, deque()
+        else:  # only the groups put since the last check
+            suspects = deque(self._ready.pop() for _ in range(self._unchecked))
+            suspects.reverse()
+        self._checked_version, self._unchecked = self.learner_version, 0
+        dropped = 0
+        for g in suspects:
             if not must_drop(g.policy_version, self.learner_version, self.cfg):
-                kept.append(g)
+                self._ready.append(g)
             else:
                 dropped += 1
                 log.warning("dropped stale group %s (version %d, learner %d, max_staleness %d)",
                             g.group_id, g.policy_version, self.learner_version, self.cfg.max_staleness)
-        self._ready = kept
         if dropped:
             self.counters.dropped_stale += dropped
             await self.gate.release(dropped)  # their slots may be generated again
@@ -364,6 +377,7 @@ class InProcessReplayStore:
             n = len(self._pending)
             self._ready.extendleft(reversed(list(self._pending.values())))
             self._pending.clear()
+            self._checked_version = None  # the requeued groups were checked at an older version
             self.counters.requeued += n
             self._changed.notify_all()
             return n
