@@ -338,3 +338,40 @@ def test_auth_refusal_is_a_clear_error(tmp_path, monkeypatch):
         assert "s3cret-pw" not in str(e.value) and "wrong" not in str(e.value)
     finally:
         server.stop()
+
+
+def test_depth_counts_what_is_stored_across_a_redis_restart(tmp_path):
+    """depth() = records stored and not taken, before and after Redis restarts from its AOF
+    (the consumer group's lag, which depth used to read, was thousands too high after restarts
+    in the soak)."""
+    from helpers import RedisServer
+
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", appendonly=True, appendfsync="always").start()
+
+    async def scenario():
+        cfg = ReplayConfig(backend="redis", max_staleness=0,
+                           redis=RedisConfig(url=server.url, block_ms=20, reconnect_timeout_s=20))
+        store = make_store(cfg, 8, run_id=uuid.uuid4().hex[:8])
+        await store.start()
+        await store.reserve(8)
+        await store.put([make_group(0) for _ in range(6)])
+        done = await store.take(2)
+        await store.ack([g.group_id for g in done])
+        await store.take(1)  # pending, not acknowledged
+        before = await store.depth()
+        for _ in range(2):
+            server.client().bgrewriteaof()  # the restart replays a rewritten AOF
+            await asyncio.sleep(0.3)
+            server.stop()
+            server.start()
+        await store.put([make_group(0) for _ in range(2)])
+        after = await store.depth()
+        await store.close()
+        return before, after
+
+    try:
+        before, after = run(scenario())
+    finally:
+        server.stop()
+    assert (before, after) == (3, 5)
