@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from helpers import make_group
 from rlsys.replay import AdmissionGate, RedisConfig, ReplayConfig, StoreClosed, admission_cap, staleness_ok
 
 
@@ -52,15 +53,6 @@ def test_unknown_backend_is_named():
         ReplayConfig(backend="kafka")
 
 
-def _group(gid: str, version: int):
-    import numpy as np
-
-    from rlsys.records import Completion, Group
-
-    c = Completion(np.array([5, 2], np.int32), np.array([-0.1, -0.2], np.float32), "x", "stop")
-    return Group(gid, "p", "1+1=", (1, 2), "2", version, [c], rewards=np.ones(1, np.float32))
-
-
 def test_inprocess_take_checks_each_group_once_per_version(monkeypatch):
     """A take waiting for k groups while they arrive one put at a time checks each new group,
     not the whole queue on every put (that was quadratic in groups per step)."""
@@ -73,13 +65,14 @@ def test_inprocess_take_checks_each_group_once_per_version(monkeypatch):
     async def main():
         store = replay.InProcessReplayStore(ReplayConfig(max_staleness=1), groups_per_step=300)
         taker = asyncio.create_task(store.take(300))
-        for i in range(300):
-            await store.put([_group(f"g{i}", 0)])
+        for g in groups:
+            await store.put([g])
             await asyncio.sleep(0)  # let the take wake up and look
         return await taker
 
+    groups = [make_group(0) for _ in range(300)]
     batch = asyncio.run(main())
-    assert [g.group_id for g in batch] == [f"g{i}" for i in range(300)]
+    assert [g.group_id for g in batch] == [g.group_id for g in groups]
     assert len(calls) == 300
 
 
@@ -87,20 +80,22 @@ def test_inprocess_groups_checked_at_an_older_version_are_checked_again():
     """A group fresh when put goes stale when the learner advances; a requeued group too."""
     from rlsys.replay import InProcessReplayStore
 
+    a, b, c, d = make_group(0), make_group(1), make_group(2), make_group(2)
+
     async def main():
         store = InProcessReplayStore(ReplayConfig(max_staleness=1), groups_per_step=2)
         await store.set_learner_version(1)
-        await store.put([_group("a", 0), _group("b", 1)])
+        await store.put([a, b])
         first = await store.take(1)  # "a" is pending, checked at version 1
         await store.set_learner_version(2)  # "a" (version 0) is now 2 behind: stale
-        await store.put([_group("c", 2)])
-        assert [g.group_id for g in await store.take(2)] == ["b", "c"]
+        await store.put([c])
+        assert [g.group_id for g in await store.take(2)] == [b.group_id, c.group_id]
         assert await store.requeue_pending() == 3  # a, b, c come back ...
-        await store.put([_group("d", 2)])
+        await store.put([d])
         got = await store.take(3)  # ... and "a" is dropped at the version it is now checked at
         return first, got, store.counters
 
     first, got, counters = asyncio.run(main())
-    assert [g.group_id for g in first] == ["a"]
-    assert [g.group_id for g in got] == ["b", "c", "d"]
+    assert [g.group_id for g in first] == [a.group_id]
+    assert [g.group_id for g in got] == [b.group_id, c.group_id, d.group_id]
     assert counters.dropped_stale == 1
