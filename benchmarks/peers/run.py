@@ -12,6 +12,7 @@ process tree (for rlsys: the driver, Ray's daemons and every actor) for peak mem
     .venv/bin/python benchmarks/peers/run.py --scale tiny --reps 3 --json runs/peers-tiny.json
     .venv/bin/python benchmarks/peers/run.py --scale genheavy --reps 3 --json runs/peers-gen.json
     .venv/bin/python benchmarks/peers/run.py --scale tiny --systems rlsys --staleness 0,1,2,4
+    .venv/bin/python benchmarks/peers/run.py --scale tiny --systems rlsys,rlsys@learner.loss.tis_cap=0,trl
 
 Prints one table per scale: each system's median [min-max] over repetitions, and the ratio
 rlsys / TRL (per repetition pair, then median [min-max]); beside it, where each system's
@@ -132,14 +133,21 @@ def variant(name: str) -> tuple[str, list[str]]:
     configured: synchronous) or rlsys_s<k> (rlsys at replay.max_staleness=k). With k >= 1
     generation and training overlap, so each actor keeps its default thread count (one per
     reserved CPU) instead of the experiment's torch_threads, which are sized for alternating
-    phases."""
-    if name in ("trl", "rlsys"):
-        return name, []
-    if name.startswith("rlsys_s") and name[7:].isdigit():
-        k = int(name[7:])
+    phases. Either rlsys name may carry Hydra overrides of its own after ``@``, so that one run
+    compares settings side by side: ``rlsys@learner.loss.tis_cap=0@learner.lr=2e-4``."""
+    base, *own = name.split("@")
+    if any("=" not in o for o in own):
+        raise SystemExit(f"system {name!r}: each part after '@' must be a Hydra override key=value")
+    if own and not base.startswith("rlsys"):
+        raise SystemExit(f"system {name!r}: only rlsys takes overrides after '@'")
+    if base in ("trl", "rlsys"):
+        return base, own
+    if base.startswith("rlsys_s") and base[7:].isdigit():
+        k = int(base[7:])
         threads = ["rollout.torch_threads=0", "learner.torch_threads=0"] if k else []
-        return "rlsys", [f"replay.max_staleness={k}", *threads]
-    raise SystemExit(f"unknown system {name!r}: use trl, rlsys or rlsys_s<k> (max_staleness k)")
+        return "rlsys", [f"replay.max_staleness={k}", *threads, *own]
+    raise SystemExit(f"unknown system {name!r}: use trl, rlsys or rlsys_s<k> (max_staleness k), "
+                     "rlsys ones optionally followed by @key=value overrides")
 
 
 def time_to(result: dict, target: float) -> float | None:
@@ -177,7 +185,7 @@ def main() -> int:
     ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="override the scale's step count")
-    ap.add_argument("--systems", default="rlsys,trl", help="comma list of trl, rlsys, rlsys_s<k>")
+    ap.add_argument("--systems", default="rlsys,trl", help="comma list of trl, rlsys, rlsys_s<k>; rlsys ones may add @key=value overrides")
     ap.add_argument("--staleness", default=None,
                     help="comma list of max_staleness settings: run rlsys once per setting (async vs sync)")
     ap.add_argument("--rlsys-override", action="append", default=[], help="extra Hydra override for rlsys")
@@ -226,13 +234,13 @@ def main() -> int:
     print(f"\npeers: {args.scale} scale, {spec0['steps']} steps x {spec0['prompts_per_step']} prompts x "
           f"{spec0['group_size']} completions, {args.reps} repetitions; median [min-max]\n")
     keys = list(next(iter(summary.values())))
-    hdr = f"{'':24s}" + "".join(f"{n:>30s}" for n in summary) + "".join(f"{n + ' / ' + base:>30s}" for n in ratios)
+    cols = [(n, summary[n]) for n in summary] + [(f"{n} / {base}", ratios[n]) for n in ratios]
+    widths = [max(30, len(title) + 2) for title, _ in cols]
+    hdr = f"{'':24s}" + "".join(f"{title:>{w}s}" for (title, _), w in zip(cols, widths))
     print(hdr)
     print("-" * len(hdr))
     for k in keys:
-        row = f"{k:24s}" + "".join(f"{fmt(summary[n][k]):>30s}" for n in summary)
-        row += "".join(f"{fmt(ratios[n][k]):>30s}" for n in ratios)
-        print(row)
+        print(f"{k:24s}" + "".join(f"{fmt(col[k]):>{w}s}" for (_, col), w in zip(cols, widths)))
     print("\nwhere the step time goes (share of training wall time, median over repetitions;"
           " rlsys shares overlap when max_staleness >= 1)")
     for name, rs in runs.items():

@@ -41,6 +41,17 @@ def test_system_names():
         peers.variant("verl")
 
 
+def test_rlsys_systems_carry_their_own_overrides():
+    assert peers.variant("rlsys@learner.loss.tis_cap=0") == ("rlsys", ["learner.loss.tis_cap=0"])
+    assert peers.variant("rlsys_s1@learner.lr=2e-4@rollout.seed=3") == (
+        "rlsys", ["replay.max_staleness=1", "rollout.torch_threads=0", "learner.torch_threads=0",
+                  "learner.lr=2e-4", "rollout.seed=3"])
+    with pytest.raises(SystemExit, match="only rlsys"):
+        peers.variant("trl@learner.lr=1")
+    with pytest.raises(SystemExit, match="key=value"):
+        peers.variant("rlsys@tis_cap")
+
+
 def test_rlsys_runs_the_spec_and_reports_training_time_without_evaluations():
     spec = {"experiment": "tiny", "model_path": "/m", "task": {"digits": 3, "data_path": None}, "steps": 40,
             "eval_every": 20, "lr": 1e-4, "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 6, "seed": 2,
