@@ -221,7 +221,7 @@ class VLLMEngineBackend:
 
         ec = cfg.engine
         scratch = Path(work_dir) / "vllm" / "judge" if work_dir else Path.cwd() / ".rlsys-judge"
-        prepare_vllm_process(scratch, ec.compile_cache_dir)
+        prepare_vllm_process(scratch, ec.compile_cache_dir, eager=ec.enforce_eager)
         from vllm import LLM
 
         model = str(Path(cfg.model).expanduser())

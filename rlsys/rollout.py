@@ -150,8 +150,9 @@ class RolloutConfig:
             raise ValueError(f"rollout.partial_chunk_tokens must be >= 0 (0 = off), got {self.partial_chunk_tokens}")
 
 
-def prepare_vllm_process(scratch: Path, compile_cache_dir: str) -> None:
-    """Environment of a process about to start a vLLM engine (call before importing vllm)."""
+def prepare_vllm_process(scratch: Path, compile_cache_dir: str, eager: bool) -> None:
+    """Environment of a process about to start a vLLM engine (call before importing vllm);
+    ``eager``: the engine runs with enforce_eager."""
     # In-process engine: a few seconds to start on CPU instead of 15-30 s, and the GPU weight
     # transports pass plans and CUDA IPC handles through collective_rpc, which only the
     # in-process executor hands over as Python objects (rlsys/weight_sync.py).
@@ -163,6 +164,12 @@ def prepare_vllm_process(scratch: Path, compile_cache_dir: str) -> None:
     compiled = Path(compile_cache_dir).expanduser()
     os.environ.setdefault("VLLM_CACHE_ROOT", str(compiled / "vllm"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compiled / "inductor"))
+    if eager:
+        # With an eager model vLLM still torch.compile's a few sampler helpers (log-prob ranks,
+        # top-k/top-p); tracing them made an actor's first generate call take 6-7 s on CPU, in
+        # every run, for ops that take microseconds eagerly. torch.compile reads this when vLLM's
+        # modules are imported, hence before the import.
+        os.environ["TORCHDYNAMO_DISABLE"] = "1"
 
 
 def engine_memory_kwargs(kv_cache_bytes: int, gpu_memory_utilization: float) -> dict:
@@ -309,7 +316,8 @@ class RolloutWorker:
     def __init__(self, cfg: RolloutConfig, model_path: str, worker_index: int, work_dir: str, version: int = 0,
                  metrics_host: Optional[str] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        prepare_vllm_process(Path(work_dir) / "vllm" / f"worker{worker_index}", cfg.compile_cache_dir)
+        prepare_vllm_process(Path(work_dir) / "vllm" / f"worker{worker_index}", cfg.compile_cache_dir,
+                             eager=cfg.enforce_eager)
         from transformers import AutoTokenizer
         from vllm import LLM
 

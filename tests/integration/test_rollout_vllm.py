@@ -90,3 +90,17 @@ def test_mismatched_weights_are_rejected_and_engine_survives(ray_cluster, worker
         ray_cluster.get(worker.update_weights.remote(1, named[1:]))
     assert ray_cluster.get(worker.policy_version.remote()) == 0
     assert len(ray_cluster.get(worker.generate_greedy.remote([[1, 4, 5]]))) == 1
+
+
+def test_an_eager_engine_compiles_nothing(ray_cluster, worker, hf_model):
+    """enforce_eager (the CPU default): vLLM's torch.compile'd sampler helpers run eagerly
+    instead of being traced on the first call (which took 6-7 s of every CPU run's start)."""
+    _, tok = hf_model
+    ray_cluster.get(worker.generate.remote(_requests(tok, n=2)))
+
+    def compiled_frames(actor):
+        from torch._dynamo.utils import counters
+
+        return sum(counters["frames"].values())
+
+    assert ray_cluster.get(worker.__ray_call__.remote(compiled_frames)) == 0
