@@ -89,7 +89,7 @@ def test_dead_and_hung_rollout_and_reward_workers_are_replaced(ray_cluster, tiny
 
     ctl = _controller(tmp_path, steps=1000, extra=[
         "rollout.num_workers=2", "reward.num_workers=2", "replay.max_staleness=1",
-        "rollout.call_timeout_s=30", "reward.call_timeout_s=20"])
+        "rollout.call_timeout_s=15", "reward.call_timeout_s=8"])
     fired = _inject_in_turn(ctl, [
         lambda c: ray.kill(c._loops[0][0]),
         lambda c: ray.kill(c.rewards[1]),
