@@ -19,7 +19,8 @@ rlsys / TRL (per repetition pair, then median [min-max]); beside it, where each 
 step time goes. ``--staleness`` runs rlsys once per max_staleness setting instead (async
 versus synchronous). JSON keys: ``scale``, ``reps``, ``spec``, ``runs`` (every result),
 ``summary`` (per system: median and spread of samples_per_s, tokens_per_s, peak_pss_mb,
-final_accuracy, time_to_<target>), ``ratios`` (each system / TRL of the same, or / the first
+final_accuracy, late_accuracy (the mean of the evaluations in the last quarter of the
+steps), time_to_<target>), ``ratios`` (each system / TRL of the same, or / the first
 system when TRL is not in the run).
 """
 
@@ -158,6 +159,16 @@ def time_to(result: dict, target: float) -> float | None:
     return None
 
 
+def late_accuracy(result: dict, last: float = 0.25) -> float:
+    """Mean held-out accuracy over the evaluations in the last ``last`` of the steps (after
+    step 0). One evaluation of 200 prompts moves by +-0.05 from one to the next (binomial sd
+    0.035 at 0.5), so a single final value compares systems noisily; the tiny scale averages
+    its last 3 (steps 160-200)."""
+    steps = max(p["step"] for p in result["curve"])
+    late = [p["eval_accuracy"] for p in result["curve"] if p["step"] > 0 and p["step"] >= (1 - last) * steps]
+    return statistics.mean(late) if late else result["final_accuracy"]
+
+
 def spread(values: list) -> dict:
     """Median and range of the values that exist; ``n`` says how many did."""
     xs = [v for v in values if v is not None]
@@ -168,6 +179,7 @@ def spread(values: list) -> dict:
 
 def figures(result: dict, targets: list[float]) -> dict:
     out = {k: result[k] for k in METRICS}
+    out["late_accuracy"] = late_accuracy(result)
     for t in targets:
         out[f"time_to_{t}"] = time_to(result, t)
     return out

@@ -23,6 +23,14 @@ def test_time_to_target_is_the_first_evaluation_that_reaches_it():
     assert peers.time_to(r, 0.6) is None
 
 
+def test_late_accuracy_averages_the_evaluations_of_the_last_quarter():
+    r = _result([(0, 0.0, 0.2), (40, 10.0, 0.3), (80, 21.0, 0.4), (120, 30.0, 0.6), (160, 40.0, 0.5)])
+    assert peers.late_accuracy(r) == pytest.approx(0.55)  # steps 120 and 160 of 160
+    r = _result([(0, 0.0, 0.04), (5, 3.0, 0.05), (10, 6.0, 0.08)]) | {"final_accuracy": 0.08}
+    assert peers.late_accuracy(r) == 0.08  # only step 10 is in the last quarter
+    assert peers.late_accuracy(_result([(0, 0.0, 0.2)]) | {"final_accuracy": 0.2}) == 0.2  # no training step
+
+
 def test_spread_skips_missing_values_and_says_how_many_there_were():
     assert peers.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
     assert peers.spread([None, 4.0]) == {"median": 4.0, "min": 4.0, "max": 4.0, "n": 1}
