@@ -197,7 +197,8 @@ def main() -> int:
     ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="override the scale's step count")
-    ap.add_argument("--systems", default="rlsys,trl", help="comma list of trl, rlsys, rlsys_s<k>; rlsys ones may add @key=value overrides")
+    ap.add_argument("--systems", default="rlsys,trl",
+                    help="comma list of trl, rlsys, rlsys_s<k>; rlsys ones may add @key=value overrides")
     ap.add_argument("--staleness", default=None,
                     help="comma list of max_staleness settings: run rlsys once per setting (async vs sync)")
     ap.add_argument("--rlsys-override", action="append", default=[], help="extra Hydra override for rlsys")
