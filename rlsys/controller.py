@@ -598,12 +598,10 @@ class Controller:
             stopper.cancel()
         if not reserve.done():
             reserve.cancel()
-            try:
-                granted = await reserve
-            except asyncio.CancelledError:
+            await asyncio.wait({reserve})  # a cancel of this task propagates; reserve's own does not
+            if reserve.cancelled():
                 return None
-        else:
-            granted = reserve.result()  # StoreClosed propagates
+        granted = reserve.result()  # StoreClosed propagates
         if stop.is_set():
             await self.store.release(granted)
             return None
@@ -941,8 +939,8 @@ class Controller:
         self._next_worker += k
         actors = [self._spawn_rollout_worker(i) for i in indices]
         try:
-            await asyncio.wait_for(asyncio.gather(*[a.ready.remote() for a in actors]),
-                                   self.cfg.cluster.actor_start_timeout_s)
+            await with_deadline(asyncio.gather(*[a.ready.remote() for a in actors]),
+                                self.cfg.cluster.actor_start_timeout_s)
         except asyncio.TimeoutError:
             for a in actors:
                 ray.kill(a)

@@ -43,7 +43,7 @@ from typing import Optional, Protocol
 import numpy as np
 
 from rlsys.routing import JudgeParseError, parse_verdict, render_judge_prompt
-from rlsys.supervision import FaultPoint
+from rlsys.supervision import FaultPoint, with_deadline
 
 VERDICT_LINES = ("VERDICT: A", "VERDICT: B", "VERDICT: TIE")
 """Everything ``routing.parse_verdict`` accepts (what a constrained engine may emit)."""
@@ -361,8 +361,7 @@ class JudgeQueue:
                 self.in_flight += 1
                 t0 = time.perf_counter()
                 try:
-                    text = await asyncio.wait_for(self.backend.complete(prompt, self.cfg.max_tokens),
-                                                  self.cfg.timeout_s)
+                    text = await with_deadline(self.backend.complete(prompt, self.cfg.max_tokens), self.cfg.timeout_s)
                 except asyncio.TimeoutError:
                     if attempt == self.cfg.retries:
                         self.stats.timeouts += 1

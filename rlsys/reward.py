@@ -44,7 +44,7 @@ from rlsys.records import Group
 from rlsys.reward_model import RewardModelConfig
 from rlsys.routing import (RouterConfig, all_pairs, pair_scores, pairwise_advantage, rm_judge_agreement,
                            rm_uncertainty, route_batch, verifier_separable)
-from rlsys.supervision import FaultPoint
+from rlsys.supervision import FaultPoint, with_deadline
 from rlsys.task import scratchpad_credit
 
 log = logging.getLogger(__name__)
@@ -388,7 +388,7 @@ class RewardWorker:
                     self._judge_swapped.clear()
                     if self.judge is judge:
                         try:
-                            await asyncio.wait_for(self._judge_swapped.wait(), JUDGE_REPLACEMENT_WAIT_S)
+                            await with_deadline(self._judge_swapped.wait(), JUDGE_REPLACEMENT_WAIT_S)
                         except asyncio.TimeoutError:
                             break
         self.judge_unavailable += len(pairs)

@@ -56,10 +56,26 @@ def is_worker_failure(error: BaseException) -> bool:
 
 
 async def with_deadline(ref, timeout_s: float):
-    """Await an ObjectRef (or awaitable) for at most ``timeout_s`` (0: no deadline)."""
-    if timeout_s <= 0:
-        return await ref
-    return await asyncio.wait_for(ref, timeout_s)
+    """Await an ObjectRef (or awaitable) for at most ``timeout_s`` (0: no deadline); past it,
+    the call is cancelled (and has unwound) before ``asyncio.TimeoutError`` is raised.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it returns the answer when a cancel lands in
+    the tick the answer arrives, so the cancel is lost, and a loop that polls an actor through
+    it (the controller's scale loop pings the judge every control_poll_s) outlives the run's
+    end, which waits for it forever."""
+    call = asyncio.ensure_future(ref)
+    try:
+        done, _ = await asyncio.wait({call}, timeout=timeout_s if timeout_s > 0 else None)
+    except asyncio.CancelledError:
+        if call.done() and not call.cancelled():
+            call.exception()  # retrieved: the caller is gone, nothing to report
+        call.cancel()
+        raise
+    if not done:
+        call.cancel()
+        await asyncio.wait({call})  # let it unwind (release what it holds) first
+        raise asyncio.TimeoutError(f"no answer within {timeout_s}s")
+    return call.result()
 
 
 @dataclass

@@ -69,6 +69,46 @@ def test_deadline_cuts_a_call_that_does_not_answer():
     asyncio.run(main())
 
 
+def test_a_cancelled_deadline_call_is_cancelled_even_when_its_answer_came_in_the_same_tick():
+    """The run's end cancels the loops that poll actors; a cancel that lands in the tick the
+    answer arrives must still cancel (Python < 3.12's asyncio.wait_for returned the answer
+    instead, and the control loop polled forever: a hang at the end of a run)."""
+
+    async def main():
+        for timeout in (30, 0):
+            answer = asyncio.get_running_loop().create_future()
+            call = asyncio.ensure_future(with_deadline(answer, timeout))
+            await asyncio.sleep(0)  # the call waits for its answer
+            answer.set_result("pong")
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(main())
+
+
+def test_a_cut_call_is_cancelled_before_the_deadline_error_is_raised():
+    """What the call holds (a lock, a slot) is released before the caller sees the deadline error."""
+    events = []
+
+    async def holds_a_lock(lock):
+        async with lock:
+            try:
+                await asyncio.sleep(5)
+            finally:
+                events.append("released")
+
+    async def main():
+        lock = asyncio.Lock()
+        with pytest.raises(asyncio.TimeoutError):
+            await with_deadline(holds_a_lock(lock), 0.05)
+        events.append("timeout seen")
+        assert not lock.locked()
+
+    asyncio.run(main())
+    assert events == ["released", "timeout seen"]
+
+
 def test_fault_point_hangs_the_next_call_once(monkeypatch):
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
