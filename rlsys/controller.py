@@ -287,6 +287,7 @@ class Controller:
             ray.get([r.ready.remote() for r in self.ranks], timeout=cfg.cluster.actor_start_timeout_s)
         self.workers = [self._spawn_rollout_worker(i) for i in range(rc.num_workers)]
         self._stop_requested = False
+        self._ending = False  # the run is ending: the scale loop stops even if a cancel went astray
         self._publish_lock = asyncio.Lock()  # weight publication vs. a worker joining
         self._next_worker = rc.num_workers
         self.worker_log = {i: _worker_entry(i, version0) for i in range(rc.num_workers)}
@@ -904,7 +905,7 @@ class Controller:
 
     async def scale_loop(self) -> None:
         """Converge the number of rollout workers on what the control actor asks for."""
-        while True:
+        while not self._ending:
             desired = await self.control.desired.remote()
             want = desired["rollout"]
             if desired["stop"] and not self._stop_requested:
@@ -922,10 +923,14 @@ class Controller:
             if self.judge is not None:
                 await self._check_judge()
             js = getattr(self, "judge_stats", None) or {}
+            try:
+                depth = await self.store.depth()
+            except StoreClosed:  # the learner finished while Redis was away: the run is ending
+                return
             await self.control.update_report.remote({
                 "step": self.progress.step, "steps": self.cfg.steps, "policy_version": self._published_version,
                 "rollout_workers": len(self.workers), "learner_ranks": len(self.ranks),
-                "samples": self.progress.samples, "replay_depth": await self.store.depth(),
+                "samples": self.progress.samples, "replay_depth": depth,
                 "replay_dropped_stale": self.store.counters.dropped_stale,
                 "judge_queue": js.get("queued", 0) + js.get("in_flight", 0) if js else None,
                 "learner_restarts": self.learner_restarts, "worker_restarts": dict(self.restarts.counts),
@@ -1143,13 +1148,17 @@ class Controller:
                 self._failed.result()  # re-raise the first failure of a rollout loop or the scaler
             await learner
         finally:
+            self._ending = True
             tasks = [learner, scaler, *(t for _, t, _ in self._loops.values())]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if not self._failed.done():
                 self._failed.cancel()
-        self._held_at_end = await self.store.depth()  # produced after the last step, never trained
+        try:
+            self._held_at_end = await self.store.depth()  # produced after the last step, never trained
+        except StoreClosed:  # Redis away at the very end (the stopped store does not retry): not worth the run
+            log.warning("replay.held_at_end unknown: Redis did not answer after the last step")
         train_seconds = time.perf_counter() - t_start
         acc_after = await self.evaluate()
         self._record_eval(self.progress.step, acc_after, t_start + train_seconds, t_start, counted=False)
