@@ -69,6 +69,20 @@ JUDGE_TOTALS = ("calls", "verdicts", "fallbacks", "timeouts", "errors", "garbage
 """Cumulative judge counters, carried over when a judge worker is replaced."""
 
 
+def keep_ray_on_loopback() -> None:
+    """Make the local Ray cluster this process starts bind 127.0.0.1 only (call before
+    ``ray.init``). Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when it is imported,
+    so setting the variable after ``import ray`` is not enough: its cluster then takes the
+    machine's external address and listens on every interface. The variable is still set for
+    the daemons and workers ray.init starts; the constant for this process."""
+    import sys
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # ray imported already
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def start_ray(cfg: ClusterConfig, namespace: str) -> None:
     """Join ``cluster.address`` or start a local cluster on loopback with explicit CPUs."""
     import ray
@@ -79,7 +93,7 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> None:
         ray.init(address=cfg.address, namespace=namespace, log_to_driver=False)
         return
     if cfg.loopback_only:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps Ray on loopback (PLATFORM.md)
+        keep_ray_on_loopback()
     ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=cfg.temp_dir, namespace=namespace,
              _node_ip_address="127.0.0.1" if cfg.loopback_only else None, log_to_driver=False)
 

@@ -100,6 +100,9 @@ def partial_vs_waitall(model_dir: Path, steps: int, chunk: int, staleness: int, 
     # Generation alone: rounds of 8 calls of 16 x 8 per mode (after a warm-up call), modes
     # alternating round by round so that machine noise hits both alike; medians.
     gen = {"wait_for_all": [], "partial": []}
+    from rlsys.controller import keep_ray_on_loopback
+
+    keep_ray_on_loopback()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -180,7 +183,9 @@ def main() -> int:
 
     from rlsys.rollout import RolloutConfig, RolloutWorker
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from rlsys.controller import keep_ray_on_loopback
+
+    keep_ray_on_loopback()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
     rows = []

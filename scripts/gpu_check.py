@@ -114,6 +114,9 @@ def main() -> int:
     n_gpus = torch.cuda.device_count()
     out: dict = {"size": args.size, "gpus": n_gpus, "device": torch.cuda.get_device_name(0)}
     failures = []
+    from rlsys.controller import keep_ray_on_loopback
+
+    keep_ray_on_loopback()
     ray.init(num_cpus=max(4, os.cpu_count() or 4), num_gpus=n_gpus, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=True,
              runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})

@@ -33,7 +33,9 @@ def pytest_collection_modifyitems(config, items):
 def ray_cluster(tmp_path_factory):
     import ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from rlsys.controller import keep_ray_on_loopback
+
+    keep_ray_on_loopback()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     ray.init(num_cpus=TEST_RAY_CPUS, include_dashboard=False, _temp_dir="/tmp/rlsys-test",
              _node_ip_address="127.0.0.1", namespace="rlsys-tests", log_to_driver=False,
