@@ -12,8 +12,15 @@ pytestmark = pytest.mark.integration
 def _listening(proc: psutil.Process) -> list[str]:
     try:
         return [c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-    except (psutil.NoSuchProcess, psutil.AccessDenied):  # a worker that exited meanwhile
+    except psutil.Error:  # a worker that exited meanwhile (gone, or a zombie not yet reaped)
         return []
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()[:2])
+    except psutil.Error:
+        return f"pid {proc.pid} (exited)"
 
 
 def _loopback(ip: str) -> bool:
@@ -30,7 +37,7 @@ def test_the_ray_cluster_listens_on_loopback_only(ray_cluster):
 
     me = psutil.Process()
     procs = [me, *me.children(recursive=True)]  # ray.init started the GCS and the raylet, which start the workers
-    names = {p.pid: " ".join(p.cmdline()[:2]) for p in procs if p.is_running()}
+    names = {p.pid: _name(p) for p in procs}
     assert any("raylet" in n for n in names.values()), names  # the walk reaches Ray's processes
     listening = {pid: ips for pid, ips in ((p.pid, _listening(p)) for p in procs) if ips}
     assert len(listening) >= 3, listening  # the driver, the GCS, the raylet at least
