@@ -9,4 +9,4 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi
-.venv/bin/python -m pytest tests -q --timeout=900 -p no:cacheprovider
+.venv/bin/python -m pytest tests -q --timeout=900 -p no:cacheprovider --durations=20
