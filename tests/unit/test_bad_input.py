@@ -225,6 +225,7 @@ def test_config_unknown_key_added_with_plus_is_refused(override, key):
     ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be >= 1, got 0"),
     ("rollout.partial_carry_fraction=1.0", "rollout.partial_carry_fraction must be in [0, 1), got 1.0"),
     ("rollout.dtype=int8", "rollout.dtype must be float32, bfloat16, float16 or auto, got 'int8'"),
+    ("rollout.block_size=-32", "rollout.block_size must be >= 0 (0 = the device's default), got -32"),
     ("judge.backend=grpc", "judge.backend must be one of ('none', 'openai', 'vllm'), got 'grpc'"),
     ("judge.concurrency=0", "judge.concurrency >= 1"),
     ("judge.timeout_s=0", "judge.timeout_s > 0"),
