@@ -65,15 +65,15 @@ def test_partial_chunk_tokens_is_validated():
         RolloutConfig(partial_chunk_tokens=-1)
 
 
-def test_cpu_engine_gets_small_kv_blocks_unless_told_otherwise():
+def test_cpu_engine_gets_small_kv_blocks_unless_told_otherwise(monkeypatch):
     """vLLM-cpu's default block of 128 tokens slowed short completions (the tiny step's generate
     1.2x); a CPU engine gets blocks of 32 unless the config names a size."""
-    from rlsys.rollout import CPU_BLOCK_SIZE, _on_gpu, engine_memory_kwargs
+    import rlsys.rollout as rollout
 
-    if _on_gpu():
-        pytest.skip("the CPU engine's settings")
-    assert engine_memory_kwargs(64 << 20, 0.5) == {"kv_cache_memory_bytes": 64 << 20, "block_size": CPU_BLOCK_SIZE}
-    assert engine_memory_kwargs(64 << 20, 0.5, block_size=64)["block_size"] == 64
+    monkeypatch.setattr(rollout, "_on_gpu", lambda: False)
+    assert rollout.engine_memory_kwargs(64 << 20, 0.5) == {"kv_cache_memory_bytes": 64 << 20,
+                                                           "block_size": rollout.CPU_BLOCK_SIZE}
+    assert rollout.engine_memory_kwargs(64 << 20, 0.5, block_size=64)["block_size"] == 64
 
 
 def test_gpu_engine_keeps_vllms_block_size_unless_told_otherwise(monkeypatch):
