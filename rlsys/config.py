@@ -21,15 +21,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from rlsys.checkpoint import CheckpointConfig
-from rlsys.judge import JudgeConfig
-from rlsys.learner import LearnerConfig
-from rlsys.replay import ReplayConfig
-from rlsys.reward import RewardConfig
-from rlsys.rollout import RolloutConfig
-from rlsys.scheduler import SchedulerConfig
-from rlsys.loggers import LoggersConfig
-from rlsys.task import TaskConfig
-from rlsys.tinymodel import ModelConfig
+from rlsys.reward.judge import JudgeConfig
+from rlsys.learner.config import LearnerConfig
+from rlsys.replay.base import ReplayConfig
+from rlsys.reward.worker import RewardConfig
+from rlsys.rollout.worker import RolloutConfig
+from rlsys.scheduling.scheduler import SchedulerConfig
+from rlsys.observability.loggers import LoggersConfig
+from rlsys.tasks.arithmetic import TaskConfig
+from rlsys.tasks.config import ModelConfig
 
 
 @dataclass

@@ -4,7 +4,8 @@
                    ──RewardWorker───▶ Group with rewards filled in ──▶ ReplayStore ──▶ learner
 
 They are plain dataclasses of Python scalars and numpy arrays, so the replay codec
-(issue 3) can encode them field by field without pickle.
+(rlsys/replay/codec.py) can encode them field by field without pickle. ``StepRecord`` is the
+controller's record of one learner step (its metrics under their Prometheus names).
 """
 
 from __future__ import annotations
@@ -72,3 +73,59 @@ class Group:
 
     def with_rewards(self, rewards: np.ndarray, failures: int) -> "Group":
         return dataclasses.replace(self, rewards=np.asarray(rewards, np.float32), reward_failures=failures)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One committed learner step's figures, computed once (rlsys/controller/progress.py builds
+    it). The controller's gauges, the experiment loggers, the progress line and the summary's
+    totals are all fed from it."""
+
+    step: int
+    """Learner steps committed in this run, this one included (a resumed run counts from its
+    checkpoint's step)."""
+    policy_version: int
+    """The version this step published."""
+    loss: float
+    grad_norm: float
+    kl: float
+    """KL(behaviour || current policy), k1 estimate, from learner rank 0."""
+    clip_fraction: float
+    reward_mean: float
+    step_seconds: float
+    """Learner wall time of the step (train_step on every rank)."""
+    weight_sync_seconds: float
+    effective_gradient_ratio: float
+    effective_prompt_ratio: float
+    rollouts_per_step: int
+    """Completions generated since the previous step."""
+    group_sizes: tuple[int, ...]
+    staleness: tuple[int, ...]
+    """Policy-version lag of each trained group (learner version - sampling version)."""
+    samples: int
+    """Completions generated so far in the run (cumulative)."""
+    tokens: int
+    """Completion tokens generated so far in the run (cumulative)."""
+    dropped_stale: int
+    """Groups dropped for staleness so far (cumulative)."""
+    train_seconds: float
+    """The run's training clock at the end of the step (earlier segments of a resumed run included)."""
+
+    def metrics(self) -> dict[str, float]:
+        """The step's scalar figures under their Prometheus names (what the loggers record)."""
+        return {
+            "rlsys_learner_loss": self.loss,
+            "rlsys_learner_grad_norm": self.grad_norm,
+            "rlsys_learner_kl": self.kl,
+            "rlsys_reward_mean": self.reward_mean,
+            "rlsys_learner_step_seconds": self.step_seconds,
+            "rlsys_learner_weight_sync_seconds": self.weight_sync_seconds,
+            "rlsys_learner_policy_version": self.policy_version,
+            "rlsys_scheduler_effective_gradient_ratio": self.effective_gradient_ratio,
+            "rlsys_scheduler_effective_prompt_ratio": self.effective_prompt_ratio,
+            "rlsys_scheduler_rollouts_per_step": self.rollouts_per_step,
+            "rlsys_replay_staleness_versions": float(np.mean(self.staleness)),
+            "rlsys_replay_dropped_stale_groups": self.dropped_stale,
+            "rlsys_rollout_samples": self.samples,
+            "rlsys_rollout_tokens": self.tokens,
+        }

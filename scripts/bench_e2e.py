@@ -51,7 +51,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from rlsys.config import compose, to_run_config
-    from rlsys.controller import run_training
+    from rlsys.controller.loop import run_training
 
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     runs = {}

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import TEST_REDIS_PASSWORD, RedisServer  # noqa: E402  (the tests' private-server helper)
 from rlsys.records import Completion, Group  # noqa: E402
-from rlsys.replay import RedisConfig, ReplayConfig, make_store  # noqa: E402
+from rlsys.replay.base import RedisConfig, ReplayConfig
+from rlsys.replay import make_store  # noqa: E402
 
 
 def make_groups(n: int, completions: int, tokens: int, seed: int = 0, version: int = 0) -> list[Group]:
@@ -86,7 +87,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from rlsys.codec import encode_group
+    from rlsys.replay.codec import encode_group
 
     groups = make_groups(args.groups, args.completions, args.tokens)
     record_kb = len(encode_group(groups[0])) / 1024
@@ -220,7 +221,7 @@ async def _ops_per_step(cfg: ReplayConfig, reps: int) -> float:
 
 def _tiny_step_seconds(url: str, steps: int) -> float:
     from rlsys.config import compose, to_run_config
-    from rlsys.controller import run_training
+    from rlsys.controller.loop import run_training
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = to_run_config(compose([f"steps={steps}", "max_train_seconds=0", "cluster.metrics_port=-1",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Rollout allocation on a simulated prompt population with known success rates.
 
-Population (ALGORITHMS.md §5), M prompts (default 256), success rate p per prompt:
+Population (docs/algorithms.md §6), M prompts (default 256), success rate p per prompt:
 40% easy p ~ U(0.85, 1.0), 15% very hard p ~ U(0.005, 0.05), 5% impossible p = 0,
 40% mixed p ~ U(0.1, 0.85). A rollout's reward is Bernoulli(p). Bounds are the Knapsack RL
 reference setting: uniform n = 8, N_low = 2, N_up = 128, so every allocation spends B = 8 M.
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlsys.allocation import (
+from rlsys.scheduling.allocation import (
     allocate_knapsack,
     allocation_histogram,
     ar3po_next_stage,
@@ -55,7 +55,7 @@ from rlsys.allocation import (
     effective_gradient_ratio,
     effective_prompt_ratio,
 )
-from rlsys.scheduler import PromptStats, SchedulerConfig, allocate
+from rlsys.scheduling.scheduler import PromptStats, SchedulerConfig, allocate
 
 CATEGORIES = (  # name, share, low, high
     ("easy", 0.40, 0.85, 1.0),
@@ -68,7 +68,7 @@ PAST = 8
 
 
 def population(m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(p float [m], category index int [m]) in the ALGORITHMS.md §5 proportions."""
+    """(p float [m], category index int [m]) in the docs/algorithms.md §6 proportions."""
     sizes = [round(share * m) for _, share, _, _ in CATEGORIES]
     sizes[-1] = m - sum(sizes[:-1])
     cat = np.repeat(np.arange(len(CATEGORIES)), sizes)

@@ -64,7 +64,7 @@ def build(out: Path, hidden: int, inter: int, layers: int, heads: int) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlsys.tinymodel import build_tokenizer, save_tokenizer
+    from rlsys.tasks.tinymodel import build_tokenizer, save_tokenizer
 
     tok = build_tokenizer(256)
     torch.manual_seed(0)
@@ -83,11 +83,11 @@ def partial_vs_waitall(model_dir: Path, steps: int, chunk: int, staleness: int, 
     import ray
 
     from rlsys.config import compose, to_run_config
-    from rlsys.controller import run_training
+    from rlsys.controller.loop import run_training
     from rlsys.records import RolloutRequest
-    from rlsys.rollout import RolloutConfig, RolloutWorker
-    from rlsys.task import TaskConfig, load_task
-    from rlsys.tinymodel import build_tokenizer, encode_prompt
+    from rlsys.rollout.worker import RolloutConfig, RolloutWorker
+    from rlsys.tasks.arithmetic import TaskConfig, load_task
+    from rlsys.tasks.tinymodel import build_tokenizer, encode_prompt
 
     max_new = 192
     tok = build_tokenizer(256)
@@ -100,7 +100,7 @@ def partial_vs_waitall(model_dir: Path, steps: int, chunk: int, staleness: int, 
     # Generation alone: rounds of 8 calls of 16 x 8 per mode (after a warm-up call), modes
     # alternating round by round so that machine noise hits both alike; medians.
     gen = {"wait_for_all": [], "partial": []}
-    from rlsys.controller import keep_ray_on_loopback
+    from rlsys.controller.cluster import keep_ray_on_loopback
 
     keep_ray_on_loopback()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
@@ -181,9 +181,9 @@ def main() -> int:
     import torch
     from safetensors.torch import save_file
 
-    from rlsys.rollout import RolloutConfig, RolloutWorker
+    from rlsys.rollout.worker import RolloutConfig, RolloutWorker
 
-    from rlsys.controller import keep_ray_on_loopback
+    from rlsys.controller.cluster import keep_ray_on_loopback
 
     keep_ray_on_loopback()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,

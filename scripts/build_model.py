@@ -9,8 +9,9 @@ import argparse
 import json
 import logging
 
-from rlsys.task import TaskConfig
-from rlsys.tinymodel import WARMSTART_FILE, ModelConfig, ensure_model
+from rlsys.tasks.arithmetic import TaskConfig
+from rlsys.tasks.tinymodel import WARMSTART_FILE, ensure_model
+from rlsys.tasks.config import ModelConfig
 
 log = logging.getLogger("build_model")
 

@@ -49,7 +49,8 @@ def build(out: Path, size: str) -> int:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from rlsys.tinymodel import ALPHABET, BOS, EOS, PAD, SPECIAL_TOKENS, save_tokenizer
+    from rlsys.tasks.arithmetic import ALPHABET
+    from rlsys.tasks.tinymodel import BOS, EOS, PAD, SPECIAL_TOKENS, save_tokenizer
 
     names = [*SPECIAL_TOKENS, *ALPHABET]
     names += [f"<x{i}>" for i in range(VOCAB - len(names))]
@@ -103,18 +104,20 @@ def main() -> int:
         return 0
     import ray
 
-    from rlsys.batch import build_batch
-    from rlsys.learner import LearnerConfig, LearnerRank
-    from rlsys.losses import LossConfig, LossNormalizer
+    from rlsys.learner.batch import build_batch
+    from rlsys.learner.config import LearnerConfig
+    from rlsys.learner.rank import LearnerRank
+    from rlsys.learner.config import LossConfig
+    from rlsys.learner.losses import LossNormalizer
     from rlsys.records import RolloutRequest
-    from rlsys.rollout import RolloutConfig, RolloutWorker
-    from rlsys.controller import _free_port as free_port
-    from rlsys.weight_sync import publish
+    from rlsys.rollout.worker import RolloutConfig, RolloutWorker
+    from rlsys.controller.loop import _free_port as free_port
+    from rlsys.rollout.weight_sync import publish
 
     n_gpus = torch.cuda.device_count()
     out: dict = {"size": args.size, "gpus": n_gpus, "device": torch.cuda.get_device_name(0)}
     failures = []
-    from rlsys.controller import keep_ray_on_loopback
+    from rlsys.controller.cluster import keep_ray_on_loopback
 
     keep_ray_on_loopback()
     ray.init(num_cpus=max(4, os.cpu_count() or 4), num_gpus=n_gpus, include_dashboard=False,

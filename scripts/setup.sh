@@ -5,7 +5,7 @@
 #   RLSYS_EXTRA=gpu bash scripts/setup.sh   # GPU machine: CUDA vllm + DeepSpeed
 #
 # Idempotent: a second run only checks. Installs the Debian packages redis-server and
-# prometheus when missing (needs root or sudo). Traps avoided here are listed in docs (see README, "Install").
+# prometheus when missing (needs root or sudo). Traps avoided here are listed in docs/install.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRA=${RLSYS_EXTRA:-cpu}

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import TEST_REDIS_PASSWORD, RedisServer, record_store_calls  # noqa: E402  (tests' server helper)
 from rlsys.config import compose, to_run_config  # noqa: E402
-from rlsys.controller import Controller  # noqa: E402
+from rlsys.controller.loop import Controller  # noqa: E402
 
 log = logging.getLogger("soak")
 
@@ -71,22 +71,22 @@ class Injector(threading.Thread):
         while not self.stop.wait(self.rng.expovariate(1.0 / self.mean_gap_s)):
             if time.time() - t0 > self.until_s:
                 return
-            if self.ctl.restarts.in_progress():  # let a replacement finish first
+            if self.ctl.recovery.restarts.in_progress():  # let a replacement finish first
                 continue
             kind = self.rng.choice(FAULTS)
             try:
                 if kind == "kill_rollout":
-                    ray.kill(self.rng.choice([a for a, _, _ in list(self.ctl._loops.values())]))
+                    ray.kill(self.rng.choice(list(self.ctl.fleet.rollout.values())))
                 elif kind == "hang_rollout":
-                    self.rng.choice([a for a, _, _ in list(self.ctl._loops.values())]).inject_fault.remote("hang")
+                    self.rng.choice(list(self.ctl.fleet.rollout.values())).inject_fault.remote("hang")
                 elif kind == "kill_reward":
-                    ray.kill(self.rng.choice(list(self.ctl.rewards)))
+                    ray.kill(self.rng.choice(list(self.ctl.fleet.rewards)))
                 elif kind == "hang_reward":
-                    self.rng.choice(list(self.ctl.rewards)).inject_fault.remote("hang")
+                    self.rng.choice(list(self.ctl.fleet.rewards)).inject_fault.remote("hang")
                 elif kind == "kill_learner":
-                    ray.kill(self.rng.choice(list(self.ctl.ranks)))
+                    ray.kill(self.rng.choice(list(self.ctl.fleet.ranks)))
                 elif kind == "nan_learner":
-                    self.rng.choice(list(self.ctl.ranks)).inject_fault.remote("nan")
+                    self.rng.choice(list(self.ctl.fleet.ranks)).inject_fault.remote("nan")
                 elif kind == "kill_redis":
                     self.redis.kill()
                     time.sleep(2.0)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Train the fast reward model on the built-in task and measure what its uncertainty is worth.
 
-ALGORITHMS.md section 2 (arXiv 2510.20369): RM accuracy should fall as its uncertainty rises,
+docs/algorithms.md §2 (arXiv 2510.20369): RM accuracy should fall as its uncertainty rises,
 and sending the most uncertain pairs to the judge should beat sending random ones.
 
-Data (rlsys.reward_model.preference_data): for each prompt of the task's train split,
+Data (rlsys.tasks.preference_model.preference_data): for each prompt of the task's train split,
 ``--negatives`` wrong answers drawn from realistic mistakes (a digit +-1, +-10^k, a dropped or
 added carry, swapped digits, a dropped or doubled digit, an operand); each makes one
 (correct, wrong) pair in random order, its label flipped with probability ``--label-noise``.
@@ -27,7 +27,7 @@ uncertainties, sqrt(1 + a var). Reported per set: accuracy (sign(s) equals the t
 accuracy per decile of u (low to high) and of |s| (high to low), per mistake kind, and the
 Spearman correlation of u with being right (negative = accuracy falls as u rises).
 
-Routing check (rlsys.routing.select_pairs) on each set: a judge budget of ``--budget`` of the
+Routing check (rlsys.reward.routing.select_pairs) on each set: a judge budget of ``--budget`` of the
 pairs, an oracle judge (the true label); accuracy after routing for policies none, random,
 margin (smallest |s|), uncertainty (largest predictive uncertainty u = 1 - |2p - 1|, p =
 sigmoid(s / u_gp): the router's default signal), variance (largest u_gp alone), null (u
@@ -68,18 +68,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlsys.reward_model import (
-    PairwiseRewardModel,
+from rlsys.reward.reward_model import PairwiseRewardModel
+from rlsys.tasks.preference_model import (
     PreferenceData,
-    RewardModelConfig,
     pairwise_accuracy,
     preference_data,
     train_pairwise,
     train_pointwise,
 )
-from rlsys.routing import antisymmetrize, rm_uncertainty, select_pairs
-from rlsys.task import Example, TaskConfig, load_task
-from rlsys.tinymodel import ModelConfig, build_tokenizer, decode_completion, encode_prompt, ensure_model
+from rlsys.reward.config import RewardModelConfig
+from rlsys.reward.routing import antisymmetrize, rm_uncertainty, select_pairs
+from rlsys.tasks.arithmetic import Example, TaskConfig, load_task
+from rlsys.tasks.config import ModelConfig
+from rlsys.tasks.tinymodel import build_tokenizer, decode_completion, encode_prompt, ensure_model
 
 ROUTING_POLICIES = ("none", "random", "margin", "uncertainty", "variance", "null", "all")
 

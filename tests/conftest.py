@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 def ray_cluster(tmp_path_factory):
     import ray
 
-    from rlsys.controller import keep_ray_on_loopback
+    from rlsys.controller.cluster import keep_ray_on_loopback
 
     keep_ray_on_loopback()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -50,8 +50,9 @@ def ray_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model():
     """The default tiny model (shared with the quickstart's cache)."""
-    from rlsys.task import TaskConfig
-    from rlsys.tinymodel import ModelConfig, ensure_model
+    from rlsys.tasks.arithmetic import TaskConfig
+    from rlsys.tasks.config import ModelConfig
+    from rlsys.tasks.tinymodel import ensure_model
 
     return str(ensure_model(ModelConfig(), TaskConfig()))
 

@@ -1,12 +1,31 @@
 """Shared builders for tests (no Ray)."""
 
 import secrets
+import struct
 import uuid
+import zlib
 from pathlib import Path
 
+import crc32c
+import msgpack
 import numpy as np
 
 from rlsys.records import Completion, Group
+
+
+def codec_array(values, dtype) -> dict:
+    """A 1-D array field of a replay record, as the codec's format description lays it out."""
+    a = np.asarray(values, dtype)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def codec_frame(payload, version: int, magic: bytes = b"RLG") -> bytes:
+    """A replay record built by hand, independently of the codec: the documented header (magic,
+    version, length, checksum: zlib crc32 before version 3, crc32c from 3 on) around any
+    msgpack-able payload (or raw bytes)."""
+    body = payload if isinstance(payload, bytes) else msgpack.packb(payload, use_bin_type=True)
+    crc = crc32c.crc32c(body) if version >= 3 else zlib.crc32(body)
+    return struct.pack("<3sBII", magic, version, len(body), crc) + body
 
 TEST_REDIS_PASSWORD = f"rlsys-test-{secrets.token_hex(16)}"
 """The password every RedisServer requires unless given another (one per test process);

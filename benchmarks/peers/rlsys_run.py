@@ -86,7 +86,7 @@ def main() -> int:
     spec = json.loads(args.spec.read_text())
 
     from rlsys.config import compose, to_run_config
-    from rlsys.controller import run_training
+    from rlsys.controller.loop import run_training
 
     cfg = to_run_config(compose(overrides_for(spec)))
     with tempfile.TemporaryDirectory(prefix="peers-rlsys-") as d:

@@ -58,7 +58,7 @@ METRICS = ("samples_per_s", "tokens_per_s", "peak_pss_mb", "final_accuracy")
 def build_spec(scale: str, steps: int | None, seed: int) -> dict:
     """The spec both systems run: the experiment's model (built here if missing) and task."""
     from rlsys.config import compose, to_run_config
-    from rlsys.tinymodel import ensure_model
+    from rlsys.tasks.tinymodel import ensure_model
 
     s = dict(SCALES[scale])
     cfg = to_run_config(compose([f"experiment={s['experiment']}"]))
@@ -113,7 +113,7 @@ def run_system(system: str, spec: dict, workdir: Path, log) -> dict:
         if not TRL_PYTHON.exists():
             raise SystemExit(f"{TRL_PYTHON} is missing: run `bash benchmarks/peers/setup_trl.sh` first")
         cmd = [str(TRL_PYTHON), str(HERE / "trl_run.py")]
-        env["PYTHONPATH"] = str(ROOT)  # rlsys.task: the same prompts and verifier
+        env["PYTHONPATH"] = str(ROOT)  # rlsys.tasks.arithmetic: the same prompts and verifier
     else:
         cmd = [sys.executable, str(HERE / "rlsys_run.py")]
     cmd += ["--spec", str(spec_path), "--out", str(out_path)]

@@ -4,7 +4,7 @@ Runs in the peer environment (``bash benchmarks/peers/setup_trl.sh``), never in 
 
     PYTHONPATH=. .venv-trl/bin/python benchmarks/peers/trl_run.py --spec spec.json --out result.json
 
-Imports from rlsys only ``rlsys.task`` (stdlib) and ``rlsys.tinymodel`` (torch, transformers,
+Imports from rlsys only ``rlsys.tasks.arithmetic`` (stdlib) and ``rlsys.tasks.tinymodel`` (torch, transformers,
 tokenizers); no Ray, vLLM or DeepSpeed (checked at the end of a run).
 
 The spec (JSON object) is :class:`PeerSpec`; unknown keys are an error, except those in
@@ -72,8 +72,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback  # n
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.extras import profiling  # noqa: E402
 
-from rlsys.task import Example, TaskConfig, load_task, scratchpad_credit, verify_answer  # noqa: E402
-from rlsys.tinymodel import greedy_accuracy  # noqa: E402  (the same greedy exact match as rlsys's model build)
+from rlsys.tasks.arithmetic import Example, TaskConfig, load_task, scratchpad_credit, verify_answer  # noqa: E402
+from rlsys.tasks.tinymodel import greedy_accuracy  # noqa: E402  (the same greedy exact match as rlsys's model build)
 
 FORBIDDEN_MODULES = ("ray", "vllm", "deepspeed")
 RSS_SAMPLE_S = 0.05
@@ -89,7 +89,7 @@ class PeerSpec:
     model_path: str
     """Hugging Face causal-LM directory with its tokenizer (bos/eos/pad; encoding prepends bos)."""
     task: dict = field(default_factory=dict)
-    """Keyword arguments of :class:`rlsys.task.TaskConfig` ({} = 3-digit addition)."""
+    """Keyword arguments of :class:`rlsys.tasks.arithmetic.TaskConfig` ({} = 3-digit addition)."""
     prompts_per_step: int = 16
     """Prompts per optimizer step."""
     group_size: int = 8
@@ -111,7 +111,7 @@ class PeerSpec:
     threads: int = 2
     """torch intra-op threads."""
     reward: str = "exact_match"
-    """The training reward, by its rlsys name: exact_match (rlsys.task.verify_answer) or
+    """The training reward, by its rlsys name: exact_match (rlsys.tasks.arithmetic.verify_answer) or
     scratchpad_credit (partial credit per correct leading term). Eval is always exact match."""
 
     def __post_init__(self) -> None:

@@ -35,8 +35,8 @@ def decode_steps(experiment: str, batches: list[int], tokens: int) -> dict[int, 
     from vllm import SamplingParams
 
     from rlsys.config import compose, to_run_config
-    from rlsys.rollout import RolloutWorker
-    from rlsys.tinymodel import encode_prompt, ensure_model
+    from rlsys.rollout.worker import RolloutWorker
+    from rlsys.tasks.tinymodel import encode_prompt, ensure_model
 
     cfg = to_run_config(compose([f"experiment={experiment}"]))
     path = str(ensure_model(cfg.model, cfg.task))

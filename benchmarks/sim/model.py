@@ -3,12 +3,12 @@
 What runs is rlsys's code wherever it is importable as a plain object; what is simulated is
 only *time* (``cost.py``) and the random outcomes (response lengths, rewards, judge latency)::
 
-    BudgetScheduler.plan ──(rlsys.scheduler)──▶ _rollout_loop × R ──▶ _Engine.generate  (cost.decode_segment)
-          ▲  observe(rewards)                     │  Sampler.run (rlsys.sampling: rounds, dapo filter)
+    BudgetScheduler.plan ──(rlsys.scheduling.scheduler)──▶ _rollout_loop × R ──▶ _Engine.generate  (cost.decode_segment)
+          ▲  observe(rewards)                     │  Sampler.run (rlsys.scheduling.sampling: rounds, dapo filter)
           │                                       ▼
-          └──────────────────────────── _score: rewards; routing.route_batch ─▶ JudgeQueue (rlsys.judge)
+          └──────────────────────────── _score: rewards; routing.route_batch ─▶ JudgeQueue (rlsys.reward.judge)
                                                   │
-                      InProcessReplayStore (rlsys.replay: AdmissionGate, must_drop, counters)
+                      InProcessReplayStore (rlsys.replay.base: AdmissionGate, must_drop, counters)
                                                   │ take(M) / set_learner_version / ack
                                                   ▼
                         _learner_loop: train (cost.learner_step_s) ─▶ _publish (cost.publish_s) ─▶ every _Engine
@@ -35,7 +35,7 @@ so a run of hours of cluster time takes seconds, and the same seed gives the sam
 
 Invariants (tested in tests/unit/test_sim.py):
 
-* every trained group satisfies ``rlsys.replay.staleness_ok(group_version, learner_version,
+* every trained group satisfies ``rlsys.replay.base.staleness_ok(group_version, learner_version,
   max_staleness)`` (violations are counted in ``staleness_violations``);
 * tokens: ``tokens_generated = tokens_trained + tokens_stored_untrained (dropped + held)
   + tokens_filtered + tokens_in_workers``; groups: ``put = acked + dropped_stale + rejected
@@ -55,13 +55,13 @@ from typing import Optional
 
 import numpy as np
 
-from rlsys.judge import JudgeConfig, JudgePair, JudgeQueue
+from rlsys.reward.judge import JudgeConfig, JudgePair, JudgeQueue
 from rlsys.records import Completion, Group, RolloutRequest
-from rlsys.replay import InProcessReplayStore, ReplayConfig, StoreClosed, staleness_ok
-from rlsys.rollout import RolloutConfig, RolloutResult
-from rlsys.routing import RouterConfig, num_pairs, pair_scores, route_batch
-from rlsys.sampling import Sampler
-from rlsys.scheduler import BudgetScheduler, Prompt, SchedulerConfig
+from rlsys.replay.base import InProcessReplayStore, ReplayConfig, StoreClosed, staleness_ok
+from rlsys.rollout.worker import RolloutConfig, RolloutResult
+from rlsys.reward.routing import RouterConfig, num_pairs, pair_scores, route_batch
+from rlsys.scheduling.sampling import Sampler
+from rlsys.scheduling.scheduler import BudgetScheduler, Prompt, SchedulerConfig
 
 from benchmarks.sim.cost import Calibration, decode_segment, learner_step_s, publish_s
 
@@ -163,7 +163,7 @@ class LengthModel:
 
 @dataclass(frozen=True)
 class JudgeModel:
-    """The LLM judge: which pairs (rlsys.routing) and how long a verdict takes (a queue)."""
+    """The LLM judge: which pairs (rlsys.reward.routing) and how long a verdict takes (a queue)."""
 
     budget_fraction: float = 0.0
     """reward.router.budget_fraction: judge calls per scored batch as a fraction of its pairs.
@@ -316,7 +316,7 @@ class SimResult:
     dropped_stale: int
     """Groups dropped at take for exceeding max_staleness (rlsys counter, whole run)."""
     staleness_violations: int
-    """Trained groups that rlsys.replay.staleness_ok rejects (must be 0)."""
+    """Trained groups that rlsys.replay.base.staleness_ok rejects (must be 0)."""
     step_s_mean: float
     sync_s_mean: float
     """Mean seconds a publication held the learner (waiting for engines + broadcast)."""
@@ -346,7 +346,7 @@ class SimResult:
 
 
 class _EngineGate:
-    """asyncio twin of ``rlsys.rollout.EngineGate`` (a threading class): one holder at a time;
+    """asyncio twin of ``rlsys.rollout.worker.EngineGate`` (a threading class): one holder at a time;
     an update that is waiting goes before the next segment."""
 
     def __init__(self) -> None:
@@ -546,7 +546,7 @@ class _Engine:
 
 
 class _SimJudge:
-    """A judge backend for rlsys.judge.JudgeQueue that answers after a latency on the virtual clock."""
+    """A judge backend for rlsys.reward.judge.JudgeQueue that answers after a latency on the virtual clock."""
 
     def __init__(self, model: JudgeModel, rng: np.random.Generator):
         self.model = model
@@ -676,7 +676,7 @@ class _Cluster:
         return scored
 
     async def _judge(self, groups: list[Group]) -> None:
-        """rlsys.reward.PairwiseStage's routing on simulated RM outputs, then the judge queue."""
+        """rlsys.reward.worker.PairwiseStage's routing on simulated RM outputs, then the judge queue."""
         todo = [g for g in groups if g.size >= 2]
         scores = []
         for g in todo:
@@ -696,7 +696,7 @@ class _Cluster:
         await self.judge_queue.judge_pairs([_PAIR] * k)
         self.judge_wait_s += _now() - t0
 
-    # -- learner side (Controller.learner_loop / _publish) ---------------------------------
+    # -- learner side (Controller.learner_loop / WeightPublisher) ---------------------------------
     async def learner_loop(self) -> None:
         m = self.sc.prompts_per_step
         for _ in range(self.sc.steps):

@@ -6,7 +6,7 @@ import urllib.request
 import pytest
 
 from rlsys.config import compose, to_run_config
-from rlsys.controller import Controller, run_training
+from rlsys.controller.loop import Controller, run_training
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ def test_multi_actor_async_run_survives_a_raising_reward_function(ray_cluster, t
     # the report's numbers are the metrics' numbers
     from prometheus_client.parser import text_string_to_metric_families
 
-    from rlsys.report import write_report
+    from rlsys.observability.report import write_report
 
     scraped = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     write_report(summary, tmp_path)

@@ -8,9 +8,10 @@ import asyncio
 
 import pytest
 
-from rlsys import control
+from rlsys.cli import find_control
+from rlsys.controller.elastic import CONTROL_NAME
 from rlsys.config import compose, to_run_config
-from rlsys.controller import Controller
+from rlsys.controller.loop import Controller
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path, m
             await asyncio.sleep(0.05)
 
     async def operator():
-        handle = control.find_control()  # as the CLI finds it
+        handle = find_control()  # as the CLI finds it
         # The learner ranks sit in one STRICT_PACK placement group, one bundle per rank.
         pgs = [g for g in ray.util.placement_group_table().values()
                if g["name"] == f"rlsys-learner-{tmp_path.name}" and g["state"] == "CREATED"]
@@ -41,9 +42,9 @@ def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path, m
         await until(lambda: ctl.progress.step >= 2)
         await handle.scale_rollout.remote(3)
         # The joiner starts (a vLLM engine: tens of seconds) while training goes on, then serves.
-        await until(lambda: len(ctl.workers) == 3 and ctl.worker_log[2]["groups"] > 0)
+        await until(lambda: len(ctl.fleet.rollout) == 3 and ctl.fleet.records[2].groups > 0)
         await handle.scale_rollout.remote(1)
-        await until(lambda: len(ctl.workers) == 1)
+        await until(lambda: len(ctl.fleet.rollout) == 1)
         at = ctl.progress.step
         await until(lambda: ctl.progress.step >= at + 2)  # the run goes on with one worker
         status = await handle.status.remote()
@@ -84,4 +85,4 @@ def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path, m
         assert summary["partial_carried"] > 0
     else:
         assert summary["partial_carried"] == summary["partial_switched"] == 0
-    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == control.CONTROL_NAME]
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == CONTROL_NAME]

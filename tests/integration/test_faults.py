@@ -13,7 +13,7 @@ import pytest
 
 from helpers import run_recording
 from rlsys.config import compose, to_run_config
-from rlsys.controller import Controller
+from rlsys.controller.loop import Controller
 
 pytestmark = pytest.mark.integration
 
@@ -28,35 +28,35 @@ def _controller(tmp_path, steps, extra=(), redis_url=None):
 
 def _inject(ctl, faults):
     """Run ``faults[step](ctl)`` right after learner step ``step`` (0-based) is recorded."""
-    record = ctl._record_step
 
-    def record_and_inject(step, *args):
-        record(step, *args)
+    def inject(rec):
+        step = rec.step - 1
         if step in faults:
             faults[step](ctl)
 
-    ctl._record_step = record_and_inject
+    ctl.on_step.append(inject)
 
 
 def _inject_in_turn(ctl, faults, steps_after=2):
     """Fire ``faults`` one after another, each at the first step after the previous one's worker
     was replaced; stop the run (as ``rlsys stop`` does) ``steps_after`` steps after the last
     replacement. Returns the list of steps at which they fired."""
-    record, fired, state = ctl._record_step, [], {"last_done": None}
+    fired, state = [], {"last_done": None}
 
-    def record_and_inject(step, *args):
-        record(step, *args)
-        done = sum(ctl.restarts.done.values())
+    def inject(rec):
+        step = rec.step - 1
+        restarts = ctl.recovery.restarts
+        done = sum(restarts.done.values())
         if len(fired) < len(faults):
-            if done == len(fired) and ctl.restarts.in_progress() == 0:
+            if done == len(fired) and restarts.in_progress() == 0:
                 faults[len(fired)](ctl)
                 fired.append(step)
         elif done == len(faults):
             state["last_done"] = step if state["last_done"] is None else state["last_done"]
             if step - state["last_done"] >= steps_after:
-                ctl._stop_requested = True
+                ctl.request_stop()
 
-    ctl._record_step = record_and_inject
+    ctl.on_step.append(inject)
     return fired
 
 
@@ -91,10 +91,10 @@ def test_dead_and_hung_rollout_and_reward_workers_are_replaced(ray_cluster, tiny
         "rollout.num_workers=2", "reward.num_workers=2", "replay.max_staleness=1",
         "rollout.call_timeout_s=15", "reward.call_timeout_s=8"])
     fired = _inject_in_turn(ctl, [
-        lambda c: ray.kill(c._loops[0][0]),
-        lambda c: ray.kill(c.rewards[1]),
-        hang(lambda c: c._loops[1][0]),
-        hang(lambda c: c.rewards[0]),
+        lambda c: ray.kill(c.fleet.rollout[0]),
+        lambda c: ray.kill(c.fleet.rewards[1]),
+        hang(lambda c: c.fleet.rollout[1]),
+        hang(lambda c: c.fleet.rewards[0]),
     ])
     summary, batches = _run(ctl)
     assert len(fired) == 4 and summary["steps"] < 1000, fired  # every fault fired, then the run was stopped
@@ -113,8 +113,8 @@ def test_learner_crash_and_nonfinite_step_recover_from_the_checkpoint(ray_cluste
 
     ctl = _controller(tmp_path, steps=6, extra=["checkpoint.every_steps=1"])
     _inject(ctl, {
-        1: lambda c: ray.kill(c.ranks[0]),
-        3: lambda c: c.ranks[0].inject_fault.remote("nan"),
+        1: lambda c: ray.kill(c.fleet.ranks[0]),
+        3: lambda c: c.fleet.ranks[0].inject_fault.remote("nan"),
     })
     with caplog.at_level(logging.INFO, logger="rlsys"):
         summary, batches = _run(ctl)
@@ -132,7 +132,7 @@ def test_learner_crash_and_nonfinite_step_recover_from_the_checkpoint(ray_cluste
 def test_nonfinite_steps_stop_the_run_with_a_clear_error(ray_cluster, tiny_model, tmp_path):
     """learner.on_nonfinite=stop: the first NaN step ends the run with an error naming the fix."""
     ctl = _controller(tmp_path, steps=4, extra=["learner.on_nonfinite=stop"])
-    _inject(ctl, {0: lambda c: c.ranks[0].inject_fault.remote("nan")})
+    _inject(ctl, {0: lambda c: c.fleet.ranks[0].inject_fault.remote("nan")})
     with pytest.raises(FloatingPointError, match="non-finite loss, gradient norm or weights.*on_nonfinite=stop"):
         _run(ctl)
 
@@ -150,8 +150,8 @@ def test_dead_and_hung_judge_is_replaced(ray_cluster, tiny_model, tmp_path):
             "reward.model.steps=200", "reward.model.pointwise_steps=0", "reward.router.budget_fraction=0.3",
             "judge.ping_timeout_s=5"])
         fired = _inject_in_turn(ctl, [
-            lambda c: ray.kill(c.judge),
-            lambda c: c.judge.inject_fault.remote("hang", 3600),
+            lambda c: ray.kill(c.fleet.judge),
+            lambda c: c.fleet.judge.inject_fault.remote("hang", 3600),
         ])
         summary, batches = _run(ctl)
     finally:

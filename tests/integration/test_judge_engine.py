@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from helpers import build_char_chat_model
-from rlsys.judge import JudgeConfig, JudgeEngineConfig, JudgePair, JudgeQueue, JudgeWorker, VLLMEngineBackend
+from rlsys.reward.judge import JudgeConfig, JudgeEngineConfig, JudgePair, JudgeQueue, JudgeWorker, VLLMEngineBackend
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def test_timeouts_fall_back_and_the_engine_keeps_serving(engine):
 
 def test_worker_budget_resets_per_step(engine, monkeypatch):
     cfg, backend = engine
-    monkeypatch.setattr("rlsys.judge.make_backend", lambda c, w=None: backend)  # reuse the running engine
+    monkeypatch.setattr("rlsys.reward.judge.make_backend", lambda c, w=None: backend)  # reuse the running engine
     worker = JudgeWorker(JudgeConfig(**{**cfg.__dict__, "constrained": True, "max_pairs_per_step": 3,
                                         "timeout_s": 120}))
 

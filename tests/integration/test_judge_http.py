@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsys.judge import JudgeConfig, JudgePair, JudgeQueue, OpenAIChatBackend
+from rlsys.reward.judge import JudgeConfig, JudgePair, JudgeQueue, OpenAIChatBackend
 
 pytestmark = pytest.mark.integration
 

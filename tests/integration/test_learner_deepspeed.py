@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from helpers import make_group
-from rlsys.batch import build_batch, shard_indices
-from rlsys.learner import LearnerConfig, LearnerRank
-from rlsys.losses import LossConfig, LossNormalizer
+from rlsys.learner.batch import build_batch, shard_indices
+from rlsys.learner.config import LearnerConfig
+from rlsys.learner.rank import LearnerRank
+from rlsys.learner.config import LossConfig
+from rlsys.learner.losses import LossNormalizer
 
 pytestmark = pytest.mark.integration
 
@@ -73,8 +75,8 @@ def test_learner_logprobs_match_vllm_behaviour_logprobs(ray_cluster, tiny_model,
     from transformers import AutoTokenizer
 
     from rlsys.records import RolloutRequest
-    from rlsys.rollout import RolloutConfig, RolloutWorker
-    from rlsys.tinymodel import encode_prompt
+    from rlsys.rollout.worker import RolloutConfig, RolloutWorker
+    from rlsys.tasks.tinymodel import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     w = ray_cluster.remote(num_cpus=1)(RolloutWorker).remote(RolloutConfig(max_new_tokens=6), tiny_model, 0, str(tmp_path))

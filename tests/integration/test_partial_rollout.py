@@ -11,7 +11,7 @@ import torch
 
 from helpers import build_char_chat_model, hf_logprobs as _hf_logprobs
 from rlsys.records import RolloutRequest
-from rlsys.rollout import RolloutConfig, RolloutWorker
+from rlsys.rollout.worker import RolloutConfig, RolloutWorker
 
 pytestmark = pytest.mark.integration
 

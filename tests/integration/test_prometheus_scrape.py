@@ -13,9 +13,10 @@ import urllib.request
 import pytest
 
 from helpers import OracleJudgeServer
-from rlsys import control
+from rlsys.cli import find_control
 from rlsys.config import compose, to_run_config
-from rlsys.controller import Controller, _free_port
+from rlsys.controller.actors import free_port
+from rlsys.controller.loop import Controller
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ class Prometheus:
         exe = shutil.which("prometheus")
         if exe is None:
             pytest.fail("prometheus not found: scripts/setup.sh installs Debian's 'prometheus' package")
-        self.port = _free_port()
+        self.port = free_port()
         cfg = workdir / "prometheus.yml"
         cfg.write_text(json.dumps({  # YAML is a superset of JSON
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -108,7 +109,7 @@ def test_prometheus_scrapes_every_role(ray_cluster, tiny_model, tmp_path):
                 break
             await asyncio.sleep(1)
         seen["up"] = await asyncio.to_thread(prom.query, f'up{{run="{run_dir.name}"}}')
-        await control.find_control().stop.remote()
+        await find_control().stop.remote()
         return missing
 
     async def scenario():

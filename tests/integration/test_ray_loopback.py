@@ -1,4 +1,4 @@
-"""The test cluster, like the embedded default's (rlsys.controller.start_ray), listens on
+"""The test cluster, like the embedded default's (rlsys.controller.cluster.start_ray), listens on
 loopback only: nothing the tests start is reachable from another machine."""
 
 import ipaddress

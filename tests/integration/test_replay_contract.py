@@ -7,7 +7,8 @@ import uuid
 import pytest
 
 from helpers import make_group
-from rlsys.replay import RedisConfig, ReplayConfig, StoreClosed, make_store
+from rlsys.replay.base import RedisConfig, ReplayConfig, StoreClosed
+from rlsys.replay import make_store
 
 pytestmark = pytest.mark.integration
 
@@ -285,7 +286,7 @@ def test_two_runs_on_one_redis_never_see_each_other(redis_store):
 
 
 def _bad_records():
-    from rlsys.codec import encode_group
+    from rlsys.replay.codec import encode_group
 
     good = encode_group(make_group(0))
     newer = good[:3] + bytes([9]) + good[4:]
@@ -317,7 +318,7 @@ def test_bad_record_is_rejected_counted_and_dead_lettered(redis_store, redis_ser
 
 
 def test_wrong_key_type_is_a_clear_error(redis_store, redis_server):
-    from rlsys.replay_redis import ReplayConfigError
+    from rlsys.replay.redis_store import ReplayConfigError
 
     run_id = uuid.uuid4().hex[:8]
     redis_server.client().set(f"rlsys:{run_id}:stream", "not a stream")
@@ -327,7 +328,7 @@ def test_wrong_key_type_is_a_clear_error(redis_store, redis_server):
 
 def test_auth_refusal_is_a_clear_error(tmp_path, monkeypatch):
     from helpers import RedisServer
-    from rlsys.replay_redis import ReplayConfigError
+    from rlsys.replay.redis_store import ReplayConfigError
 
     server = RedisServer(tmp_path, appendonly=False, password="s3cret-pw").start()
     try:

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import RedisServer, run_recording
 from rlsys.config import compose, to_run_config
-from rlsys.controller import Controller
+from rlsys.controller.loop import Controller
 
 pytestmark = pytest.mark.integration
 
@@ -43,14 +43,12 @@ def test_learner_crash_after_consuming_before_commit_redelivers_exactly_once(ray
     import ray
 
     ctl = _controller(tmp_path, redis_server.url, steps=5)
-    record = ctl._record_step
 
-    def kill_after_step_2(step, *args):
-        record(step, *args)
-        if step == 1:  # the next step's batch is taken, then its train_step finds the rank dead
-            ray.kill(ctl.ranks[0])
+    def kill_after_step_2(rec):
+        if rec.step == 2:  # the next step's batch is taken, then its train_step finds the rank dead
+            ray.kill(ctl.fleet.ranks[0])
 
-    ctl._record_step = kill_after_step_2
+    ctl.on_step.append(kill_after_step_2)
     summary, batches = run_recording(ctl)
     assert summary["steps"] == 5 and summary["learner_restarts"] == 1
     assert len(batches) == 6  # one batch was consumed by the crashed step and redelivered
@@ -71,16 +69,14 @@ def test_redis_restart_mid_run_loses_nothing_acknowledged(ray_cluster, tiny_mode
     server.start()
     try:
         ctl = _controller(tmp_path / "run", server.url, steps=6, extra=["replay.max_staleness=1"])
-        record = ctl._record_step
         restarted = threading.Event()
 
-        def restart_after_step_2(step, *args):
-            record(step, *args)
-            if step == 1:
+        def restart_after_step_2(rec):
+            if rec.step == 2:
                 server.stop() if how == "shutdown" else server.kill()  # clients see connection errors
                 threading.Timer(1.5, lambda: (server.start(), restarted.set())).start()
 
-        ctl._record_step = restart_after_step_2
+        ctl.on_step.append(restart_after_step_2)
         try:
             summary = asyncio.run(ctl.run())
         finally:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from helpers import RedisServer, make_group, make_tls_files
-from rlsys.replay import RedisConfig, ReplayConfig, make_store
-from rlsys.replay_redis import ReplayConfigError
+from rlsys.replay.base import RedisConfig, ReplayConfig
+from rlsys.replay import make_store
+from rlsys.replay.redis_store import ReplayConfigError
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ def test_allow_no_auth_runs_the_store_on_a_loopback_server(open_server, monkeypa
         await store.close()
         return acked
 
-    with caplog.at_level(logging.WARNING, logger="rlsys.replay_redis"):
+    with caplog.at_level(logging.WARNING, logger="rlsys.replay.redis_store"):
         assert len(run(scenario())) == 2
     assert "accepts clients without authentication (replay.redis.allow_no_auth=true)" in caplog.text
 

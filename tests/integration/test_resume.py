@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlsys.config import compose, to_run_config
-from rlsys.controller import run_training
+from rlsys.controller.loop import run_training
 
 pytestmark = pytest.mark.integration
 
@@ -43,3 +43,14 @@ def test_resume_continues_exactly_where_the_run_stopped(ray_cluster, tiny_model,
                              .read_text())["scheduler"]
     assert (end_resumed["cursor"], end_resumed["epoch"]) == (end_full["cursor"], end_full["epoch"])
     assert end_resumed["stats"] == end_full["stats"]
+    # Throughput after a resume: totals over the whole run's training clock, in the summary as in
+    # the progress curve (before, the restored run's samples were divided by the resumed segment's
+    # seconds: thousands of samples/s).
+    restored = json.loads((ckpts / "step_000003" / "state.json").read_text())["progress"]
+    assert resumed["steps_this_run"] == 2
+    assert resumed["train_seconds"] > restored["train_seconds"] > 0
+    assert resumed["curves"]["time_s"][:3] == full["curves"]["time_s"][:3]
+    assert resumed["curves"]["time_s"][3] > resumed["curves"]["time_s"][2]  # the clock goes on
+    assert resumed["samples_per_s"] == pytest.approx(resumed["samples"] / resumed["train_seconds"], rel=1e-3)
+    assert resumed["step_seconds_mean"] == pytest.approx(resumed["train_seconds"] / 5, rel=1e-3)
+    assert resumed["samples_per_s"] < 3 * full["samples_per_s"]

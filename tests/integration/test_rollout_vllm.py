@@ -6,7 +6,8 @@ import torch
 
 from helpers import hf_logprobs as _hf_logprobs
 from rlsys.records import RolloutRequest
-from rlsys.rollout import RolloutConfig, RolloutWorker, WeightMismatchError
+from rlsys.rollout.worker import RolloutConfig, RolloutWorker
+from rlsys.rollout.weight_sync import WeightMismatchError
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def hf_model(tiny_model):
 
 
 def _requests(tok, n=4):
-    from rlsys.tinymodel import encode_prompt
+    from rlsys.tasks.tinymodel import encode_prompt
 
     return [RolloutRequest(f"p{i}", p, tuple(encode_prompt(tok, p)), "0", n) for i, p in enumerate(PROMPTS)]
 

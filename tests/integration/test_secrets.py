@@ -27,7 +27,7 @@ import pytest
 
 from helpers import TEST_JUDGE_API_KEY, TEST_REDIS_PASSWORD, OracleJudgeServer, RedisServer
 from rlsys.config import compose, to_run_config
-from rlsys.controller import Controller
+from rlsys.controller.loop import Controller
 
 pytestmark = pytest.mark.integration
 

@@ -21,44 +21,41 @@ import dataclasses
 import json
 import math
 import pickle
-import struct
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import msgpack
 import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
+from helpers import codec_array, codec_frame
 import rlsys
-from rlsys.allocation import allocate_knapsack, ar3po_reuse
+from rlsys.scheduling.allocation import allocate_knapsack, ar3po_reuse
 from rlsys.checkpoint import STATE_FILE, CheckpointError, read_state
-from rlsys.codec import (
+from rlsys.replay.codec import (
     CODEC_VERSION,
     HEADER_SIZE,
-    MAGIC,
     CorruptRecordError,
     TruncatedRecordError,
     UnencodableGroupError,
     UnsupportedVersionError,
-    checksum,
     decode_group,
     encode_group,
 )
 from rlsys.config import ConfigError, compose, to_run_config
-from rlsys.judge import JudgeConfig, JudgePair, JudgeQueue, OpenAIChatBackend
-from rlsys.losses import LossConfig
+from rlsys.reward.judge import JudgeConfig, JudgePair, JudgeQueue, OpenAIChatBackend
+from rlsys.learner.config import LossConfig
 from rlsys.records import Completion, Group
-from rlsys.reward import GroupScorer, RewardConfig, RewardFunctionError, call_with_timeout
-from rlsys.rollout import WeightMismatchError, validate_weights
-from rlsys.routing import apply_verdicts, render_judge_prompt
-from rlsys.scheduler import BudgetScheduler, SchedulerConfig
-from rlsys.task import DatasetError, Example, TaskConfig, load_task
-from rlsys.tinymodel import build_tokenizer
-from rlsys.weight_sync import check_plan, pack, plan_buckets
+from rlsys.reward.worker import GroupScorer, RewardConfig, RewardFunctionError, call_with_timeout
+from rlsys.rollout.weight_sync import WeightMismatchError, validate_weights
+from rlsys.reward.routing import apply_verdicts, render_judge_prompt
+from rlsys.scheduling.scheduler import BudgetScheduler, SchedulerConfig
+from rlsys.tasks.arithmetic import DatasetError, Example, TaskConfig, load_task
+from rlsys.tasks.tinymodel import build_tokenizer
+from rlsys.rollout.weight_sync import check_plan, pack, plan_buckets
 
 
 def make_group(texts, rewards=None) -> Group:
@@ -162,7 +159,7 @@ def test_dataset_path_that_is_a_directory(tmp_path):
 
 
 def tokenize(examples, limit):
-    from rlsys.controller import tokenize_prompts  # the controller module imports every actor's module
+    from rlsys.controller.loop import tokenize_prompts  # the controller module imports every actor's module
 
     return tokenize_prompts(build_tokenizer(max_length=1024), examples, limit)
 
@@ -534,20 +531,15 @@ def test_out_of_range_verdict_is_refused(verdict):
 # =========================================================================== 5. replay records
 
 
-def arr(values, dtype) -> dict:
-    a = np.asarray(values, dtype)
-    return {"dtype": a.dtype.str, "shape": [len(a)], "data": a.tobytes()}
-
-
 def payload(**changes) -> dict:
     """A valid version-3 payload of a two-completion group, written from the format description,
     with ``changes`` applied (``completions__logprobs=...`` sets ``p["completions"]["logprobs"]``)."""
     p = {"group_id": "g1", "prompt_id": "p1", "prompt": "1+1=", "reference": "2",
-         "prompt_token_ids": arr([1, 4, 13], "<i8"), "policy_version": 3, "reward_failures": 0,
-         "completions": {"lengths": [2, 1], "token_ids": arr([5, 6, 7], "<i4"),
-                         "logprobs": arr([-0.5, -1.0, -2.0], "<f4"), "text": ["2", "3"],
+         "prompt_token_ids": codec_array([1, 4, 13], "<i8"), "policy_version": 3, "reward_failures": 0,
+         "completions": {"lengths": [2, 1], "token_ids": codec_array([5, 6, 7], "<i4"),
+                         "logprobs": codec_array([-0.5, -1.0, -2.0], "<f4"), "text": ["2", "3"],
                          "finish_reason": ["stop", "length"]},
-         "rewards": arr([1.0, 0.0], "<f4"), "advantages": None, "meta": {}}
+         "rewards": codec_array([1.0, 0.0], "<f4"), "advantages": None, "meta": {}}
     for key, value in changes.items():
         node, *path = key.split("__")
         if path:
@@ -555,12 +547,6 @@ def payload(**changes) -> dict:
         else:
             p[node] = value
     return p
-
-
-def frame(body, version=CODEC_VERSION, magic=MAGIC) -> bytes:
-    """A record built by hand: the documented header around a payload (dict or raw bytes)."""
-    body = body if isinstance(body, bytes) else msgpack.packb(body, use_bin_type=True)
-    return struct.pack("<3sBII", magic, version, len(body), checksum(body, version)) + body
 
 
 RECORD = encode_group(make_group(["2", "3"], rewards=np.array([1.0, 0.0], np.float32)))
@@ -616,11 +602,11 @@ def test_damaged_record_raises_a_codec_error_that_says_how(record, error, messag
 
 
 @pytest.mark.parametrize("changes, message", [
-    pytest.param(dict(rewards=arr([1.0, 0.0, 1.0], "<f4")), "field 'rewards' has 3 entries for 2 completions",
+    pytest.param(dict(rewards=codec_array([1.0, 0.0, 1.0], "<f4")), "field 'rewards' has 3 entries for 2 completions",
                  id="rewards-longer"),
-    pytest.param(dict(advantages=arr([0.5], "<f4")), "field 'advantages' has 1 entries for 2 completions",
+    pytest.param(dict(advantages=codec_array([0.5], "<f4")), "field 'advantages' has 1 entries for 2 completions",
                  id="advantages-shorter"),
-    pytest.param(dict(completions__logprobs=arr([-0.5, -1.0], "<f4")),
+    pytest.param(dict(completions__logprobs=codec_array([-0.5, -1.0], "<f4")),
                  "field 'completions.logprobs' holds 2 values but 'completions.lengths' sums to 3",
                  id="fewer-logprobs-than-tokens"),
     pytest.param(dict(completions__lengths=[2, 2]),
@@ -629,18 +615,18 @@ def test_damaged_record_raises_a_codec_error_that_says_how(record, error, messag
     pytest.param(dict(completions__finish_reason=["stop"]),
                  "field 'completions.finish_reason' has 1 entries but 'completions.lengths' has 2",
                  id="one-finish-reason-for-two"),
-    pytest.param(dict(rewards=arr([1.0, 0.0], "<f8")), "field 'rewards' has dtype '<f8', which the codec does not "
+    pytest.param(dict(rewards=codec_array([1.0, 0.0], "<f8")), "field 'rewards' has dtype '<f8', which the codec does not "
                  "accept", id="float64-rewards"),
 ])
 def test_record_with_mismatched_arrays_is_corrupt(changes, message):
     with pytest.raises(CorruptRecordError) as e:
-        decode_group(frame(payload(**changes)))
+        decode_group(codec_frame(payload(**changes), version=CODEC_VERSION))
     assert message in str(e.value)
 
 
 def test_advantages_in_a_version_1_record_are_corruption():
     with pytest.raises(CorruptRecordError, match=r"payload: unknown field\(s\) 'advantages'"):
-        decode_group(frame(payload(), version=1))
+        decode_group(codec_frame(payload(), version=1))
 
 
 @pytest.mark.parametrize("group, message", [
@@ -686,7 +672,7 @@ class _PickleBomb:
 
 
 @pytest.mark.parametrize("wrap", [pytest.param(lambda b: b, id="bare-pickle"),
-                                  pytest.param(frame, id="pickle-in-a-valid-frame")])
+                                  pytest.param(lambda b: codec_frame(b, version=CODEC_VERSION), id="pickle-in-a-valid-frame")])
 def test_pickled_record_is_refused_and_never_unpickled(wrap):
     bomb = pickle.dumps(_PickleBomb())
     assert pickle.loads(bomb) == "unpickled" and _UNPICKLED.pop() == "unpickled"  # the bomb is live
@@ -699,7 +685,7 @@ UNSAFE_DESERIALISERS = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "
                         "jsonpickle"}
 
 
-@pytest.mark.parametrize("module", ["codec.py", "replay_redis.py", "records.py"])
+@pytest.mark.parametrize("module", ["replay/codec.py", "replay/redis_store.py", "records.py"])
 def test_record_decoding_modules_import_no_pickle(module):
     source = (Path(rlsys.__file__).parent / module).read_text()
     imported = set()
@@ -713,7 +699,7 @@ def test_record_decoding_modules_import_no_pickle(module):
 
 
 def test_codec_unpacks_msgpack_without_object_hooks_or_ext_types():
-    tree = ast.parse((Path(rlsys.__file__).parent / "codec.py").read_text())
+    tree = ast.parse((Path(rlsys.__file__).parent / "replay" / "codec.py").read_text())
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "unpackb"]
     assert len(calls) == 1
     keywords = {k.arg: k.value for k in calls[0].keywords}

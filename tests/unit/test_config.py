@@ -115,3 +115,21 @@ def test_cli_malformed_dataset_row_is_a_clear_error(tmp_path):
     assert out.returncode == 2, out.stderr
     assert f"{data}:2: field 'answer' must be a string, got int" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_actors_that_do_not_fit_name_the_override_that_makes_them_fit():
+    """``rlsys train learner.num_ranks=2 learner.zero_stage=3`` on a 2-CPU cluster: an rlsys error
+    (ConfigError, printed without a traceback) that names cluster.num_cpus, not a RuntimeError."""
+    from rlsys.config import ConfigError, compose, to_run_config
+    from rlsys.controller.cluster import check_resources
+
+    cfg = to_run_config(compose(["learner.num_ranks=2", "learner.zero_stage=3"]))
+    with pytest.raises(ConfigError, match=r"need 2.25 CPUs .* has 2 CPUs.*add cluster.num_cpus=3"):
+        check_resources(cfg, {"CPU": 2.0})
+    check_resources(cfg, {"CPU": 3.0})  # fits
+    remote = to_run_config(compose(["learner.num_ranks=2", "cluster.address=auto"]))
+    with pytest.raises(ConfigError, match="add nodes"):
+        check_resources(remote, {"CPU": 2.0})
+    gpu = to_run_config(compose(["learner.num_gpus=1"]))
+    with pytest.raises(ConfigError, match="GPUs"):
+        check_resources(gpu, {"CPU": 8.0})

@@ -55,7 +55,7 @@ def exported_series() -> set[str]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from rlsys.metrics import all_registries
+    from rlsys.observability.metrics import all_registries
 
     return {s.name for r in all_registries()
             for f in text_string_to_metric_families(generate_latest(r).decode()) for s in f.samples}
@@ -74,7 +74,7 @@ def test_dashboard_is_generated_from_the_metrics_module():
 
 
 def test_dashboard_queries_only_exported_series_and_covers_every_metric():
-    from rlsys.metrics import all_registries
+    from rlsys.observability.metrics import all_registries
 
     d = json.loads(DASHBOARD.read_text())
     exported = exported_series()
@@ -245,7 +245,7 @@ def test_rayjob_carries_the_raycluster_spec(rayjob, raycluster):
 
 def test_rayjob_entrypoint_composes_and_fits_the_cluster(rayjob, monkeypatch):
     from rlsys.config import compose, to_run_config
-    from rlsys.controller import check_resources
+    from rlsys.controller.cluster import check_resources
 
     overrides = entrypoint_overrides(rayjob)
     assert {"cluster=existing", "rollout=vllm_gpu", "learner=deepspeed_gpu", "replay=redis"} <= set(overrides)
@@ -267,7 +267,7 @@ def test_rayjob_entrypoint_composes_and_fits_the_cluster(rayjob, monkeypatch):
     check_resources(cfg, {"CPU": cpus, "GPU": gpus})  # raises with the numbers when they do not fit
     replicas, node_gpus = per_node_gpus["rollout"]
     assert cfg.rollout.num_workers * cfg.rollout.num_gpus <= replicas * node_gpus
-    # Learner ranks rendezvous on one node (rlsys/learner.py sets MASTER_ADDR=127.0.0.1).
+    # Learner ranks rendezvous on one node (rlsys/learner/rank.py sets MASTER_ADDR=127.0.0.1).
     assert cfg.learner.num_ranks * cfg.learner.num_gpus <= per_node_gpus["learner"][1]
 
 

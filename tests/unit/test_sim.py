@@ -14,7 +14,7 @@ from benchmarks.sim.cost import (  # noqa: E402
     calibration_from_measurements, decode_segment, load_calibration, publish_s)
 from benchmarks.sim.model import (  # noqa: E402
     MODES, JudgeModel, LengthModel, Scenario, SimulationStalled, mode_scenario, simulate)
-from rlsys.replay import staleness_ok  # noqa: E402
+from rlsys.replay.base import staleness_ok  # noqa: E402
 
 CAL = load_calibration("h100-7b")
 TAIL = Scenario(gpus=8, prompts_per_step=24, samples_per_prompt=8, steps=8, warmup_steps=2,
@@ -23,7 +23,7 @@ TAIL = Scenario(gpus=8, prompts_per_step=24, samples_per_prompt=8, steps=8, warm
 
 @pytest.fixture(autouse=True)
 def _quiet_replay():
-    logging.getLogger("rlsys.replay").setLevel(logging.ERROR)  # one warning per dropped group
+    logging.getLogger("rlsys.replay.base").setLevel(logging.ERROR)  # one warning per dropped group
     yield
 
 

@@ -1,0 +1,3 @@
+"""What a run shows: Prometheus metrics (``metrics``), experiment loggers (``loggers``) and the
+end-of-run report (``report``).
+"""
