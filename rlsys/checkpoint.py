@@ -89,8 +89,10 @@ def resolve(path: str) -> Path:
             target = cand / latest.read_text().strip()
             if (target / STATE_FILE).is_file():
                 return target
-    raise CheckpointError(f"resume={path!r}: no checkpoint there (expected {STATE_FILE}, or a '{LATEST_FILE}' file "
-                          f"naming one, in it or in its checkpoints/ directory)")
+    raise CheckpointError(
+        f"resume={path!r}: no checkpoint there (expected {STATE_FILE}, or a '{LATEST_FILE}' file "
+        f"naming one, in it or in its checkpoints/ directory)"
+    )
 
 
 def read_state(ckpt: Path) -> dict:
@@ -99,11 +101,13 @@ def read_state(ckpt: Path) -> dict:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable: {e}") from e
     if not isinstance(state, dict):
-        raise CheckpointError(f"{ckpt / STATE_FILE} must hold a JSON object, got {type(state).__name__}; the "
-                              "checkpoint is damaged")
+        raise CheckpointError(
+            f"{ckpt / STATE_FILE} must hold a JSON object, got {type(state).__name__}; the checkpoint is damaged"
+        )
     if state.get("state_version") != STATE_VERSION:
-        raise CheckpointError(f"{ckpt} has checkpoint format {state.get('state_version')!r}; this rlsys reads "
-                              f"{STATE_VERSION}")
+        raise CheckpointError(
+            f"{ckpt} has checkpoint format {state.get('state_version')!r}; this rlsys reads {STATE_VERSION}"
+        )
     for sub in (HF_DIR, LEARNER_DIR):
         if not (ckpt / sub).is_dir():
             raise CheckpointError(f"{ckpt} is incomplete: no {sub}/ directory")

@@ -116,80 +116,128 @@ def _cluster_options() -> argparse.ArgumentParser:
     """Options shared by scale / status / stop: which run, on which cluster, how long to wait."""
     p = _Parser(add_help=False)
     g = p.add_argument_group("which job")
-    g.add_argument("--run", metavar="NAME",
-                   help="the run directory name of the job (needed when several jobs share the cluster)")
-    g.add_argument("--address", metavar="ADDR",
-                   help="Ray cluster to join: host:port of its GCS, ray://host:10001, or 'auto' (Ray's own "
-                        "discovery); default: the cluster on this machine under --temp-dir, else $RAY_ADDRESS, "
-                        f"else the cluster under {DEFAULT_TEMP_DIR} or Ray's default temp dir")
-    g.add_argument("--temp-dir", metavar="DIR",
-                   help="find the cluster on this machine whose session files are under DIR (the run's "
-                        "cluster.temp_dir, when not the default)")
-    g.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=DEFAULT_TIMEOUT_S,
-                   help="give up when the cluster or the job does not answer within this long (default: %(default)g)")
+    g.add_argument(
+        "--run", metavar="NAME", help="the run directory name of the job (needed when several jobs share the cluster)"
+    )
+    g.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster to join: host:port of its GCS, ray://host:10001, or 'auto' (Ray's own "
+        "discovery); default: the cluster on this machine under --temp-dir, else $RAY_ADDRESS, "
+        f"else the cluster under {DEFAULT_TEMP_DIR} or Ray's default temp dir",
+    )
+    g.add_argument(
+        "--temp-dir",
+        metavar="DIR",
+        help="find the cluster on this machine whose session files are under DIR (the run's "
+        "cluster.temp_dir, when not the default)",
+    )
+    g.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help="give up when the cluster or the job does not answer within this long (default: %(default)g)",
+    )
     return p
 
 
 def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The ``rlsys`` parser and its subparsers by command name; every ``--help`` comes from here."""
     parser = _Parser(
-        prog="rlsys", formatter_class=_Formatter,
+        prog="rlsys",
+        formatter_class=_Formatter,
         description="Distributed RL post-training of LLMs on Ray (rollout with vLLM, learning with DeepSpeed).",
         epilog="examples:\n"
-               "  rlsys train experiment=tiny steps=50     train the embedded default (a tiny model on CPU)\n"
-               "  rlsys train --cfg job                    print the composed config and exit\n"
-               "  rlsys status                             the running job's step, policy version, workers\n"
-               "  rlsys scale rollout=4                    change its rollout workers while it trains\n"
-               "\n'rlsys COMMAND --help' describes a command.")
+        "  rlsys train experiment=tiny steps=50     train the embedded default (a tiny model on CPU)\n"
+        "  rlsys train --cfg job                    print the composed config and exit\n"
+        "  rlsys status                             the running job's step, policy version, workers\n"
+        "  rlsys scale rollout=4                    change its rollout workers while it trains\n"
+        "\n'rlsys COMMAND --help' describes a command.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     cluster = _cluster_options()
 
     train = sub.add_parser(
-        "train", help="train (everything after 'train' is a Hydra override)", formatter_class=_Formatter,
+        "train",
+        help="train (everything after 'train' is a Hydra override)",
+        formatter_class=_Formatter,
         description="Train a policy. Every argument after 'train' goes to Hydra unchanged: overrides such as "
-                    "experiment=tiny steps=50 (key=value, group=option, +key=value; a mistyped key fails with "
-                    "the key named) and Hydra's own flags (--cfg job, --hydra-help).",
+        "experiment=tiny steps=50 (key=value, group=option, +key=value; a mistyped key fails with "
+        "the key named) and Hydra's own flags (--cfg job, --hydra-help).",
         epilog="examples:\n"
-               "  rlsys train experiment=tiny steps=50\n"
-               "  rlsys train --cfg job learner.lr=3e-4     print the composed config and exit\n"
-               "  rlsys train cluster=existing ...          join the Ray cluster this process runs in")
+        "  rlsys train experiment=tiny steps=50\n"
+        "  rlsys train --cfg job learner.lr=3e-4     print the composed config and exit\n"
+        "  rlsys train cluster=existing ...          join the Ray cluster this process runs in",
+    )
     train.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="a Hydra override or flag")
 
     build = sub.add_parser(
-        "build-model", help="build (or find in the cache) the tiny model and print its path",
+        "build-model",
+        help="build (or find in the cache) the tiny model and print its path",
         formatter_class=_Formatter,
         description="Build the tiny policy model for the composed config (or find it in the model cache), "
-                    "print its directory and its warm-start record.")
-    build.add_argument("overrides", nargs="*", metavar="OVERRIDE",
-                       help="a Hydra override, as for train (e.g. model.hidden_size=256)")
+        "print its directory and its warm-start record.",
+    )
+    build.add_argument(
+        "overrides", nargs="*", metavar="OVERRIDE", help="a Hydra override, as for train (e.g. model.hidden_size=256)"
+    )
 
     scale = sub.add_parser(
-        "scale", parents=[cluster], formatter_class=_Formatter,
+        "scale",
+        parents=[cluster],
+        formatter_class=_Formatter,
         help="change the rollout workers of a running job",
         description="Ask a running job for N rollout workers. New workers get the current policy before their "
-                    "first request; leaving workers finish the request in hand first.",
-        epilog="examples:\n  rlsys scale rollout=4\n  rlsys scale --rollout 2 --run 20260101-120000-tiny")
-    scale.add_argument("target", nargs="?", type=_rollout_assignment, metavar="rollout=N",
-                       help="the number of rollout workers wanted (N >= 1)")
+        "first request; leaving workers finish the request in hand first.",
+        epilog="examples:\n  rlsys scale rollout=4\n  rlsys scale --rollout 2 --run 20260101-120000-tiny",
+    )
+    scale.add_argument(
+        "target",
+        nargs="?",
+        type=_rollout_assignment,
+        metavar="rollout=N",
+        help="the number of rollout workers wanted (N >= 1)",
+    )
     scale.add_argument("--rollout", type=_worker_count, metavar="N", help="the same as rollout=N")
 
-    sub.add_parser("status", parents=[cluster], formatter_class=_Formatter,
-                   help="print a running job's step, policy version and workers",
-                   description="Print a running job's last report (step, policy version, rollout workers, "
-                               "learner ranks, replay depth, recent errors) and what was asked of it, as JSON.")
-    sub.add_parser("stop", parents=[cluster], formatter_class=_Formatter,
-                   help="end a running job after its current step",
-                   description="Ask a running job to stop: the learner finishes the step in progress and the run "
-                               "ends normally (final evaluation, summary, report, checkpoint if configured).")
+    sub.add_parser(
+        "status",
+        parents=[cluster],
+        formatter_class=_Formatter,
+        help="print a running job's step, policy version and workers",
+        description="Print a running job's last report (step, policy version, rollout workers, "
+        "learner ranks, replay depth, recent errors) and what was asked of it, as JSON.",
+    )
+    sub.add_parser(
+        "stop",
+        parents=[cluster],
+        formatter_class=_Formatter,
+        help="end a running job after its current step",
+        description="Ask a running job to stop: the learner finishes the step in progress and the run "
+        "ends normally (final evaluation, summary, report, checkpoint if configured).",
+    )
 
-    report = sub.add_parser("report", help="(re)draw report.png and report.md of a run", formatter_class=_Formatter,
-                            description="Draw report.png and report.md from RUN_DIR/summary.json, into RUN_DIR.")
+    report = sub.add_parser(
+        "report",
+        help="(re)draw report.png and report.md of a run",
+        formatter_class=_Formatter,
+        description="Draw report.png and report.md from RUN_DIR/summary.json, into RUN_DIR.",
+    )
     report.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a run directory holding summary.json")
 
-    helps = sub.add_parser("help", help="describe a command (the same as 'rlsys COMMAND --help')",
-                           description="Describe a command, or list them.")
-    helps.add_argument("topic", nargs="?", metavar="COMMAND", choices=sorted(set(sub.choices) - {"help"}),
-                       help="the command to describe")
+    helps = sub.add_parser(
+        "help",
+        help="describe a command (the same as 'rlsys COMMAND --help')",
+        description="Describe a command, or list them.",
+    )
+    helps.add_argument(
+        "topic",
+        nargs="?",
+        metavar="COMMAND",
+        choices=sorted(set(sub.choices) - {"help"}),
+        help="the command to describe",
+    )
     return parser, dict(sub.choices)
 
 
@@ -201,8 +249,9 @@ def parse_scale_args(argv: Sequence[str]) -> tuple[int, Optional[str], Optional[
     return _scale_target(scale, scale.parse_args(argv))
 
 
-def _scale_target(parser: argparse.ArgumentParser,
-                  args: argparse.Namespace) -> tuple[int, Optional[str], Optional[str]]:
+def _scale_target(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[int, Optional[str], Optional[str]]:
     """(N, run, address) of parsed ``rlsys scale`` arguments; ``parser.error`` if N is missing or
     given twice differently."""
     if args.target is not None and args.rollout is not None and args.target != args.rollout:
@@ -295,12 +344,16 @@ def cluster_targets(address: Optional[str], temp_dir: Optional[str]) -> list[Tar
     for d in dirs:
         clusters = local_clusters(d)
         if clusters:
-            return [Target(c.gcs_address, f"under {d}", loopback=_is_loopback_host(c.node_ip or c.gcs_address),
-                           local=True) for c in clusters]
+            return [
+                Target(c.gcs_address, f"under {d}", loopback=_is_loopback_host(c.node_ip or c.gcs_address), local=True)
+                for c in clusters
+            ]
     looked = " or ".join(dirs)
-    raise ConnectionError(f"no Ray cluster found (is a run going? start one with 'rlsys train ...', or pass "
-                          f"--address; looked for a cluster on this machine under {looked}: a run with another "
-                          f"cluster.temp_dir needs --temp-dir DIR)")
+    raise ConnectionError(
+        f"no Ray cluster found (is a run going? start one with 'rlsys train ...', or pass "
+        f"--address; looked for a cluster on this machine under {looked}: a run with another "
+        f"cluster.temp_dir needs --temp-dir DIR)"
+    )
 
 
 def _local_token_available() -> bool:
@@ -380,8 +433,10 @@ def run_with_deadline(fn: Callable[[], T], deadline: _Deadline) -> T:
     if thread.is_alive():
         hint = "is the cluster up and reachable from here? a slow cluster: --timeout SECONDS"
         if deadline.stage.startswith("connecting"):  # Ray retries an unauthenticated connection until it gives up
-            hint += ("; a cluster with token authentication (Ray's default) needs its token here ($RAY_AUTH_TOKEN, "
-                     "$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE unset or 'token'")
+            hint += (
+                "; a cluster with token authentication (Ray's default) needs its token here ($RAY_AUTH_TOKEN, "
+                "$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE unset or 'token'"
+            )
         raise TimeoutError(f"no answer within {deadline.seconds:g}s while {deadline.stage} ({hint})")
     if "error" in box:
         raise box["error"]
@@ -411,21 +466,29 @@ def _ask(cmd: str, n: Optional[int], run: Optional[str], targets: list[Target], 
                 raise
             if i + 1 == len(targets):
                 what = f" for run {run!r}" if run else ""
-                raise NoJobError(f"no running rlsys job{what} on the {len(targets)} Ray clusters {target.where} "
-                                 f"({', '.join(t.address for t in targets)})") from None
+                raise NoJobError(
+                    f"no running rlsys job{what} on the {len(targets)} Ray clusters {target.where} "
+                    f"({', '.join(t.address for t in targets)})"
+                ) from None
             ray.shutdown()
             continue
         deadline.stage = f"waiting for the job's answer to {cmd!r}"
-        call = {"scale": lambda: actor.scale_rollout.remote(n), "status": actor.status.remote,
-                "stop": actor.stop.remote}[cmd]
+        call = {
+            "scale": lambda: actor.scale_rollout.remote(n),
+            "status": actor.status.remote,
+            "stop": actor.stop.remote,
+        }[cmd]
         try:
             return ray.get(call(), timeout=max(deadline.left(), 0.1))
         except GetTimeoutError:
-            raise TimeoutError(f"no answer within {deadline.seconds:g}s while {deadline.stage} (a busy job: "
-                               f"--timeout SECONDS)") from None
+            raise TimeoutError(
+                f"no answer within {deadline.seconds:g}s while {deadline.stage} (a busy job: --timeout SECONDS)"
+            ) from None
         except RayError as e:  # the actor died (the run ended meanwhile) or raised
-            raise ConnectionError(f"the job's control actor failed to answer ({type(e).__name__}: {e}); did the "
-                                  f"run just end? 'rlsys status' shows whether it is still there") from None
+            raise ConnectionError(
+                f"the job's control actor failed to answer ({type(e).__name__}: {e}); did the "
+                f"run just end? 'rlsys status' shows whether it is still there"
+            ) from None
     raise AssertionError("cluster_targets returns at least one target")
 
 
@@ -438,12 +501,17 @@ def _control_main(cmd: str, n: Optional[int], args: argparse.Namespace) -> int:
         else:
             targets = cluster_targets(args.address, args.temp_dir)
             if connected:
-                raise ConnectionError("this process is connected to a Ray cluster already; run rlsys in a process "
-                                      "of its own to join the one --address / --temp-dir name")
+                raise ConnectionError(
+                    "this process is connected to a Ray cluster already; run rlsys in a process "
+                    "of its own to join the one --address / --temp-dir name"
+                )
             _prepare_local(targets[0])
             if len(targets) > 1 and args.run is None:
-                print(f"rlsys {cmd}: {len(targets)} Ray clusters run {targets[0].where}; asking the newest first "
-                      f"(another run's: --run NAME)", file=sys.stderr)
+                print(
+                    f"rlsys {cmd}: {len(targets)} Ray clusters run {targets[0].where}; asking the newest first "
+                    f"(another run's: --run NAME)",
+                    file=sys.stderr,
+                )
         deadline = _Deadline(args.timeout)
         out = run_with_deadline(lambda: _ask(cmd, n, args.run, targets, deadline), deadline)
     except (ValueError, LookupError, ConnectionError, TimeoutError) as e:
@@ -468,8 +536,15 @@ def _train_main(argv: list[str]) -> int:
 
     # Errors whose message says what to do: printed alone, no traceback. FloatingPointError: the run
     # stopped on non-finite steps (learner.on_nonfinite); the message names the fix.
-    USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, CheckpointError, ReplayConfigError,
-                   ReplayUnavailable, FloatingPointError)
+    USER_ERRORS = (
+        ConfigError,
+        DatasetError,
+        FileNotFoundError,
+        CheckpointError,
+        ReplayConfigError,
+        ReplayUnavailable,
+        FloatingPointError,
+    )
 
     register_schema()
     result = {"rc": 0}
@@ -508,8 +583,10 @@ def _print_table(s: dict) -> None:
     print(f"{'':34s} {'before':>8s} {'after':>8s}")
     for name, a, b in rows:
         print(f"{name:34s} {a:>8s} {b:>8s}")
-    print(f"\nsteps {s['steps']}  train {s['train_seconds']:.0f}s  samples/s {s['samples_per_s']:.0f}  "
-          f"tokens/s {s['tokens_per_s']:.0f}  reward failures {s['reward_failures']}")
+    print(
+        f"\nsteps {s['steps']}  train {s['train_seconds']:.0f}s  samples/s {s['samples_per_s']:.0f}  "
+        f"tokens/s {s['tokens_per_s']:.0f}  reward failures {s['reward_failures']}"
+    )
     print(f"run directory: {s['run_dir']}")
 
 
@@ -535,8 +612,11 @@ def _report_main(run: Path) -> int:
     from rlsys.observability.report import write_report
 
     if not (run / "summary.json").is_file():
-        print(f"rlsys report: {run / 'summary.json'} not found; RUN_DIR is a run directory holding summary.json "
-              f"(e.g. runs/<run>)", file=sys.stderr)
+        print(
+            f"rlsys report: {run / 'summary.json'} not found; RUN_DIR is a run directory holding summary.json "
+            f"(e.g. runs/<run>)",
+            file=sys.stderr,
+        )
         return 2
     for p in write_report(json.loads((run / "summary.json").read_text()), run):
         print(f"wrote {p}")

@@ -21,13 +21,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from rlsys.checkpoint import CheckpointConfig
-from rlsys.reward.judge import JudgeConfig
 from rlsys.learner.config import LearnerConfig
+from rlsys.observability.loggers import LoggersConfig
 from rlsys.replay.base import ReplayConfig
+from rlsys.reward.judge import JudgeConfig
 from rlsys.reward.worker import RewardConfig
 from rlsys.rollout.worker import RolloutConfig
 from rlsys.scheduling.scheduler import SchedulerConfig
-from rlsys.observability.loggers import LoggersConfig
 from rlsys.tasks.arithmetic import TaskConfig
 from rlsys.tasks.config import ModelConfig
 
@@ -138,8 +138,10 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError("the composed config is not a RunConfig; is conf/config.yaml's schema 'rlsys_schema'?")
     unknown = _unknown_keys(obj)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: no component has such a setting (a '+' "
-                          "override adds keys the schema lacks); check the spelling with `rlsys train --cfg job`")
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(unknown)}: no component has such a setting (a '+' "
+            "override adds keys the schema lacks); check the spelling with `rlsys train --cfg job`"
+        )
     return obj
 
 

@@ -13,14 +13,14 @@ import time
 from typing import Optional
 
 
-
 def is_worker_failure(error: BaseException) -> bool:
     """A failure of the actor itself (died, unreachable, or past its deadline), as opposed to
     an exception raised by the work (which is a bug or bad input, and is not retried)."""
     import ray
 
-    return isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                              asyncio.TimeoutError, TimeoutError))
+    return isinstance(
+        error, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, asyncio.TimeoutError, TimeoutError)
+    )
 
 
 async def with_deadline(ref, timeout_s: float):

@@ -56,39 +56,57 @@ def main() -> int:
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     runs = {}
     for name in names:
-        overrides = [f"steps={args.steps}", "max_train_seconds=0", "cluster.metrics_port=-1", *SETTINGS[name],
-                     *args.overrides]
+        overrides = [
+            f"steps={args.steps}",
+            "max_train_seconds=0",
+            "cluster.metrics_port=-1",
+            *SETTINGS[name],
+            *args.overrides,
+        ]
         if name == "sync_2workers":
             overrides.append("cluster.num_cpus=3")
         cfg = to_run_config(compose(overrides))
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as d:
             s = run_training(cfg, Path(d))
         runs[name] = {k: s[k] for k in KEYS} | {
-            "steps": s["steps"], "train_seconds": s["train_seconds"], "samples": s["samples"],
-            "eval_accuracy_before": s["eval_accuracy_before"], "eval_accuracy_after": s["eval_accuracy_after"],
-            "effective_gradient_ratio": s["effective_gradient_ratio"], "curves": s["curves"]}
+            "steps": s["steps"],
+            "train_seconds": s["train_seconds"],
+            "samples": s["samples"],
+            "eval_accuracy_before": s["eval_accuracy_before"],
+            "eval_accuracy_after": s["eval_accuracy_after"],
+            "effective_gradient_ratio": s["effective_gradient_ratio"],
+            "curves": s["curves"],
+        }
         import ray
 
         ray.shutdown()  # each setting gets a fresh cluster sized for it
 
     base = runs[names[0]]
     print(f"\nbench_e2e: tiny experiment, {args.steps} steps per setting\n")
-    hdr = f"{'setting':15s} {'samples/s':>10s} {'tokens/s':>10s} {'x '+names[0]:>9s} {'gen':>6s} {'reward':>7s} " \
-          f"{'learner':>8s} {'sync':>6s} {'acc before':>11s} {'acc after':>10s} {'eff.grad':>9s} {'samples':>8s}"
+    hdr = (
+        f"{'setting':15s} {'samples/s':>10s} {'tokens/s':>10s} {'x ' + names[0]:>9s} {'gen':>6s} {'reward':>7s} "
+        f"{'learner':>8s} {'sync':>6s} {'acc before':>11s} {'acc after':>10s} {'eff.grad':>9s} {'samples':>8s}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for name, r in runs.items():
-        print(f"{name:15s} {r['samples_per_s']:10.1f} {r['tokens_per_s']:10.1f} "
-              f"{r['samples_per_s'] / base['samples_per_s']:9.2f} {r['share_generation']:6.2f} "
-              f"{r['share_reward']:7.2f} {r['share_learner']:8.2f} {r['share_weight_sync']:6.2f} "
-              f"{r['eval_accuracy_before']:11.3f} {r['eval_accuracy_after']:10.3f} "
-              f"{r['effective_gradient_ratio']:9.3f} {r['samples']:8d}")
+        print(
+            f"{name:15s} {r['samples_per_s']:10.1f} {r['tokens_per_s']:10.1f} "
+            f"{r['samples_per_s'] / base['samples_per_s']:9.2f} {r['share_generation']:6.2f} "
+            f"{r['share_reward']:7.2f} {r['share_learner']:8.2f} {r['share_weight_sync']:6.2f} "
+            f"{r['eval_accuracy_before']:11.3f} {r['eval_accuracy_after']:10.3f} "
+            f"{r['effective_gradient_ratio']:9.3f} {r['samples']:8d}"
+        )
     if len(runs) > 1 and all("curves" in r for r in runs.values()):
         print("\ncurves (mean over each tenth of the run): reward | effective gradient ratio")
         for name, r in runs.items():
             rw, eg = (np.array_split(np.asarray(r["curves"][k]), 10) for k in ("reward", "effective_gradient_ratio"))
-            print(f"{name:15s} " + " ".join(f"{c.mean():.2f}" for c in rw) + "  |  "
-                  + " ".join(f"{c.mean():.2f}" for c in eg))
+            print(
+                f"{name:15s} "
+                + " ".join(f"{c.mean():.2f}" for c in rw)
+                + "  |  "
+                + " ".join(f"{c.mean():.2f}" for c in eg)
+            )
     print("\nshares = busy seconds / training wall seconds per activity")
     if args.json:
         out = {k: base[k] for k in KEYS} | {"setting": names[0], "runs": runs}

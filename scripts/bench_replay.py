@@ -37,19 +37,34 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import TEST_REDIS_PASSWORD, RedisServer  # noqa: E402  (the tests' private-server helper)
+
 from rlsys.records import Completion, Group  # noqa: E402
-from rlsys.replay.base import RedisConfig, ReplayConfig
 from rlsys.replay import make_store  # noqa: E402
+from rlsys.replay.base import RedisConfig, ReplayConfig
 
 
 def make_groups(n: int, completions: int, tokens: int, seed: int = 0, version: int = 0) -> list[Group]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        comps = [Completion(rng.integers(0, 32000, tokens, dtype=np.int32), -rng.random(tokens, dtype=np.float32),
-                            "x" * 64, "stop") for _ in range(completions)]
-        out.append(Group(f"p{i}:{uuid.uuid4().hex[:12]}", f"p{i}", "prompt " * 20, tuple(range(64)), "42", version, comps,
-                         rewards=rng.random(completions, dtype=np.float32)))
+        comps = [
+            Completion(
+                rng.integers(0, 32000, tokens, dtype=np.int32), -rng.random(tokens, dtype=np.float32), "x" * 64, "stop"
+            )
+            for _ in range(completions)
+        ]
+        out.append(
+            Group(
+                f"p{i}:{uuid.uuid4().hex[:12]}",
+                f"p{i}",
+                "prompt " * 20,
+                tuple(range(64)),
+                "42",
+                version,
+                comps,
+                rewards=rng.random(completions, dtype=np.float32),
+            )
+        )
     return out
 
 
@@ -59,7 +74,7 @@ async def throughput(cfg: ReplayConfig, groups: list[Group], batch: int) -> dict
     t_put = t_take = t_ack = 0.0
     await store.reserve(len(groups))
     for i in range(0, len(groups), batch):
-        chunk = groups[i:i + batch]
+        chunk = groups[i : i + batch]
         t0 = time.perf_counter()
         await store.put(chunk)
         t1 = time.perf_counter()
@@ -91,8 +106,10 @@ def main() -> int:
 
     groups = make_groups(args.groups, args.completions, args.tokens)
     record_kb = len(encode_group(groups[0])) / 1024
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as d, \
-            tempfile.TemporaryDirectory(prefix="bench-redis-noaof-") as d2:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-redis-") as d,
+        tempfile.TemporaryDirectory(prefix="bench-redis-noaof-") as d2,
+    ):
         os.environ["RLSYS_REDIS_PASSWORD"] = TEST_REDIS_PASSWORD  # both servers require it; the store reads it here
         server = RedisServer(d, appendonly=True).start()
         plain = RedisServer(d2, appendonly=False).start()
@@ -116,38 +133,66 @@ def main() -> int:
             plain.stop()
 
     share = per_step_ops / step_s if step_s else None
-    print(f"\nbench_replay: {args.groups} groups of {args.completions} x {args.tokens} tokens "
-          f"({record_kb:.0f} KB encoded), batches of {args.batch}\n")
+    print(
+        f"\nbench_replay: {args.groups} groups of {args.completions} x {args.tokens} tokens "
+        f"({record_kb:.0f} KB encoded), batches of {args.batch}\n"
+    )
     print(f"{'backend':12s} {'groups/s':>10s} {'put/s':>10s} {'take/s':>10s} {'ack/s':>10s} {'x memory':>9s}")
     for name, r in (("memory", mem), ("redis", red), ("redis-noaof", red_plain)):
-        print(f"{name:12s} {r['groups_per_s']:10.0f} {r['put_per_s']:10.0f} {r['take_per_s']:10.0f} "
-              f"{r['ack_per_s']:10.0f} {r['groups_per_s'] / mem['groups_per_s']:9.3f}")
-    print("groups/s = a full put + take + ack round trip; redis = AOF everysec (production), "
-          "redis-noaof = no persistence")
-    print(f"\ntransport floor (pre-encoded records, raw redis-py pipelines, no codec):")
+        print(
+            f"{name:12s} {r['groups_per_s']:10.0f} {r['put_per_s']:10.0f} {r['take_per_s']:10.0f} "
+            f"{r['ack_per_s']:10.0f} {r['groups_per_s'] / mem['groups_per_s']:9.3f}"
+        )
+    print(
+        "groups/s = a full put + take + ack round trip; redis = AOF everysec (production), redis-noaof = no persistence"
+    )
+    print("\ntransport floor (pre-encoded records, raw redis-py pipelines, no codec):")
     print(f"{'redis':12s} {'groups/s':>10s} {'put/s':>10s} {'take+ack/s':>10s} {'store/floor':>11s}")
     for name, f, r in (("aof", floor, red), ("noaof", floor_plain, red_plain)):
-        print(f"{name:12s} {f['groups_per_s']:10.0f} {f['put_per_s']:10.0f} {f['take_ack_per_s']:10.0f} "
-              f"{r['groups_per_s'] / f['groups_per_s']:11.3f}")
+        print(
+            f"{name:12s} {f['groups_per_s']:10.0f} {f['put_per_s']:10.0f} {f['take_ack_per_s']:10.0f} "
+            f"{r['groups_per_s'] / f['groups_per_s']:11.3f}"
+        )
     if c_floor and c_floor_plain:
-        print(f"\nC-client floor (redis-benchmark, SET then GET of {len(record)} B values, 16 pipelined): "
-              f"what the server moves with no Python")
+        print(
+            f"\nC-client floor (redis-benchmark, SET then GET of {len(record)} B values, 16 pipelined): "
+            f"what the server moves with no Python"
+        )
         print(f"{'redis':12s} {'round trip/s':>12s} {'SET/s':>10s} {'GET/s':>10s}")
         for name, f in (("aof", c_floor), ("noaof", c_floor_plain)):
             print(f"{name:12s} {f['round_trip_per_s']:12.0f} {f['set_per_s']:10.0f} {f['get_per_s']:10.0f}")
-    print(f"\ntiny step on Redis: store ops {per_step_ops * 1000:.2f} ms per step (put+take+ack of 16 groups)"
-          + (f", step {step_s * 1000:.0f} ms -> store share {share:.2%}" if step_s else ""))
+    print(
+        f"\ntiny step on Redis: store ops {per_step_ops * 1000:.2f} ms per step (put+take+ack of 16 groups)"
+        + (f", step {step_s * 1000:.0f} ms -> store share {share:.2%}" if step_s else "")
+    )
     if args.json:
-        args.json.write_text(json.dumps({
-            "redis_groups_per_s": red["groups_per_s"], "memory_groups_per_s": mem["groups_per_s"],
-            "store_share_of_step": share, "store_ms_per_step": per_step_ops * 1000,
-            "tiny_step_ms": step_s * 1000 if step_s else None, "record_kb": record_kb,
-            "redis": red, "redis_no_aof": red_plain, "memory": mem,
-            "redis_transport_floor_groups_per_s": floor["groups_per_s"],
-            "redis_over_floor": red["groups_per_s"] / floor["groups_per_s"],
-            "transport_floor": floor, "transport_floor_no_aof": floor_plain,
-            "c_client_floor": c_floor, "c_client_floor_no_aof": c_floor_plain, "groups": args.groups, "batch": args.batch,
-            "completions": args.completions, "tokens": args.tokens}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "redis_groups_per_s": red["groups_per_s"],
+                    "memory_groups_per_s": mem["groups_per_s"],
+                    "store_share_of_step": share,
+                    "store_ms_per_step": per_step_ops * 1000,
+                    "tiny_step_ms": step_s * 1000 if step_s else None,
+                    "record_kb": record_kb,
+                    "redis": red,
+                    "redis_no_aof": red_plain,
+                    "memory": mem,
+                    "redis_transport_floor_groups_per_s": floor["groups_per_s"],
+                    "redis_over_floor": red["groups_per_s"] / floor["groups_per_s"],
+                    "transport_floor": floor,
+                    "transport_floor_no_aof": floor_plain,
+                    "c_client_floor": c_floor,
+                    "c_client_floor_no_aof": c_floor_plain,
+                    "groups": args.groups,
+                    "batch": args.batch,
+                    "completions": args.completions,
+                    "tokens": args.tokens,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {args.json}")
     return 0
 
@@ -189,9 +234,30 @@ def c_client_floor(port: int, nbytes: int, n: int = 20000) -> Optional[dict]:
     exe = shutil.which("redis-benchmark")
     if exe is None:
         return None
-    out = subprocess.run([exe, "-h", "127.0.0.1", "-p", str(port), "-a", os.environ["RLSYS_REDIS_PASSWORD"],
-                          "-t", "set,get", "-d", str(nbytes), "-n", str(n), "-P", "16", "--csv"],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
+    out = subprocess.run(
+        [
+            exe,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-a",
+            os.environ["RLSYS_REDIS_PASSWORD"],
+            "-t",
+            "set,get",
+            "-d",
+            str(nbytes),
+            "-n",
+            str(n),
+            "-P",
+            "16",
+            "--csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
     rps = {}
     for line in out.splitlines():
         cells = [c.strip('"') for c in line.split(",")]
@@ -224,8 +290,17 @@ def _tiny_step_seconds(url: str, steps: int) -> float:
     from rlsys.controller.loop import run_training
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = to_run_config(compose([f"steps={steps}", "max_train_seconds=0", "cluster.metrics_port=-1",
-                                 "replay=redis", f"replay.redis.url={url}"]))
+    cfg = to_run_config(
+        compose(
+            [
+                f"steps={steps}",
+                "max_train_seconds=0",
+                "cluster.metrics_port=-1",
+                "replay=redis",
+                f"replay.redis.url={url}",
+            ]
+        )
+    )
     with tempfile.TemporaryDirectory(prefix="bench-replay-run-") as d:
         s = run_training(cfg, Path(d))
     return s["train_seconds"] / s["steps"]

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlsys.reward.routing import RouterConfig, pair_scores, parse_verdict_or_fallback, route_batch, rm_judge_agreement
+from rlsys.reward.routing import RouterConfig, pair_scores, parse_verdict_or_fallback, rm_judge_agreement, route_batch
 
 BUDGETS = (0.05, 0.10, 0.20, 0.40)
 POLICIES = ("none", "random", "margin", "uncertainty", "null", "all")
@@ -61,8 +61,18 @@ GARBAGE = ("verdict: a", "I prefer response A.", "VERDICT: A\nVERDICT: B")
 class World:
     """One seed's step: truth, RM scores and the judge's fixed answer for every pair."""
 
-    def __init__(self, rng: np.random.Generator, groups: int, n: int, u_beta: tuple[float, float], a: float,
-                 k: float, bias: float, judge_acc: float, judge_fail: float):
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        groups: int,
+        n: int,
+        u_beta: tuple[float, float],
+        a: float,
+        k: float,
+        bias: float,
+        judge_acc: float,
+        judge_fail: float,
+    ):
         self.n = n
         self.q = rng.normal(size=(groups, n))
         i, j = np.triu_indices(n, k=1)
@@ -100,29 +110,39 @@ def evaluate(world: World, plans, scale: float) -> dict:
         keep = d != 0
         correct += int((np.sign(final[keep]) == np.sign(d[keep])).sum())
         total += int(keep.sum())
-    return {"acc": correct / total, "judged": judged, "fallbacks": fallbacks,
-            "agreement": rm_judge_agreement(np.array(s_rm), verdicts) if verdicts else float("nan")}
+    return {
+        "acc": correct / total,
+        "judged": judged,
+        "fallbacks": fallbacks,
+        "agreement": rm_judge_agreement(np.array(s_rm), verdicts) if verdicts else float("nan"),
+    }
 
 
 def run_seed(seed: int, args) -> dict:
     rng = np.random.default_rng(seed)
-    world = World(rng, args.groups, args.n, tuple(args.u_beta), args.a, args.k, args.bias, args.judge_acc,
-                  args.judge_fail)
+    world = World(
+        rng, args.groups, args.n, tuple(args.u_beta), args.a, args.k, args.bias, args.judge_acc, args.judge_fail
+    )
     real = world.scores(world.u)
     shuffled = world.scores(rng.permutation(world.u.ravel()).reshape(world.u.shape))
     out: dict = {}
     for frac in BUDGETS:
         for policy in POLICIES:
-            cfg = RouterConfig(policy="uncertainty" if policy == "null" else policy, budget_fraction=frac,
-                               verdict_scale=args.scale, seed=seed)
+            cfg = RouterConfig(
+                policy="uncertainty" if policy == "null" else policy,
+                budget_fraction=frac,
+                verdict_scale=args.scale,
+                seed=seed,
+            )
             plans = route_batch(shuffled if policy == "null" else real, cfg, np.random.default_rng([seed, 1]))
             out[(frac, policy)] = {**evaluate(world, plans, args.scale), "sent": sum(len(p.judge) for p in plans)}
     # the world's premise: RM accuracy by uncertainty quintile
     s = np.concatenate([g.s for g in real])
     u, d = world.u.ravel(), world.d.ravel()
     edges = np.quantile(u, np.linspace(0, 1, 6))
-    out["rm_acc_by_u"] = [float((np.sign(s) == np.sign(d))[(u >= lo) & (u <= hi)].mean())
-                          for lo, hi in zip(edges[:-1], edges[1:])]
+    out["rm_acc_by_u"] = [
+        float((np.sign(s) == np.sign(d))[(u >= lo) & (u <= hi)].mean()) for lo, hi in zip(edges[:-1], edges[1:])
+    ]
     return out
 
 
@@ -138,8 +158,12 @@ def summarise(args) -> tuple[dict, list[float]]:
 
     details = {}
     for frac in BUDGETS:
-        row: dict = {p: {k: med(lambda r, p=p, k=k: r[(frac, p)][k])
-                         for k in ("acc", "sent", "judged", "fallbacks", "agreement")} for p in POLICIES}
+        row: dict = {
+            p: {
+                k: med(lambda r, p=p, k=k: r[(frac, p)][k]) for k in ("acc", "sent", "judged", "fallbacks", "agreement")
+            }
+            for p in POLICIES
+        }
         for p in ("uncertainty", "margin", "null"):
             row[f"{p}_gain_points"] = med(gain(frac, p))
         row["uncertainty_gain_min_points"] = min(gain(frac, "uncertainty")(r) for r in runs)
@@ -147,8 +171,15 @@ def summarise(args) -> tuple[dict, list[float]]:
     return details, [med(lambda r, q=q: r["rm_acc_by_u"][q]) for q in range(5)]
 
 
-SWEEP = [((1.0, 1.0), 3.0), ((1.0, 1.0), 6.0), ((1.0, 3.0), 3.0), ((1.0, 3.0), 10.0),
-         ((0.5, 2.0), 6.0), ((2.0, 5.0), 6.0), ((1.0, 6.0), 10.0)]
+SWEEP = [
+    ((1.0, 1.0), 3.0),
+    ((1.0, 1.0), 6.0),
+    ((1.0, 3.0), 3.0),
+    ((1.0, 3.0), 10.0),
+    ((0.5, 2.0), 6.0),
+    ((2.0, 5.0), 6.0),
+    ((1.0, 6.0), 10.0),
+]
 
 
 def main() -> int:
@@ -156,8 +187,14 @@ def main() -> int:
     ap.add_argument("--groups", type=int, default=256, help="groups per step")
     ap.add_argument("--n", type=int, default=8, help="responses per group")
     ap.add_argument("--seeds", type=int, default=9)
-    ap.add_argument("--u-beta", type=float, nargs=2, default=(1.0, 3.0), metavar=("ALPHA", "BETA"),
-                    help="uncertainty u ~ Beta(ALPHA, BETA); 1 1 is Uniform(0, 1)")
+    ap.add_argument(
+        "--u-beta",
+        type=float,
+        nargs=2,
+        default=(1.0, 3.0),
+        metavar=("ALPHA", "BETA"),
+        help="uncertainty u ~ Beta(ALPHA, BETA); 1 1 is Uniform(0, 1)",
+    )
     ap.add_argument("--a", type=float, default=0.2, help="RM noise std at u = 0")
     ap.add_argument("--k", type=float, default=6.0, help="RM noise std growth per unit of uncertainty")
     ap.add_argument("--bias", type=float, default=0.3, help="RM position bias (cancelled by antisymmetrising)")
@@ -171,40 +208,63 @@ def main() -> int:
     t0 = time.perf_counter()
     details, rm_by_u = summarise(args)
     pairs = args.groups * args.n * (args.n - 1) // 2
-    print(f"world: {args.groups} groups x {args.n} responses ({pairs} pairs/step); u ~ Beta{tuple(args.u_beta)}, "
-          f"RM noise std {args.a} + {args.k} u, position bias {args.bias}; judge {args.judge_acc:.0%} right, "
-          f"{args.judge_fail:.0%} fallbacks; c = {args.scale}; median of {args.seeds} seeds")
+    print(
+        f"world: {args.groups} groups x {args.n} responses ({pairs} pairs/step); u ~ Beta{tuple(args.u_beta)}, "
+        f"RM noise std {args.a} + {args.k} u, position bias {args.bias}; judge {args.judge_acc:.0%} right, "
+        f"{args.judge_fail:.0%} fallbacks; c = {args.scale}; median of {args.seeds} seeds"
+    )
     print("RM pairwise accuracy by uncertainty quintile (low -> high): " + " ".join(f"{a:.3f}" for a in rm_by_u))
     print("\npairwise accuracy (fraction of pairs whose final S_ij has the true sign)")
-    print(f"{'budget':>7}{'sent':>7}" + "".join(f"{p:>13}" for p in POLICIES)
-          + f"{'unc-rand':>10}{'marg-rand':>11}{'null-rand':>11}")
+    print(
+        f"{'budget':>7}{'sent':>7}"
+        + "".join(f"{p:>13}" for p in POLICIES)
+        + f"{'unc-rand':>10}{'marg-rand':>11}{'null-rand':>11}"
+    )
     for frac in BUDGETS:
         row = details[f"{round(frac * 100)}%"]
-        print(f"{frac:>7.0%}{row['random']['sent']:>7.0f}" + "".join(f"{row[p]['acc']:>13.4f}" for p in POLICIES)
-              + f"{row['uncertainty_gain_points']:>+10.2f}{row['margin_gain_points']:>+11.2f}"
-              f"{row['null_gain_points']:>+11.2f}")
+        print(
+            f"{frac:>7.0%}{row['random']['sent']:>7.0f}"
+            + "".join(f"{row[p]['acc']:>13.4f}" for p in POLICIES)
+            + f"{row['uncertainty_gain_points']:>+10.2f}{row['margin_gain_points']:>+11.2f}"
+            f"{row['null_gain_points']:>+11.2f}"
+        )
     print("  (gains: points over random; sent: judge calls per step, the same for every budgeted policy)")
     at20 = details["20%"]
-    print("RM-judge agreement on routed pairs at 20% (ties/fallbacks excluded): "
-          + ", ".join(f"{p} {at20[p]['agreement']:.3f}" for p in ("random", "margin", "uncertainty", "null")))
-    print(f"judge fallbacks at 20%: {at20['uncertainty']['fallbacks']:.0f} of {at20['uncertainty']['sent']:.0f} "
-          f"calls; uncertainty - random at 20%, worst seed: {at20['uncertainty_gain_min_points']:+.2f} points")
+    print(
+        "RM-judge agreement on routed pairs at 20% (ties/fallbacks excluded): "
+        + ", ".join(f"{p} {at20[p]['agreement']:.3f}" for p in ("random", "margin", "uncertainty", "null"))
+    )
+    print(
+        f"judge fallbacks at 20%: {at20['uncertainty']['fallbacks']:.0f} of {at20['uncertainty']['sent']:.0f} "
+        f"calls; uncertainty - random at 20%, worst seed: {at20['uncertainty_gain_min_points']:+.2f} points"
+    )
 
     sweep = []
     if args.sweep:
         print("\nsensitivity at 20% (128 groups x 5 seeds; points over random)")
-        print(f"{'u distribution':>16}{'k':>5}{'RM acc':>8}{'RM acc q1->q5':>16}{'unc-rand':>10}{'marg-rand':>11}"
-              f"{'null-rand':>11}")
+        print(
+            f"{'u distribution':>16}{'k':>5}{'RM acc':>8}{'RM acc q1->q5':>16}{'unc-rand':>10}{'marg-rand':>11}"
+            f"{'null-rand':>11}"
+        )
         for u_beta, k in SWEEP:
             sub = argparse.Namespace(**{**vars(args), "groups": 128, "seeds": 5, "u_beta": u_beta, "k": k})
             d, by_u = summarise(sub)
             r = d["20%"]
-            sweep.append({"u_beta": u_beta, "k": k, "rm_acc": r["none"]["acc"], "rm_acc_by_u": by_u,
-                          **{f"{p}_gain_points": r[f"{p}_gain_points"] for p in ("uncertainty", "margin", "null")}})
+            sweep.append(
+                {
+                    "u_beta": u_beta,
+                    "k": k,
+                    "rm_acc": r["none"]["acc"],
+                    "rm_acc_by_u": by_u,
+                    **{f"{p}_gain_points": r[f"{p}_gain_points"] for p in ("uncertainty", "margin", "null")},
+                }
+            )
             trend = f"{by_u[0]:.2f} -> {by_u[-1]:.2f}"
-            print(f"{'Beta(%g, %g)' % u_beta:>16}{k:>5g}{r['none']['acc']:>8.3f}{trend:>16}"
-                  f"{r['uncertainty_gain_points']:>+10.2f}{r['margin_gain_points']:>+11.2f}"
-                  f"{r['null_gain_points']:>+11.2f}")
+            print(
+                f"{'Beta(%g, %g)' % u_beta:>16}{k:>5g}{r['none']['acc']:>8.3f}{trend:>16}"
+                f"{r['uncertainty_gain_points']:>+10.2f}{r['margin_gain_points']:>+11.2f}"
+                f"{r['null_gain_points']:>+11.2f}"
+            )
 
     res = {
         "uncertainty_acc": at20["uncertainty"]["acc"],
@@ -215,16 +275,36 @@ def main() -> int:
     }
     ok_gain = res["uncertainty_gain"] >= 2.0
     ok_null = abs(res["null_gain"]) < 1.0
-    print(f"\nclaim at 20%: uncertainty - random = {res['uncertainty_gain']:+.2f} points >= 2: "
-          f"{'OK' if ok_gain else 'FAIL'}; null control {res['null_gain']:+.2f} points, |.| < 1: "
-          f"{'OK' if ok_null else 'FAIL'}  ({time.perf_counter() - t0:.1f}s)")
+    print(
+        f"\nclaim at 20%: uncertainty - random = {res['uncertainty_gain']:+.2f} points >= 2: "
+        f"{'OK' if ok_gain else 'FAIL'}; null control {res['null_gain']:+.2f} points, |.| < 1: "
+        f"{'OK' if ok_null else 'FAIL'}  ({time.perf_counter() - t0:.1f}s)"
+    )
     if args.json:
-        args.json.write_text(json.dumps({
-            **res, "units": {"*_acc": "fraction in [0, 1]", "null_gain": "points", "uncertainty_gain": "points"},
-            "rm_acc_by_uncertainty_quintile": rm_by_u, "details": details, "sweep": sweep,
-            "seeds": args.seeds, "groups": args.groups, "n": args.n,
-            "world": {"u_beta": list(args.u_beta), "a": args.a, "k": args.k, "bias": args.bias,
-                      "judge_acc": args.judge_acc, "judge_fail": args.judge_fail, "scale": args.scale}}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    **res,
+                    "units": {"*_acc": "fraction in [0, 1]", "null_gain": "points", "uncertainty_gain": "points"},
+                    "rm_acc_by_uncertainty_quintile": rm_by_u,
+                    "details": details,
+                    "sweep": sweep,
+                    "seeds": args.seeds,
+                    "groups": args.groups,
+                    "n": args.n,
+                    "world": {
+                        "u_beta": list(args.u_beta),
+                        "a": args.a,
+                        "k": args.k,
+                        "bias": args.bias,
+                        "judge_acc": args.judge_acc,
+                        "judge_fail": args.judge_fail,
+                        "scale": args.scale,
+                    },
+                },
+                indent=2,
+            )
+        )
     return 0 if ok_gain and ok_null else 1
 
 

@@ -99,15 +99,26 @@ def allocation_ratios(p: np.ndarray, rng: np.random.Generator, zero_cap: int, un
     for i, r in enumerate(past):
         stats.observe(f"q{i}", r.tolist())
     ids = [f"q{i}" for i in range(m)]
-    est8 = allocate("knapsack", stats.success_rate(ids), stats.observed(ids), budget, N_LOW, N_UP,
-                    unseen_threshold=unseen_threshold, zero_cap=zero_cap)
+    est8 = allocate(
+        "knapsack",
+        stats.success_rate(ids),
+        stats.observed(ids),
+        budget,
+        N_LOW,
+        N_UP,
+        unseen_threshold=unseen_threshold,
+        zero_cap=zero_cap,
+    )
     out = {"past_has_correct": np.array([r.max() > 0 for r in past])}
     for name, counts in (("uniform", uniform), ("true_p", true_p), ("est8", est8)):
         assert counts.sum() == budget
         groups = rollouts(p, counts, rng)
-        out[name] = {"egr": effective_gradient_ratio(groups), "epr": effective_prompt_ratio(groups),
-                     "expected_egr": float((counts * (1 - p**counts - (1 - p) ** counts)).sum() / budget),
-                     "counts": counts}
+        out[name] = {
+            "egr": effective_gradient_ratio(groups),
+            "epr": effective_prompt_ratio(groups),
+            "expected_egr": float((counts * (1 - p**counts - (1 - p) ** counts)).sum() / budget),
+            "counts": counts,
+        }
     return out
 
 
@@ -125,8 +136,11 @@ def ar3po(p: np.ndarray, stored: np.ndarray, stages: int, k: int, rng: np.random
     responses = sum(len(g) for g in groups)
     final = [ar3po_reuse(np.array(g), 1.0 if stored[i] else None)[0] for i, g in enumerate(groups)]
     useful = sum(dapo_keep(g) for g in final)
-    return {"responses": responses, "useful": useful, "reused": sum(len(f) and not np.array_equal(f, g)
-                                                                    for f, g in zip(final, groups))}
+    return {
+        "responses": responses,
+        "useful": useful,
+        "reused": sum(len(f) and not np.array_equal(f, g) for f, g in zip(final, groups)),
+    }
 
 
 def dapo(target: int, n: int, max_rounds: int, rng: np.random.Generator) -> dict:
@@ -147,8 +161,7 @@ def main() -> int:
     ap.add_argument("--dapo-max-rounds", type=int, default=SchedulerConfig().dapo_max_rounds)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args()
-    cfg = SchedulerConfig(strategy="knapsack", samples_per_prompt=N_UNIFORM, min_per_prompt=N_LOW,
-                          max_per_prompt=N_UP)
+    cfg = SchedulerConfig(strategy="knapsack", samples_per_prompt=N_UNIFORM, min_per_prompt=N_LOW, max_per_prompt=N_UP)
     m, t0 = args.prompts, time.perf_counter()
     rows = []
     for seed in range(args.seeds):
@@ -174,43 +187,66 @@ def main() -> int:
         details[name]["max_count"] = med(lambda r: int(r["a"][name]["counts"].max()))
         details[name]["mean_count_by_category"] = {
             c[0]: med(lambda r, j=j: float(r["a"][name]["counts"][r["cat"] == j].mean()))
-            for j, c in enumerate(CATEGORIES)}
-    details["ar3po"] = {"useful_fraction": med(lambda r: r["ar"]["useful"] / m),
-                        "responses_per_useful_group": med(lambda r: r["ar"]["responses"] / max(r["ar"]["useful"], 1)),
-                        "reused_groups": med(lambda r: r["ar"]["reused"]),
-                        "stages": cfg.ar3po_stages, "stage_size": cfg.ar3po_stage_size}
-    details["dapo"] = {"useful_fraction": med(lambda r: r["da"]["useful"] / m),
-                       "responses_per_useful_group": med(lambda r: r["da"]["responses"] / max(r["da"]["useful"], 1)),
-                       "rounds": med(lambda r: r["da"]["rounds"]), "n": N_UNIFORM,
-                       "max_rounds": args.dapo_max_rounds}
+            for j, c in enumerate(CATEGORIES)
+        }
+    details["ar3po"] = {
+        "useful_fraction": med(lambda r: r["ar"]["useful"] / m),
+        "responses_per_useful_group": med(lambda r: r["ar"]["responses"] / max(r["ar"]["useful"], 1)),
+        "reused_groups": med(lambda r: r["ar"]["reused"]),
+        "stages": cfg.ar3po_stages,
+        "stage_size": cfg.ar3po_stage_size,
+    }
+    details["dapo"] = {
+        "useful_fraction": med(lambda r: r["da"]["useful"] / m),
+        "responses_per_useful_group": med(lambda r: r["da"]["responses"] / max(r["da"]["useful"], 1)),
+        "rounds": med(lambda r: r["da"]["rounds"]),
+        "n": N_UNIFORM,
+        "max_rounds": args.dapo_max_rounds,
+    }
     hist, edges = allocation_histogram(rows[0]["a"]["true_p"]["counts"], bins=[2, 3, 4, 8, 16, 32, 64, 128])
 
-    print(f"population: {m} prompts x {N_UNIFORM} (B = {N_UNIFORM * m}), N_low {N_LOW}, N_up {N_UP}, "
-          f"zero_cap {cfg.zero_cap}; median of {args.seeds} seeds")
-    print(f"\n{'allocation':<16}{'eff. grad ratio':>16}{'expected':>10}{'eff. prompt ratio':>19}{'x uniform':>11}"
-          f"{'max N':>7}   mean N: " + " / ".join(c[0] for c in CATEGORIES))
+    print(
+        f"population: {m} prompts x {N_UNIFORM} (B = {N_UNIFORM * m}), N_low {N_LOW}, N_up {N_UP}, "
+        f"zero_cap {cfg.zero_cap}; median of {args.seeds} seeds"
+    )
+    print(
+        f"\n{'allocation':<16}{'eff. grad ratio':>16}{'expected':>10}{'eff. prompt ratio':>19}{'x uniform':>11}"
+        f"{'max N':>7}   mean N: " + " / ".join(c[0] for c in CATEGORIES)
+    )
     for name, label in (("uniform", "uniform"), ("true_p", "knapsack true p"), ("est8", "knapsack est8")):
         d = details[name]
         ratio = 1.0 if name == "uniform" else res[f"knapsack_over_uniform_{name}"]
         by = " / ".join(f"{v:.1f}" for v in d["mean_count_by_category"].values())
-        print(f"{label:<16}{d['egr']:>16.3f}{d['expected_egr']:>10.3f}{d['epr']:>19.3f}{ratio:>11.2f}"
-              f"{d['max_count']:>7.0f}   {by}")
-    print("\nknapsack (true p, seed 0) allocation histogram: "
-          + ", ".join(f"[{lo},{hi})={h}" for lo, hi, h in zip(edges, list(edges[1:]) + ["inf"], hist)))
+        print(
+            f"{label:<16}{d['egr']:>16.3f}{d['expected_egr']:>10.3f}{d['epr']:>19.3f}{ratio:>11.2f}"
+            f"{d['max_count']:>7.0f}   {by}"
+        )
+    print(
+        "\nknapsack (true p, seed 0) allocation histogram: "
+        + ", ".join(f"[{lo},{hi})={h}" for lo, hi, h in zip(edges, list(edges[1:]) + ["inf"], hist))
+    )
     ar, da = details["ar3po"], details["dapo"]
     print(f"\n{'method':<44}{'responses/prompt':>17}{'useful fraction':>17}{'responses/useful':>18}")
-    print(f"{'AR3PO (S=%d stages of k=%d, reuse)' % (ar['stages'], ar['stage_size']):<44}"
-          f"{res['ar3po_responses_per_prompt']:>17.2f}{ar['useful_fraction']:>17.3f}"
-          f"{ar['responses_per_useful_group']:>18.2f}")
-    print(f"{'DAPO (n=%d, resample, <= %d rounds; used %.0f)' % (da['n'], da['max_rounds'], da['rounds']):<44}"
-          f"{res['dapo_responses_per_prompt']:>17.2f}{da['useful_fraction']:>17.3f}"
-          f"{da['responses_per_useful_group']:>18.2f}")
-    print(f"DAPO / AR3PO responses per prompt: "
-          f"{res['dapo_responses_per_prompt'] / res['ar3po_responses_per_prompt']:.2f}x")
+    print(
+        f"{'AR3PO (S=%d stages of k=%d, reuse)' % (ar['stages'], ar['stage_size']):<44}"
+        f"{res['ar3po_responses_per_prompt']:>17.2f}{ar['useful_fraction']:>17.3f}"
+        f"{ar['responses_per_useful_group']:>18.2f}"
+    )
+    print(
+        f"{'DAPO (n=%d, resample, <= %d rounds; used %.0f)' % (da['n'], da['max_rounds'], da['rounds']):<44}"
+        f"{res['dapo_responses_per_prompt']:>17.2f}{da['useful_fraction']:>17.3f}"
+        f"{da['responses_per_useful_group']:>18.2f}"
+    )
+    print(
+        f"DAPO / AR3PO responses per prompt: "
+        f"{res['dapo_responses_per_prompt'] / res['ar3po_responses_per_prompt']:.2f}x"
+    )
     ok_true = res["knapsack_over_uniform_true_p"] >= 1.2
     ok_est = res["knapsack_over_uniform_est8"] > 1.0
-    print(f"\nclaim knapsack true p >= 1.2x uniform: {'OK' if ok_true else 'FAIL'}; "
-          f"knapsack est8 > uniform: {'OK' if ok_est else 'FAIL'}  ({time.perf_counter() - t0:.1f}s)")
+    print(
+        f"\nclaim knapsack true p >= 1.2x uniform: {'OK' if ok_true else 'FAIL'}; "
+        f"knapsack est8 > uniform: {'OK' if ok_est else 'FAIL'}  ({time.perf_counter() - t0:.1f}s)"
+    )
     if args.json:
         args.json.write_text(json.dumps({**res, "details": details, "seeds": args.seeds, "prompts": m}, indent=2))
     return 0 if ok_true and ok_est else 1

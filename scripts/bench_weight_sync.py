@@ -68,10 +68,19 @@ def build(out: Path, hidden: int, inter: int, layers: int, heads: int) -> int:
 
     tok = build_tokenizer(256)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     save_tokenizer(tok, out)
@@ -91,11 +100,13 @@ def partial_vs_waitall(model_dir: Path, steps: int, chunk: int, staleness: int, 
 
     max_new = 192
     tok = build_tokenizer(256)
-    examples = load_task(TaskConfig()).train[:16 * 9]
+    examples = load_task(TaskConfig()).train[: 16 * 9]
 
     def call(k: int) -> list:
-        return [RolloutRequest(f"c{k}-{i}", e.prompt, tuple(encode_prompt(tok, e.prompt)), e.answer, 8)
-                for i, e in enumerate(examples[16 * k:16 * (k + 1)])]
+        return [
+            RolloutRequest(f"c{k}-{i}", e.prompt, tuple(encode_prompt(tok, e.prompt)), e.answer, 8)
+            for i, e in enumerate(examples[16 * k : 16 * (k + 1)])
+        ]
 
     # Generation alone: rounds of 8 calls of 16 x 8 per mode (after a warm-up call), modes
     # alternating round by round so that machine noise hits both alike; medians.
@@ -106,9 +117,12 @@ def partial_vs_waitall(model_dir: Path, steps: int, chunk: int, staleness: int, 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as d:
-            workers = {name: ray.remote(num_cpus=1)(RolloutWorker).remote(
-                RolloutConfig(max_new_tokens=max_new, partial_chunk_tokens=c), str(model_dir), 0, d)
-                for name, c in (("wait_for_all", 0), ("partial", chunk))}
+            workers = {
+                name: ray.remote(num_cpus=1)(RolloutWorker).remote(
+                    RolloutConfig(max_new_tokens=max_new, partial_chunk_tokens=c), str(model_dir), 0, d
+                )
+                for name, c in (("wait_for_all", 0), ("partial", chunk))
+            }
             first = {name: ray.get(w.generate.remote(call(0))) for name, w in workers.items()}
             res = first["wait_for_all"]
             for _ in range(repeats):
@@ -125,27 +139,54 @@ def partial_vs_waitall(model_dir: Path, steps: int, chunk: int, staleness: int, 
         ray.shutdown()
     lengths = np.array([len(c.token_ids) for g in res.groups for c in g.completions])
     gen = {name: {"groups_per_s": statistics.median(v), "groups_per_s_runs": v} for name, v in gen.items()}
-    out = {"lengths": {"p50": float(np.percentile(lengths, 50)), "p90": float(np.percentile(lengths, 90)),
-                       "max": int(lengths.max()), "mean": float(lengths.mean()), "cap": max_new},
-           "generation": gen,
-           "partial_over_waitall_generation_groups_per_s": gen["partial"]["groups_per_s"] /
-           gen["wait_for_all"]["groups_per_s"]}
+    out = {
+        "lengths": {
+            "p50": float(np.percentile(lengths, 50)),
+            "p90": float(np.percentile(lengths, 90)),
+            "max": int(lengths.max()),
+            "mean": float(lengths.mean()),
+            "cap": max_new,
+        },
+        "generation": gen,
+        "partial_over_waitall_generation_groups_per_s": gen["partial"]["groups_per_s"]
+        / gen["wait_for_all"]["groups_per_s"],
+    }
     runs: dict = {"wait_for_all": [], "partial": []}
     for _ in range(repeats):  # alternating, as above
         for name, c in (("wait_for_all", 0), ("partial", chunk)):
-            cfg = to_run_config(compose([
-                f"steps={steps}", "max_train_seconds=0", "cluster.metrics_port=-1", f"model.path={model_dir}",
-                f"rollout.max_new_tokens={max_new}", f"rollout.partial_chunk_tokens={c}",
-                f"replay.max_staleness={staleness}", "task.num_eval=16", "report=false"]))
+            cfg = to_run_config(
+                compose(
+                    [
+                        f"steps={steps}",
+                        "max_train_seconds=0",
+                        "cluster.metrics_port=-1",
+                        f"model.path={model_dir}",
+                        f"rollout.max_new_tokens={max_new}",
+                        f"rollout.partial_chunk_tokens={c}",
+                        f"replay.max_staleness={staleness}",
+                        "task.num_eval=16",
+                        "report=false",
+                    ]
+                )
+            )
             with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as d:
                 s = run_training(cfg, Path(d))
             ray.shutdown()
-            runs[name].append({
-                "chunk": c, "steps": s["steps"], "train_seconds": s["train_seconds"],
-                "step_s": s["train_seconds"] / s["steps"], "sync_s_per_step": s["busy_seconds"]["weight_sync"] / s["steps"],
-                "samples_per_s": s["samples_per_s"], "tokens_per_s": s["tokens_per_s"],
-                "switched": s["partial_switched"], "samples": s["samples"],
-                "dropped_stale": s["replay"]["dropped_stale"], "staleness_hist": s["replay"]["staleness_hist"]})
+            runs[name].append(
+                {
+                    "chunk": c,
+                    "steps": s["steps"],
+                    "train_seconds": s["train_seconds"],
+                    "step_s": s["train_seconds"] / s["steps"],
+                    "sync_s_per_step": s["busy_seconds"]["weight_sync"] / s["steps"],
+                    "samples_per_s": s["samples_per_s"],
+                    "tokens_per_s": s["tokens_per_s"],
+                    "switched": s["partial_switched"],
+                    "samples": s["samples"],
+                    "dropped_stale": s["replay"]["dropped_stale"],
+                    "staleness_hist": s["replay"]["staleness_hist"],
+                }
+            )
     for name, rs in runs.items():  # the median run by step time, and every run's step time
         med = sorted(rs, key=lambda r: r["step_s"])[len(rs) // 2]
         out[name] = {**med, "step_s_runs": [r["step_s"] for r in rs]}
@@ -170,24 +211,28 @@ def main() -> int:
     ap.add_argument("--sizes", default="tiny,25m,100m")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--partial-steps", type=int, default=30, help="steps per run of the partial-rollout "
-                    "comparison (0 skips it)")
+    ap.add_argument(
+        "--partial-steps", type=int, default=30, help="steps per run of the partial-rollout comparison (0 skips it)"
+    )
     ap.add_argument("--partial-chunk", type=int, default=16, help="rollout.partial_chunk_tokens of the partial run")
     ap.add_argument("--partial-staleness", type=int, default=2, help="replay.max_staleness of both runs")
     ap.add_argument("--partial-repeats", type=int, default=3, help="runs per mode, alternating (medians reported)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
-    import torch
     from safetensors.torch import save_file
 
+    from rlsys.controller.cluster import keep_ray_on_loopback
     from rlsys.rollout.worker import RolloutConfig, RolloutWorker
 
-    from rlsys.controller.cluster import keep_ray_on_loopback
-
     keep_ray_on_loopback()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
+    )
     rows = []
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     try:
@@ -201,7 +246,8 @@ def main() -> int:
                 nbytes = sum(t.numel() * t.element_size() for _, t in weights)
                 floor = copy_floor_s(nbytes)
                 worker = ray.remote(num_cpus=1)(RolloutWorker).remote(
-                    RolloutConfig(kv_cache_bytes=64 << 20, max_model_len=256), str(model_dir), 0, d)
+                    RolloutConfig(kv_cache_bytes=64 << 20, max_model_len=256), str(model_dir), 0, d
+                )
                 ray.get(worker.ready.remote())
                 version = 0
                 for transport in ("ray", "shm"):
@@ -219,55 +265,96 @@ def main() -> int:
                             path.unlink()
                         times.append(time.perf_counter() - t0)
                     t = statistics.median(times[1:])
-                    rows.append({"size": name, "params": nparams, "mb": nbytes / 2**20, "transport": transport,
-                                 "sync_s": t, "floor_s": floor, "over_floor": t / floor,
-                                 "gb_per_s": nbytes / t / 1e9})
+                    rows.append(
+                        {
+                            "size": name,
+                            "params": nparams,
+                            "mb": nbytes / 2**20,
+                            "transport": transport,
+                            "sync_s": t,
+                            "floor_s": floor,
+                            "over_floor": t / floor,
+                            "gb_per_s": nbytes / t / 1e9,
+                        }
+                    )
                 ray.kill(worker)
     finally:
         ray.shutdown()
     print(f"\nbench_weight_sync: learner -> one vLLM worker (CPU), median of {args.repeats}\n")
-    print(f"{'size':>6s} {'params':>10s} {'MB':>8s} {'transport':>10s} {'sync ms':>9s} {'floor ms':>9s} "
-          f"{'x floor':>8s} {'GB/s':>6s}")
+    print(
+        f"{'size':>6s} {'params':>10s} {'MB':>8s} {'transport':>10s} {'sync ms':>9s} {'floor ms':>9s} "
+        f"{'x floor':>8s} {'GB/s':>6s}"
+    )
     for r in rows:
-        print(f"{r['size']:>6s} {r['params']:>10,d} {r['mb']:8.1f} {r['transport']:>10s} {r['sync_s'] * 1e3:9.1f} "
-              f"{r['floor_s'] * 1e3:9.2f} {r['over_floor']:8.1f} {r['gb_per_s']:6.2f}")
+        print(
+            f"{r['size']:>6s} {r['params']:>10,d} {r['mb']:8.1f} {r['transport']:>10s} {r['sync_s'] * 1e3:9.1f} "
+            f"{r['floor_s'] * 1e3:9.2f} {r['over_floor']:8.1f} {r['gb_per_s']:6.2f}"
+        )
     partial = None
     if args.partial_steps:
         with tempfile.TemporaryDirectory() as d:
             build(Path(d) / "longtail", *SIZES["tiny"])
-            partial = partial_vs_waitall(Path(d) / "longtail", args.partial_steps, args.partial_chunk,
-                                         args.partial_staleness, args.partial_repeats)
+            partial = partial_vs_waitall(
+                Path(d) / "longtail",
+                args.partial_steps,
+                args.partial_chunk,
+                args.partial_staleness,
+                args.partial_repeats,
+            )
         ln = partial["lengths"]
-        print(f"\npartial rollouts vs wait-for-all: {args.partial_steps} steps each, max_staleness "
-              f"{args.partial_staleness}, one worker; "
-              f"response lengths of one 16 x 8 call: p50 {ln['p50']:.0f}, p90 {ln['p90']:.0f}, "
-              f"max {ln['max']} (cap {ln['cap']}), mean {ln['mean']:.1f}\n")
-        print(f"{'mode':>13s} {'chunk':>6s} {'step s':>8s} {'sync s/step':>12s} {'samples/s':>10s} {'tokens/s':>9s} "
-              f"{'switched':>9s} {'stale drop':>10s}")
+        print(
+            f"\npartial rollouts vs wait-for-all: {args.partial_steps} steps each, max_staleness "
+            f"{args.partial_staleness}, one worker; "
+            f"response lengths of one 16 x 8 call: p50 {ln['p50']:.0f}, p90 {ln['p90']:.0f}, "
+            f"max {ln['max']} (cap {ln['cap']}), mean {ln['mean']:.1f}\n"
+        )
+        print(
+            f"{'mode':>13s} {'chunk':>6s} {'step s':>8s} {'sync s/step':>12s} {'samples/s':>10s} {'tokens/s':>9s} "
+            f"{'switched':>9s} {'stale drop':>10s}"
+        )
         for name in ("wait_for_all", "partial"):
             r = partial[name]
-            print(f"{name:>13s} {r['chunk']:6d} {r['step_s']:8.2f} {r['sync_s_per_step']:12.2f} "
-                  f"{r['samples_per_s']:10.1f} {r['tokens_per_s']:9.0f} {r['switched']:9d} {r['dropped_stale']:10d}")
-        print(f"(median run of {args.partial_repeats} per mode; step s of every run: wait-for-all "
-              + " ".join(f"{x:.2f}" for x in partial["wait_for_all"]["step_s_runs"]) + ", partial "
-              + " ".join(f"{x:.2f}" for x in partial["partial"]["step_s_runs"]) + ")")
-        print(f"partial / wait-for-all step time = {partial['partial_over_waitall_step_time']:.2f} (median runs; "
-              "run by run: " + " ".join(f"{x:.2f}" for x in partial["pairwise_ratios"]) + ")")
+            print(
+                f"{name:>13s} {r['chunk']:6d} {r['step_s']:8.2f} {r['sync_s_per_step']:12.2f} "
+                f"{r['samples_per_s']:10.1f} {r['tokens_per_s']:9.0f} {r['switched']:9d} {r['dropped_stale']:10d}"
+            )
+        print(
+            f"(median run of {args.partial_repeats} per mode; step s of every run: wait-for-all "
+            + " ".join(f"{x:.2f}" for x in partial["wait_for_all"]["step_s_runs"])
+            + ", partial "
+            + " ".join(f"{x:.2f}" for x in partial["partial"]["step_s_runs"])
+            + ")"
+        )
+        print(
+            f"partial / wait-for-all step time = {partial['partial_over_waitall_step_time']:.2f} (median runs; "
+            "run by run: " + " ".join(f"{x:.2f}" for x in partial["pairwise_ratios"]) + ")"
+        )
         g = partial["generation"]
-        print(f"generation alone (rounds of 8 calls of 16 x 8 on one worker, median of {args.partial_repeats}): "
-              f"wait-for-all {g['wait_for_all']['groups_per_s']:.1f} groups/s, partial with carry-over "
-              f"{g['partial']['groups_per_s']:.1f} groups/s = "
-              f"{partial['partial_over_waitall_generation_groups_per_s']:.2f}x")
+        print(
+            f"generation alone (rounds of 8 calls of 16 x 8 on one worker, median of {args.partial_repeats}): "
+            f"wait-for-all {g['wait_for_all']['groups_per_s']:.1f} groups/s, partial with carry-over "
+            f"{g['partial']['groups_per_s']:.1f} groups/s = "
+            f"{partial['partial_over_waitall_generation_groups_per_s']:.2f}x"
+        )
     by = {(r["size"], r["transport"]): r for r in rows}
     largest = args.sizes.split(",")[-1]
     ratio = by[(largest, "ray")]["sync_s"] / by[(largest, "shm")]["sync_s"]
     print(f"\nat {largest}: ray / shm sync time = {ratio:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"sync_over_floor": by[(largest, "shm")]["over_floor"],
-                                         "sync_over_floor_ray": by[(largest, "ray")]["over_floor"],
-                                         "partial_over_waitall_step_time":
-                                             partial and partial["partial_over_waitall_step_time"],
-                                         "ray_over_shm": ratio, "rows": rows, "partial": partial}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "sync_over_floor": by[(largest, "shm")]["over_floor"],
+                    "sync_over_floor_ray": by[(largest, "ray")]["over_floor"],
+                    "partial_over_waitall_step_time": partial and partial["partial_over_waitall_step_time"],
+                    "ray_over_shm": ratio,
+                    "rows": rows,
+                    "partial": partial,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {args.json}")
     return 0
 

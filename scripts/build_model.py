@@ -10,8 +10,8 @@ import json
 import logging
 
 from rlsys.tasks.arithmetic import TaskConfig
-from rlsys.tasks.tinymodel import WARMSTART_FILE, ensure_model
 from rlsys.tasks.config import ModelConfig
+from rlsys.tasks.tinymodel import WARMSTART_FILE, ensure_model
 
 log = logging.getLogger("build_model")
 

@@ -60,13 +60,29 @@ def build(out: Path, size: str) -> int:
     core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
     core.decoder = decoders.Fuse()
     core.add_special_tokens(list(SPECIAL_TOKENS))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                  model_max_length=2048, clean_up_tokenization_spaces=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
     hidden, inter, layers, heads, kv = SIZES[size]
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     save_tokenizer(tok, out)
@@ -104,15 +120,14 @@ def main() -> int:
         return 0
     import ray
 
-    from rlsys.learner.batch import build_batch
-    from rlsys.learner.config import LearnerConfig
-    from rlsys.learner.rank import LearnerRank
-    from rlsys.learner.config import LossConfig
-    from rlsys.learner.losses import LossNormalizer
-    from rlsys.records import RolloutRequest
-    from rlsys.rollout.worker import RolloutConfig, RolloutWorker
     from rlsys.controller.loop import _free_port as free_port
+    from rlsys.learner.batch import build_batch
+    from rlsys.learner.config import LearnerConfig, LossConfig
+    from rlsys.learner.losses import LossNormalizer
+    from rlsys.learner.rank import LearnerRank
+    from rlsys.records import RolloutRequest
     from rlsys.rollout.weight_sync import publish
+    from rlsys.rollout.worker import RolloutConfig, RolloutWorker
 
     n_gpus = torch.cuda.device_count()
     out: dict = {"size": args.size, "gpus": n_gpus, "device": torch.cuda.get_device_name(0)}
@@ -120,51 +135,74 @@ def main() -> int:
     from rlsys.controller.cluster import keep_ray_on_loopback
 
     keep_ray_on_loopback()
-    ray.init(num_cpus=max(4, os.cpu_count() or 4), num_gpus=n_gpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
+    ray.init(
+        num_cpus=max(4, os.cpu_count() or 4),
+        num_gpus=n_gpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as d:
             model = Path(d) / "model"
             out["params"] = build(model, args.size)
             print(f"built {args.size} Llama: {out['params'] / 1e6:.0f}M parameters", flush=True)
-            rc = RolloutConfig(dtype="bfloat16", gpu_memory_utilization=0.35,  # shares GPU 0 with the learner
-                               max_new_tokens=args.new_tokens, enforce_eager=False, temperature=1.0)
+            rc = RolloutConfig(
+                dtype="bfloat16",
+                gpu_memory_utilization=0.35,  # shares GPU 0 with the learner
+                max_new_tokens=args.new_tokens,
+                enforce_eager=False,
+                temperature=1.0,
+            )
             # lr 1e-2: a few steps move the weights far from the engine's, so the logprob check
             # below can tell a synced engine from a stale one.
             lc = LearnerConfig(dtype="bf16", zero_stage=1, grad_accum_steps=8, num_gpus=0.5, lr=1e-2)
             # The learner and one engine share GPU 0 (0.5 + 0.5: cuda_ipc); a second GPU, if there,
             # gets an engine of its own (nccl).
             learner = ray.remote(num_cpus=1, num_gpus=0.5)(LearnerRank).remote(
-                lc, str(model), 0, 1, free_port(), rc.temperature, rc.max_new_tokens)
+                lc, str(model), 0, 1, free_port(), rc.temperature, rc.max_new_tokens
+            )
             ray.get(learner.ready.remote())  # before the engine profiles GPU 0's free memory
-            engines = {"cuda_ipc": ray.remote(num_cpus=1, num_gpus=0.5, max_concurrency=2)(RolloutWorker).remote(
-                rc, str(model), 0, d)}
+            engines = {
+                "cuda_ipc": ray.remote(num_cpus=1, num_gpus=0.5, max_concurrency=2)(RolloutWorker).remote(
+                    rc, str(model), 0, d
+                )
+            }
             ray.get([e.ready.remote() for e in engines.values()])
             ids = [ray.get(learner.gpu_id.remote())] + [ray.get(e.gpu_id.remote()) for e in engines.values()]
             if ids[0] != ids[1]:
                 failures.append(f"learner ({ids[0]}) and the first engine ({ids[1]}) should share a GPU")
             if n_gpus >= 2:  # the NCCL path: an engine on a GPU of its own
                 nccl_engine = ray.remote(num_cpus=1, num_gpus=1, max_concurrency=2)(RolloutWorker).remote(
-                    dataclasses.replace(rc, gpu_memory_utilization=0.8), str(model), 1, d)
+                    dataclasses.replace(rc, gpu_memory_utilization=0.8), str(model), 1, d
+                )
                 ray.get(nccl_engine.ready.remote())
                 engines["nccl"] = nccl_engine
             print(f"learner on {ids[0]}, engine on {ids[1]}", flush=True)
             engine = engines["cuda_ipc"]
 
             rng = np.random.default_rng(0)
-            reqs = [RolloutRequest(f"p{i}", "", tuple([1, *rng.integers(3, VOCAB, 15).tolist()]), "", 1)
-                    for i in range(args.prompts)]
+            reqs = [
+                RolloutRequest(f"p{i}", "", tuple([1, *rng.integers(3, VOCAB, 15).tolist()]), "", 1)
+                for i in range(args.prompts)
+            ]
             ray.get(engine.generate.remote(reqs[:8]))  # warm-up (graph capture)
             res = ray.get(engine.generate.remote(reqs))
             out["generation_tokens_per_s"] = res.num_tokens / res.generate_seconds
-            print(f"generation: {res.num_tokens} tokens in {res.generate_seconds:.2f}s = "
-                  f"{out['generation_tokens_per_s']:.0f} tokens/s", flush=True)
+            print(
+                f"generation: {res.num_tokens} tokens in {res.generate_seconds:.2f}s = "
+                f"{out['generation_tokens_per_s']:.0f} tokens/s",
+                flush=True,
+            )
 
             # one group of all samples with random rewards: GRPO advantages over the whole set, so
             # every sample has a gradient
-            merged = dataclasses.replace(res.groups[0], completions=[c for g in res.groups for c in g.completions],
-                                         rewards=rng.random(len(res.groups)).astype(np.float32))
+            merged = dataclasses.replace(
+                res.groups[0],
+                completions=[c for g in res.groups for c in g.completions],
+                rewards=rng.random(len(res.groups)).astype(np.float32),
+            )
             batch = build_batch([merged], LossConfig(), pad_id=0)
             norm = LossNormalizer(batch.num_tokens, batch.num_seqs, rc.max_new_tokens)
             ray.get(learner.train_step.remote(batch, norm))  # warm-up
@@ -175,25 +213,33 @@ def main() -> int:
                 times.append(time.perf_counter() - t0)
             processed = int(batch.attention_mask.sum())
             out["learner_tokens_per_s"] = processed / statistics.median(times)
-            print(f"learner: {processed} tokens per step in {statistics.median(times):.2f}s = "
-                  f"{out['learner_tokens_per_s']:.0f} tokens/s", flush=True)
+            print(
+                f"learner: {processed} tokens per step in {statistics.median(times):.2f}s = "
+                f"{out['learner_tokens_per_s']:.0f} tokens/s",
+                flush=True,
+            )
 
             plan = ray.get(learner.weight_plan.remote("bfloat16"))
             ray.get([e.check_weight_plan.remote(plan) for e in engines.values()])
             nbytes = sum(b.nbytes for b in plan)
             floor = d2d_floor_s(nbytes)
             out.update({"sync_bytes": nbytes, "sync_buckets": len(plan), "copy_floor_s": floor, "sync": {}})
+
             def logprob_gap(eng) -> float:
                 """Mean |engine - learner| logprob of fresh samples (both bf16)."""
                 fresh = ray.get(eng.generate.remote(reqs[:16]))
-                fb = build_batch([g.with_rewards(np.zeros(g.size, np.float32), 0) for g in fresh.groups],
-                                 LossConfig(), pad_id=0)
+                fb = build_batch(
+                    [g.with_rewards(np.zeros(g.size, np.float32), 0) for g in fresh.groups], LossConfig(), pad_id=0
+                )
                 learner_lp = ray.get(learner.compute_logprobs.remote(fb))
                 return float(np.abs((learner_lp - fb.behav_logprobs) * fb.mask).sum() / fb.mask.sum())
 
             out["logprob_gap_before_sync"] = before = logprob_gap(engine)
-            print(f"before any sync (engine: initial weights, learner: 4 steps on): mean |engine - learner| "
-                  f"logprob = {before:.4f}", flush=True)
+            print(
+                f"before any sync (engine: initial weights, learner: 4 steps on): mean |engine - learner| "
+                f"logprob = {before:.4f}",
+                flush=True,
+            )
             version = 0
             for transport, eng in engines.items():
                 if transport == "nccl":
@@ -207,16 +253,21 @@ def main() -> int:
                     ts.append(time.perf_counter() - t0)
                 t = statistics.median(ts)
                 out["sync"][transport] = {"sync_s": t, "sync_over_floor": t / floor}
-                print(f"weight sync ({transport}): {nbytes / 2**20:.0f} MB in {len(plan)} bucket(s): {t * 1e3:.0f} ms "
-                      f"= {t / floor:.1f}x the device copy floor ({floor * 1e3:.2f} ms)", flush=True)
+                print(
+                    f"weight sync ({transport}): {nbytes / 2**20:.0f} MB in {len(plan)} bucket(s): {t * 1e3:.0f} ms "
+                    f"= {t / floor:.1f}x the device copy floor ({floor * 1e3:.2f} ms)",
+                    flush=True,
+                )
                 # the engine now serves the learner's weights: their logprobs agree on fresh samples
                 out["sync"][transport]["logprob_gap"] = gap = logprob_gap(eng)
                 print(f"  after sync: mean |engine - learner| logprob = {gap:.4f}", flush=True)
                 if ray.get(eng.policy_version.remote()) != version:
                     failures.append(f"{transport}: engine did not report version {version}")
                 if not gap < before / 5:
-                    failures.append(f"{transport}: logprob gap {gap:.4f} after sync, {before:.4f} before: "
-                                    "the engine does not serve the learner's weights")
+                    failures.append(
+                        f"{transport}: logprob gap {gap:.4f} after sync, {before:.4f} before: "
+                        "the engine does not serve the learner's weights"
+                    )
             worst = max(v["sync_over_floor"] for v in out["sync"].values())
             out["sync_over_floor"] = worst
     finally:

@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import TEST_REDIS_PASSWORD, RedisServer, record_store_calls  # noqa: E402  (tests' server helper)
+
 from rlsys.config import compose, to_run_config  # noqa: E402
 from rlsys.controller.loop import Controller  # noqa: E402
 
@@ -52,8 +53,9 @@ FAULTS = ("kill_rollout", "hang_rollout", "kill_reward", "hang_reward", "kill_le
 class Injector(threading.Thread):
     """Random faults into a running Controller, from a side thread (Ray calls are thread-safe)."""
 
-    def __init__(self, ctl: Controller, redis: RedisServer, mean_gap_s: float, seed: int, warmup_s: float,
-                 until_s: float):
+    def __init__(
+        self, ctl: Controller, redis: RedisServer, mean_gap_s: float, seed: int, warmup_s: float, until_s: float
+    ):
         super().__init__(daemon=True, name="fault-injector")
         self.ctl, self.redis, self.mean_gap_s, self.warmup_s = ctl, redis, mean_gap_s, warmup_s
         self.until_s = until_s  # faults stop here (training ends a little later; then the final eval)
@@ -142,10 +144,14 @@ def memory_table(samples: dict, t0: float, settle_s: float) -> dict:
     for role, lst in sorted(by_role.items()):
         series, index = max(lst, key=lambda s: s[0][-1][0] - s[0][0][0])  # the longest-lived process
         hours = max(series[-1][0] - series[0][0], 1.0) / 3600
-        out[role] = {"processes": len(lst), "first_mb": round(series[0][1] / 2**20, 1),
-                     "last_mb": round(series[-1][1] / 2**20, 1), "observed_min": round(hours * 60, 1),
-                     "growth_mb_per_hour": round((series[-1][1] - series[0][1]) / 2**20 / hours, 1),
-                     "peak_mb_any_process": round(max(b for s, _ in lst for _, b in s) / 2**20, 1)}
+        out[role] = {
+            "processes": len(lst),
+            "first_mb": round(series[0][1] / 2**20, 1),
+            "last_mb": round(series[-1][1] / 2**20, 1),
+            "observed_min": round(hours * 60, 1),
+            "growth_mb_per_hour": round((series[-1][1] - series[0][1]) / 2**20 / hours, 1),
+            "peak_mb_any_process": round(max(b for s, _ in lst for _, b in s) / 2**20, 1),
+        }
     return out
 
 
@@ -165,13 +171,33 @@ def main() -> int:
     os.environ["RLSYS_REDIS_PASSWORD"] = TEST_REDIS_PASSWORD  # the store reads it from here
     redis_dir = Path(tempfile.mkdtemp(prefix="rlsys-soak-redis-"))
     redis = RedisServer(redis_dir, appendonly=True, appendfsync="always").start()
-    cfg = to_run_config(compose([
-        "steps=10000000", f"max_train_seconds={args.minutes * 60}", "replay=redis", f"replay.redis.url={redis.url}",
-        f"replay.redis.run_id=soak{uuid.uuid4().hex[:8]}", "replay.max_staleness=1",
-        "rollout.num_workers=2", "reward.num_workers=2", "scheduler.prompts_per_step=8", "rollout.prompts_per_call=4",
-        "rollout.call_timeout_s=30", "reward.call_timeout_s=20", "cluster.num_cpus=4", "cluster.metrics_port=0",
-        "cluster.max_worker_restarts=100000", "learner.max_restarts=100000", "learner.max_nonfinite_steps=3",
-        "checkpoint.every_steps=20", "log_every=50", "report=false", "replay.redis.reconnect_timeout_s=120"]))
+    cfg = to_run_config(
+        compose(
+            [
+                "steps=10000000",
+                f"max_train_seconds={args.minutes * 60}",
+                "replay=redis",
+                f"replay.redis.url={redis.url}",
+                f"replay.redis.run_id=soak{uuid.uuid4().hex[:8]}",
+                "replay.max_staleness=1",
+                "rollout.num_workers=2",
+                "reward.num_workers=2",
+                "scheduler.prompts_per_step=8",
+                "rollout.prompts_per_call=4",
+                "rollout.call_timeout_s=30",
+                "reward.call_timeout_s=20",
+                "cluster.num_cpus=4",
+                "cluster.metrics_port=0",
+                "cluster.max_worker_restarts=100000",
+                "learner.max_restarts=100000",
+                "learner.max_nonfinite_steps=3",
+                "checkpoint.every_steps=20",
+                "log_every=50",
+                "report=false",
+                "replay.redis.reconnect_timeout_s=120",
+            ]
+        )
+    )
     ctl = Controller(cfg, run_dir)
     t_start = time.time()
     try:
@@ -195,36 +221,62 @@ def main() -> int:
 
     settle_s = min(600.0, args.minutes * 60 / 3)
     r = summary["replay"]
-    accounted = summary["groups_trained"] + summary["skipped_nonfinite"] + r["dropped_stale"] + r["rejected"] \
+    accounted = (
+        summary["groups_trained"]
+        + summary["skipped_nonfinite"]
+        + r["dropped_stale"]
+        + r["rejected"]
         + (r["held_at_end"] or 0)
+    )
     # A crashed learner step's batch is redelivered (taken twice, trained once); trained twice
     # would be an id acknowledged twice.
     taken_twice = sum(n - 1 for n in Counter(g for b in batches for g in b).values() if n > 1)
     acked_twice = sum(n - 1 for n in Counter(acked).values() if n > 1)
     report = {
-        "minutes": round(wall / 60, 1), "steps": summary["steps"], "samples_per_s": round(summary["samples_per_s"], 1),
-        "faults_injected": dict(injector.injected), "fault_events": injector.events,
-        "worker_restarts": summary["worker_restarts"], "learner_restarts": summary["learner_restarts"],
-        "produced": r["put"], "trained": summary["groups_trained"], "skipped_nonfinite": summary["skipped_nonfinite"],
-        "dropped_stale": r["dropped_stale"], "rejected": r["rejected"], "held_at_end": r["held_at_end"],
-        "duplicates_dropped": r["duplicates"], "lost": r["put"] - accounted,
-        "redelivered": taken_twice, "acked": len(acked), "trained_twice": acked_twice,
-        "eval_accuracy_before": summary["eval_accuracy_before"], "eval_accuracy_after": summary["eval_accuracy_after"],
-        "memory_settle_s": settle_s, "memory": memory_table(memory.samples, t_start, settle_s),
+        "minutes": round(wall / 60, 1),
+        "steps": summary["steps"],
+        "samples_per_s": round(summary["samples_per_s"], 1),
+        "faults_injected": dict(injector.injected),
+        "fault_events": injector.events,
+        "worker_restarts": summary["worker_restarts"],
+        "learner_restarts": summary["learner_restarts"],
+        "produced": r["put"],
+        "trained": summary["groups_trained"],
+        "skipped_nonfinite": summary["skipped_nonfinite"],
+        "dropped_stale": r["dropped_stale"],
+        "rejected": r["rejected"],
+        "held_at_end": r["held_at_end"],
+        "duplicates_dropped": r["duplicates"],
+        "lost": r["put"] - accounted,
+        "redelivered": taken_twice,
+        "acked": len(acked),
+        "trained_twice": acked_twice,
+        "eval_accuracy_before": summary["eval_accuracy_before"],
+        "eval_accuracy_after": summary["eval_accuracy_after"],
+        "memory_settle_s": settle_s,
+        "memory": memory_table(memory.samples, t_start, settle_s),
     }
-    print(f"\nsoak: {report['minutes']} min, {report['steps']} steps, {report['samples_per_s']} samples/s, eval "
-          f"{report['eval_accuracy_before']:.3f} -> {report['eval_accuracy_after']:.3f}")
+    print(
+        f"\nsoak: {report['minutes']} min, {report['steps']} steps, {report['samples_per_s']} samples/s, eval "
+        f"{report['eval_accuracy_before']:.3f} -> {report['eval_accuracy_after']:.3f}"
+    )
     print("faults injected:   " + ", ".join(f"{k} {v}" for k, v in sorted(report["faults_injected"].items())))
     print(f"restarts:          workers {report['worker_restarts']}, learner {report['learner_restarts']}")
-    print(f"accounting:        produced {report['produced']} = trained {report['trained']} + skipped(non-finite) "
-          f"{report['skipped_nonfinite']} + dropped(stale) {report['dropped_stale']} + rejected {report['rejected']} "
-          f"+ held {report['held_at_end']}; lost {report['lost']}; trained twice {report['trained_twice']}")
+    print(
+        f"accounting:        produced {report['produced']} = trained {report['trained']} + skipped(non-finite) "
+        f"{report['skipped_nonfinite']} + dropped(stale) {report['dropped_stale']} + rejected {report['rejected']} "
+        f"+ held {report['held_at_end']}; lost {report['lost']}; trained twice {report['trained_twice']}"
+    )
     print(f"memory per role (the longest-lived process, from {settle_s / 60:.0f} min on):")
-    print(f"{'role':<12}{'processes':>10}{'first MB':>10}{'last MB':>10}{'observed min':>14}{'MB/hour':>10}"
-          f"{'peak MB':>10}")
+    print(
+        f"{'role':<12}{'processes':>10}{'first MB':>10}{'last MB':>10}{'observed min':>14}{'MB/hour':>10}"
+        f"{'peak MB':>10}"
+    )
     for role, m in report["memory"].items():
-        print(f"{role:<12}{m['processes']:>10}{m['first_mb']:>10}{m['last_mb']:>10}{m['observed_min']:>14}"
-              f"{m['growth_mb_per_hour']:>10}{m['peak_mb_any_process']:>10}")
+        print(
+            f"{role:<12}{m['processes']:>10}{m['first_mb']:>10}{m['last_mb']:>10}{m['observed_min']:>14}"
+            f"{m['growth_mb_per_hour']:>10}{m['peak_mb_any_process']:>10}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -68,7 +68,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlsys.reward.config import RewardModelConfig
 from rlsys.reward.reward_model import PairwiseRewardModel
+from rlsys.reward.routing import antisymmetrize, rm_uncertainty, select_pairs
+from rlsys.tasks.arithmetic import Example, TaskConfig, load_task
+from rlsys.tasks.config import ModelConfig
 from rlsys.tasks.preference_model import (
     PreferenceData,
     pairwise_accuracy,
@@ -76,10 +80,6 @@ from rlsys.tasks.preference_model import (
     train_pairwise,
     train_pointwise,
 )
-from rlsys.reward.config import RewardModelConfig
-from rlsys.reward.routing import antisymmetrize, rm_uncertainty, select_pairs
-from rlsys.tasks.arithmetic import Example, TaskConfig, load_task
-from rlsys.tasks.config import ModelConfig
 from rlsys.tasks.tinymodel import build_tokenizer, decode_completion, encode_prompt, ensure_model
 
 ROUTING_POLICIES = ("none", "random", "margin", "uncertainty", "variance", "null", "all")
@@ -108,7 +108,9 @@ def policy_pairs(examples: list[Example], samples: int, seed: int) -> Preference
                 ids = torch.cat([ids, nxt], dim=1)
             out = ids[:, start:].tolist()
             for k, ex in enumerate(rows):
-                completions[ex.prompt] = [decode_completion(tok, r).strip() for r in out[k * samples:(k + 1) * samples]]
+                completions[ex.prompt] = [
+                    decode_completion(tok, r).strip() for r in out[k * samples : (k + 1) * samples]
+                ]
     rng = random.Random(seed)
     prompts, a, b, clean = [], [], [], []
     for ex in examples:
@@ -162,12 +164,20 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 def decile_table(key: np.ndarray, correct: np.ndarray, u: np.ndarray) -> list[dict]:
     order = np.argsort(key, kind="stable")
-    return [{"u_low": float(u[idx].min()), "u_high": float(u[idx].max()), "accuracy": float(correct[idx].mean()),
-             "n": int(len(idx))} for idx in np.array_split(order, 10)]
+    return [
+        {
+            "u_low": float(u[idx].min()),
+            "u_high": float(u[idx].max()),
+            "accuracy": float(correct[idx].mean()),
+            "n": int(len(idx)),
+        }
+        for idx in np.array_split(order, 10)
+    ]
 
 
-def routing(s: np.ndarray, u: np.ndarray, u_gp: np.ndarray, correct: np.ndarray, budget: float, repeats: int,
-            seed: int) -> dict:
+def routing(
+    s: np.ndarray, u: np.ndarray, u_gp: np.ndarray, correct: np.ndarray, budget: float, repeats: int, seed: int
+) -> dict:
     """Accuracy after an oracle judge decides the routed pairs, per policy, at the same budget.
     ``uncertainty`` ranks by the predictive signal u (the router's default), ``variance`` by the
     GP's u_gp alone, ``null`` by u shuffled across pairs (a control: no gain expected)."""
@@ -196,8 +206,12 @@ def evaluate(model: PairwiseRewardModel, data: PreferenceData, budget: float, re
     kinds = {}
     for kind in sorted(set(data.kind)):
         sel = np.array(data.kind) == kind
-        kinds[kind] = {"n": int(sel.sum()), "accuracy": float(correct[sel].mean()), "mean_u": float(u[sel].mean()),
-                       "mean_u_gp": float(u_gp[sel].mean())}
+        kinds[kind] = {
+            "n": int(sel.sum()),
+            "accuracy": float(correct[sel].mean()),
+            "mean_u": float(u[sel].mean()),
+            "mean_u_gp": float(u_gp[sel].mean()),
+        }
     route = routing(s, u, u_gp, correct, budget, repeats, seed)
     return {
         "pairs": len(data),
@@ -217,21 +231,34 @@ def evaluate(model: PairwiseRewardModel, data: PreferenceData, budget: float, re
 
 
 def print_set(name: str, r: dict, budget: float) -> None:
-    print(f"\n== {name}: {r['pairs']} held-out pairs, accuracy {r['accuracy']:.3f} (first order only "
-          f"{r['first_order_accuracy']:.3f}, mean position bias {r['position_bias']:+.3f})")
+    print(
+        f"\n== {name}: {r['pairs']} held-out pairs, accuracy {r['accuracy']:.3f} (first order only "
+        f"{r['first_order_accuracy']:.3f}, mean position bias {r['position_bias']:+.3f})"
+    )
     print("accuracy per decile (low -> high) of the predictive uncertainty u (the router's signal), of the GP's")
     print("u_gp = sqrt(1 + a var) alone, and per |s| decile (high margin -> low):")
     print(f"{'decile':>7}{'u range':>20}{'acc':>7}   {'u_gp range':>22}{'acc':>7}   {'acc by |s|':>10}")
     for q, (d, v, m) in enumerate(zip(r["deciles"], r["variance_deciles"], r["margin_deciles"])):
-        print(f"{q + 1:>7}{d['u_low']:>10.4f}-{d['u_high']:<9.4f}{d['accuracy']:>7.3f}   "
-              f"{v['u_low']:>11.6f}-{v['u_high']:<10.6f}{v['accuracy']:>7.3f}   {m['accuracy']:>10.3f}")
-    print(f"Spearman(u, right) = {r['spearman_u_correct']:+.3f}, Spearman(u_gp, right) = "
-          f"{r['spearman_u_gp_correct']:+.3f}  (negative: accuracy falls as it rises)")
+        print(
+            f"{q + 1:>7}{d['u_low']:>10.4f}-{d['u_high']:<9.4f}{d['accuracy']:>7.3f}   "
+            f"{v['u_low']:>11.6f}-{v['u_high']:<10.6f}{v['accuracy']:>7.3f}   {m['accuracy']:>10.3f}"
+        )
+    print(
+        f"Spearman(u, right) = {r['spearman_u_correct']:+.3f}, Spearman(u_gp, right) = "
+        f"{r['spearman_u_gp_correct']:+.3f}  (negative: accuracy falls as it rises)"
+    )
     kinds = sorted(r["kinds"].items(), key=lambda kv: kv[1]["mean_u_gp"])
-    print("per kind, by mean u_gp: " + ", ".join(f"{k} {v['accuracy']:.2f} (n {v['n']}, mean u {v['mean_u']:.3f}, "
-                                                 f"u_gp {v['mean_u_gp']:.5f})" for k, v in kinds))
-    print(f"routing at {budget:.0%} ({r['judge_calls']} oracle judge calls): "
-          + ", ".join(f"{p} {a:.3f}" for p, a in r["routing"].items()))
+    print(
+        "per kind, by mean u_gp: "
+        + ", ".join(
+            f"{k} {v['accuracy']:.2f} (n {v['n']}, mean u {v['mean_u']:.3f}, u_gp {v['mean_u_gp']:.5f})"
+            for k, v in kinds
+        )
+    )
+    print(
+        f"routing at {budget:.0%} ({r['judge_calls']} oracle judge calls): "
+        + ", ".join(f"{p} {a:.3f}" for p, a in r["routing"].items())
+    )
     print(f"uncertainty - random: {r['uncertainty_gain_points']:+.2f} points")
 
 
@@ -254,8 +281,13 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)
 
-    cfg = RewardModelConfig(steps=args.steps, pointwise_steps=args.pointwise_steps, negatives_per_prompt=args.negatives,
-                            label_noise=args.label_noise, seed=args.seed)
+    cfg = RewardModelConfig(
+        steps=args.steps,
+        pointwise_steps=args.pointwise_steps,
+        negatives_per_prompt=args.negatives,
+        label_noise=args.label_noise,
+        seed=args.seed,
+    )
     task = load_task(TaskConfig())
     held_out = task.val + task.eval
     train = preference_data(task.train, cfg.negatives_per_prompt, cfg.label_noise, cfg.seed)
@@ -264,9 +296,15 @@ def main() -> int:
     t0 = time.perf_counter()
     model, pair_report = train_pairwise(cfg, train)
     pair_seconds = time.perf_counter() - t0
-    report: dict = {"config": {**vars(args), "save": str(args.save), "json": str(args.json)},
-                    "train": {"pairs": len(train), "label_agreement": float(np.mean(train.label == train.clean_label)),
-                              "pairwise_steps": cfg.steps, "pairwise_seconds": round(pair_seconds, 1)}}
+    report: dict = {
+        "config": {**vars(args), "save": str(args.save), "json": str(args.json)},
+        "train": {
+            "pairs": len(train),
+            "label_agreement": float(np.mean(train.label == train.clean_label)),
+            "pairwise_steps": cfg.steps,
+            "pairwise_seconds": round(pair_seconds, 1),
+        },
+    }
     if args.save is not None:
         model.save(args.save)
     if cfg.pointwise_steps > 0:
@@ -283,10 +321,16 @@ def main() -> int:
         report[name] = evaluate(model, data, args.budget, args.repeats, cfg.seed)
 
     tr = report["train"]
-    print(f"trained on {tr['pairs']} pairs ({tr['label_agreement']:.1%} of labels right after noise): pairwise "
-          f"{tr['pairwise_steps']} steps in {tr['pairwise_seconds']} s"
-          + (f", pointwise {cfg.pointwise_steps} steps in {tr['pointwise_seconds']} s (held-out synthetic pairwise "
-             f"accuracy {report['pointwise_synthetic_accuracy']:.3f})" if cfg.pointwise_steps > 0 else ""))
+    print(
+        f"trained on {tr['pairs']} pairs ({tr['label_agreement']:.1%} of labels right after noise): pairwise "
+        f"{tr['pairwise_steps']} steps in {tr['pairwise_seconds']} s"
+        + (
+            f", pointwise {cfg.pointwise_steps} steps in {tr['pointwise_seconds']} s (held-out synthetic pairwise "
+            f"accuracy {report['pointwise_synthetic_accuracy']:.3f})"
+            if cfg.pointwise_steps > 0
+            else ""
+        )
+    )
     for name in sets:
         print_set(name, report[name], args.budget)
     if args.json is not None:

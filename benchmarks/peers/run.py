@@ -44,13 +44,29 @@ TRL_PYTHON = ROOT / ".venv-trl" / "bin" / "python"
 
 SCALES = {
     # The built-in task and model: ~1M parameters, answers of 3-4 tokens (+ eos).
-    "tiny": {"experiment": "tiny", "steps": 200, "max_train_seconds": 0, "eval_every": 20,
-             "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 6, "lr": 1e-4,
-             "targets": [0.3, 0.4, 0.5]},
+    "tiny": {
+        "experiment": "tiny",
+        "steps": 200,
+        "max_train_seconds": 0,
+        "eval_every": 20,
+        "prompts_per_step": 16,
+        "group_size": 8,
+        "max_new_tokens": 6,
+        "lr": 1e-4,
+        "targets": [0.3, 0.4, 0.5],
+    },
     # ~20M parameters, completions of 125-246 tokens (the counting scratchpad).
-    "genheavy": {"experiment": "genheavy", "steps": 10, "max_train_seconds": 0, "eval_every": 5,
-                 "prompts_per_step": 8, "group_size": 8, "max_new_tokens": 256, "lr": 2e-5,
-                 "targets": []},
+    "genheavy": {
+        "experiment": "genheavy",
+        "steps": 10,
+        "max_train_seconds": 0,
+        "eval_every": 5,
+        "prompts_per_step": 8,
+        "group_size": 8,
+        "max_new_tokens": 256,
+        "lr": 2e-5,
+        "targets": [],
+    },
 }
 METRICS = ("samples_per_s", "tokens_per_s", "peak_pss_mb", "final_accuracy")
 
@@ -147,8 +163,10 @@ def variant(name: str) -> tuple[str, list[str]]:
         k = int(base[7:])
         threads = ["rollout.torch_threads=0", "learner.torch_threads=0"] if k else []
         return "rlsys", [f"replay.max_staleness={k}", *threads, *own]
-    raise SystemExit(f"unknown system {name!r}: use trl, rlsys or rlsys_s<k> (max_staleness k), "
-                     "rlsys ones optionally followed by @key=value overrides")
+    raise SystemExit(
+        f"unknown system {name!r}: use trl, rlsys or rlsys_s<k> (max_staleness k), "
+        "rlsys ones optionally followed by @key=value overrides"
+    )
 
 
 def time_to(result: dict, target: float) -> float | None:
@@ -197,19 +215,30 @@ def main() -> int:
     ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="override the scale's step count")
-    ap.add_argument("--systems", default="rlsys,trl",
-                    help="comma list of trl, rlsys, rlsys_s<k>; rlsys ones may add @key=value overrides")
-    ap.add_argument("--staleness", default=None,
-                    help="comma list of max_staleness settings: run rlsys once per setting (async vs sync)")
+    ap.add_argument(
+        "--systems",
+        default="rlsys,trl",
+        help="comma list of trl, rlsys, rlsys_s<k>; rlsys ones may add @key=value overrides",
+    )
+    ap.add_argument(
+        "--staleness",
+        default=None,
+        help="comma list of max_staleness settings: run rlsys once per setting (async vs sync)",
+    )
     ap.add_argument("--rlsys-override", action="append", default=[], help="extra Hydra override for rlsys")
-    ap.add_argument("--trl-threads", type=int, default=os.cpu_count(),
-                    help="torch threads of the TRL process (default: every core, as a plain TRL run uses)")
+    ap.add_argument(
+        "--trl-threads",
+        type=int,
+        default=os.cpu_count(),
+        help="torch threads of the TRL process (default: every core, as a plain TRL run uses)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--logdir", type=Path, default=None, help="keep each run's output here (default: a temp dir)")
     args = ap.parse_args()
 
-    names = ([f"rlsys_s{k}" for k in args.staleness.split(",")] if args.staleness is not None
-             else args.systems.split(","))
+    names = (
+        [f"rlsys_s{k}" for k in args.staleness.split(",")] if args.staleness is not None else args.systems.split(",")
+    )
     variants = {name: variant(name) for name in names}
     targets = SCALES[args.scale]["targets"]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
@@ -225,10 +254,13 @@ def main() -> int:
                 with open(logdir / f"{name}-rep{rep}.log", "w") as log:
                     result = run_system(system, spec_v, Path(tmp), log)
                 runs[name].append(result)
-                print(f"  rep {rep} {name:10s} {result['samples_per_s']:8.1f} samples/s "
-                      f"{result['tokens_per_s']:9.0f} tokens/s  acc {result['initial_accuracy']:.3f} -> "
-                      f"{result['final_accuracy']:.3f}  peak {result['peak_pss_mb']:.0f} MB  "
-                      f"({result['process_seconds']:.0f} s)", flush=True)
+                print(
+                    f"  rep {rep} {name:10s} {result['samples_per_s']:8.1f} samples/s "
+                    f"{result['tokens_per_s']:9.0f} tokens/s  acc {result['initial_accuracy']:.3f} -> "
+                    f"{result['final_accuracy']:.3f}  peak {result['peak_pss_mb']:.0f} MB  "
+                    f"({result['process_seconds']:.0f} s)",
+                    flush=True,
+                )
 
     summary = {}
     for name, rs in runs.items():
@@ -241,11 +273,16 @@ def main() -> int:
             if name == base:
                 continue
             per_rep = [(figures(a, targets), figures(b, targets)) for a, b in zip(runs[name], runs[base])]
-            ratios[name] = {k: spread([x[k] / y[k] if x[k] is not None and y[k] else None for x, y in per_rep])
-                            | {"of": len(per_rep)} for k in per_rep[0][0]}
+            ratios[name] = {
+                k: spread([x[k] / y[k] if x[k] is not None and y[k] else None for x, y in per_rep])
+                | {"of": len(per_rep)}
+                for k in per_rep[0][0]
+            }
 
-    print(f"\npeers: {args.scale} scale, {spec0['steps']} steps x {spec0['prompts_per_step']} prompts x "
-          f"{spec0['group_size']} completions, {args.reps} repetitions; median [min-max]\n")
+    print(
+        f"\npeers: {args.scale} scale, {spec0['steps']} steps x {spec0['prompts_per_step']} prompts x "
+        f"{spec0['group_size']} completions, {args.reps} repetitions; median [min-max]\n"
+    )
     keys = list(next(iter(summary.values())))
     cols = [(n, summary[n]) for n in summary] + [(f"{n} / {base}", ratios[n]) for n in ratios]
     widths = [max(30, len(title) + 2) for title, _ in cols]
@@ -254,16 +291,29 @@ def main() -> int:
     print("-" * len(hdr))
     for k in keys:
         print(f"{k:24s}" + "".join(f"{fmt(col[k]):>{w}s}" for (_, col), w in zip(cols, widths)))
-    print("\nwhere the step time goes (share of training wall time, median over repetitions;"
-          " rlsys shares overlap when max_staleness >= 1)")
+    print(
+        "\nwhere the step time goes (share of training wall time, median over repetitions;"
+        " rlsys shares overlap when max_staleness >= 1)"
+    )
     for name, rs in runs.items():
         parts = sorted(rs[0]["profile"])
-        print(f"  {name:10s} " + "  ".join(
-            f"{p} {statistics.median(r['profile'][p] for r in rs):.2f}" for p in parts))
+        print(f"  {name:10s} " + "  ".join(f"{p} {statistics.median(r['profile'][p] for r in rs):.2f}" for p in parts))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"scale": args.scale, "reps": args.reps, "spec": spec0, "runs": runs,
-                                         "summary": summary, "ratios": ratios}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "scale": args.scale,
+                    "reps": args.reps,
+                    "spec": spec0,
+                    "runs": runs,
+                    "summary": summary,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -135,8 +135,10 @@ class PeerSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known - set(SHARED_SPEC_KEYS))
         if unknown:
-            raise ValueError(f"{path}: unknown spec keys {unknown}; known keys are {sorted(known)} "
-                             f"(and {list(SHARED_SPEC_KEYS)}, which the TRL side ignores)")
+            raise ValueError(
+                f"{path}: unknown spec keys {unknown}; known keys are {sorted(known)} "
+                f"(and {list(SHARED_SPEC_KEYS)}, which the TRL side ignores)"
+            )
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
@@ -336,10 +338,15 @@ class BenchmarkCallback(TrainerCallback):
             t0 = time.perf_counter()
             acc = greedy_accuracy(trainer.model, self.tok, self.eval_examples)
             self.eval_seconds += time.perf_counter() - t0
-        self.curve.append({
-            "step": step, "samples": trainer.samples, "tokens": trainer.completion_tokens,
-            "train_seconds": round(self.train_seconds, 4), "eval_accuracy": acc,
-        })
+        self.curve.append(
+            {
+                "step": step,
+                "samples": trainer.samples,
+                "tokens": trainer.completion_tokens,
+                "train_seconds": round(self.train_seconds, 4),
+                "eval_accuracy": acc,
+            }
+        )
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.evaluate(0)
@@ -356,8 +363,13 @@ class BenchmarkCallback(TrainerCallback):
         now = self.clock()
         step_time = now - self._last_step_end
         phases = {k: v - self._phases_at_last_step.get(k, 0.0) for k, v in PHASES.seconds.items()}
-        self.per_step.append({"step": state.global_step, "step_time": round(step_time, 4),
-                              "phases": phase_split(phases, step_time, self.spec.reward)})
+        self.per_step.append(
+            {
+                "step": state.global_step,
+                "step_time": round(step_time, 4),
+                "phases": phase_split(phases, step_time, self.spec.reward),
+            }
+        )
         self._last_step_end, self._phases_at_last_step = now, dict(PHASES.seconds)
         if self.spec.max_train_seconds and now >= self.spec.max_train_seconds and state.global_step < self.spec.steps:
             self.stopped_by = "max_train_seconds"
@@ -369,15 +381,17 @@ class BenchmarkCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "reward" not in logs or not self.per_step or self.per_step[-1]["step"] != state.global_step:
             return
-        self.per_step[-1].update({
-            "reward_mean": logs["reward"],
-            "completion_mean_length": logs.get("completions/mean_length"),
-            "frac_reward_zero_std": logs.get("frac_reward_zero_std"),
-            "loss": logs.get("loss"),
-            "grad_norm": logs.get("grad_norm"),
-            "entropy": logs.get("entropy"),
-            "clip_ratio": logs.get("clip_ratio/region_mean"),
-        })
+        self.per_step[-1].update(
+            {
+                "reward_mean": logs["reward"],
+                "completion_mean_length": logs.get("completions/mean_length"),
+                "frac_reward_zero_std": logs.get("frac_reward_zero_std"),
+                "loss": logs.get("loss"),
+                "grad_norm": logs.get("grad_norm"),
+                "entropy": logs.get("entropy"),
+                "clip_ratio": logs.get("clip_ratio/region_mean"),
+            }
+        )
 
 
 def phase_split(seconds: dict[str, float], total: float, reward_name: str) -> dict[str, float]:
@@ -430,8 +444,12 @@ def run(spec: PeerSpec) -> dict:
     callback = BenchmarkCallback(spec, tok, data.eval)
     with tempfile.TemporaryDirectory(prefix="trl-peer-") as out_dir, RssSampler() as rss:
         trainer = PeerTrainer(
-            model=model, reward_funcs=reward_function(spec.reward), args=grpo_config(spec, out_dir), train_dataset=train,
-            processing_class=tok, callbacks=[callback],
+            model=model,
+            reward_funcs=reward_function(spec.reward),
+            args=grpo_config(spec, out_dir),
+            train_dataset=train,
+            processing_class=tok,
+            callbacks=[callback],
         )
         for noisy in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(noisy)
@@ -447,8 +465,12 @@ def run(spec: PeerSpec) -> dict:
         raise RuntimeError(f"the TRL peer imported {imported}; it must run without them")
     return {
         "system": "trl",
-        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-                     "python": sys.version.split()[0]},
+        "versions": {
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
         "spec": dataclasses.asdict(spec),
         "steps": steps,
         "stopped_by": callback.stopped_by,
@@ -482,9 +504,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = run(PeerSpec.from_json(args.spec))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"trl: {result['steps']} steps in {result['train_seconds']:.1f}s train | "
-          f"{result['samples_per_s']:.0f} samples/s | accuracy {result['initial_accuracy']:.3f} -> "
-          f"{result['final_accuracy']:.3f} | peak RSS {result['peak_rss_mb']['getrusage']:.0f} MB")
+    print(
+        f"trl: {result['steps']} steps in {result['train_seconds']:.1f}s train | "
+        f"{result['samples_per_s']:.0f} samples/s | accuracy {result['initial_accuracy']:.3f} -> "
+        f"{result['final_accuracy']:.3f} | peak RSS {result['peak_rss_mb']['getrusage']:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

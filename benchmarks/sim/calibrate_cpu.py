@@ -43,8 +43,9 @@ def decode_steps(experiment: str, batches: list[int], tokens: int) -> dict[int, 
     with tempfile.TemporaryDirectory(prefix="calibrate-") as work:
         worker = RolloutWorker(cfg.rollout, path, 0, work)
         prompt = {"prompt_token_ids": encode_prompt(worker.tokenizer, "345+27=")}
-        params = SamplingParams(n=1, temperature=1.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True,
-                                detokenize=False)
+        params = SamplingParams(
+            n=1, temperature=1.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True, detokenize=False
+        )
         worker.llm.generate([prompt] * 4, params, use_tqdm=False)  # warm-up
         out = {}
         for b in batches:
@@ -78,21 +79,28 @@ def main() -> int:
 
     steps = decode_steps(args.experiment, [int(b) for b in args.batches.split(",")], args.tokens)
     learner_s_per_token, sync_s = from_peers(args.peers)
-    measured = {"decode_step_s_at_batch": {str(b): round(s, 6) for b, s in steps.items()},
-                "learner_s_per_token": round(learner_s_per_token, 8), "sync_s": round(sync_s, 4),
-                "max_batch": max(steps)}
+    measured = {
+        "decode_step_s_at_batch": {str(b): round(s, 6) for b, s in steps.items()},
+        "learner_s_per_token": round(learner_s_per_token, 8),
+        "sync_s": round(sync_s, 4),
+        "max_batch": max(steps),
+    }
     cal = calibration_from_measurements(steps, learner_s_per_token, sync_s, max_batch=max(steps))
     print("measured:", json.dumps(measured))
-    print(f"fitted: decode step {cal.decode_step_s * 1e3:.2f} ms + {cal.decode_s_per_seq * 1e3:.3f} ms/sequence, "
-          f"learner {learner_s_per_token * 1e3:.3f} ms/token, publication {sync_s:.3f} s")
+    print(
+        f"fitted: decode step {cal.decode_step_s * 1e3:.2f} ms + {cal.decode_s_per_seq * 1e3:.3f} ms/sequence, "
+        f"learner {learner_s_per_token * 1e3:.3f} ms/token, publication {sync_s:.3f} s"
+    )
     if not args.dry_run:
         doc = json.loads(DEFAULT_CALIBRATION_FILE.read_text())
         doc["calibrations"]["cpu"] = {
-            "comments": (f"Measured on a 2-core CPU machine with the {args.experiment} experiment's model "
-                         f"(benchmarks/sim/calibrate_cpu.py --peers {args.peers.name}): vLLM-cpu decode "
-                         f"steps at batches {args.batches}, DeepSpeed-cpu learner seconds per generated token "
-                         "and shm weight publication per step from rlsys's own peer-benchmark runs. "
-                         "A 'GPU' in the simulator is one CPU worker slot."),
+            "comments": (
+                f"Measured on a 2-core CPU machine with the {args.experiment} experiment's model "
+                f"(benchmarks/sim/calibrate_cpu.py --peers {args.peers.name}): vLLM-cpu decode "
+                f"steps at batches {args.batches}, DeepSpeed-cpu learner seconds per generated token "
+                "and shm weight publication per step from rlsys's own peer-benchmark runs. "
+                "A 'GPU' in the simulator is one CPU worker slot."
+            ),
             "measured": measured,
         }
         DEFAULT_CALIBRATION_FILE.write_text(json.dumps(doc, indent=2) + "\n")

@@ -90,16 +90,27 @@ class Calibration:
     """Seconds per level of the broadcast tree (times ceil(log2(engines + 1)))."""
 
     def __post_init__(self) -> None:
-        nonneg = ("decode_step_s", "decode_s_per_seq", "decode_s_per_ctx_token", "prefill_s_per_token",
-                  "learner_s_per_token", "learner_step_overhead_s", "sync_latency_s", "weight_bytes",
-                  "sync_bandwidth_bytes_per_s", "sync_s_per_tree_level")
+        nonneg = (
+            "decode_step_s",
+            "decode_s_per_seq",
+            "decode_s_per_ctx_token",
+            "prefill_s_per_token",
+            "learner_s_per_token",
+            "learner_step_overhead_s",
+            "sync_latency_s",
+            "weight_bytes",
+            "sync_bandwidth_bytes_per_s",
+            "sync_s_per_tree_level",
+        )
         for key in nonneg:
             v = getattr(self, key)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"calibration {self.name!r}: {key} must be a finite number >= 0, got {v!r}")
         if self.decode_step_s + self.decode_s_per_seq <= 0:
-            raise ValueError(f"calibration {self.name!r}: decode_step_s + decode_s_per_seq must be > 0 "
-                             "(a decode step cannot be free)")
+            raise ValueError(
+                f"calibration {self.name!r}: decode_step_s + decode_s_per_seq must be > 0 "
+                "(a decode step cannot be free)"
+            )
         if self.learner_s_per_token <= 0:
             raise ValueError(f"calibration {self.name!r}: learner_s_per_token must be > 0")
         if int(self.max_batch) != self.max_batch or self.max_batch < 1:
@@ -253,8 +264,10 @@ def calibration_from_measurements(
     """
     pts = sorted((int(b), float(s)) for b, s in decode_step_s_at_batch.items())
     if len({b for b, _ in pts}) < 2:
-        raise ValueError("calibration_from_measurements needs decode step times at two or more batch sizes "
-                         f"to fit step = a + b*batch; got batches {[b for b, _ in pts]}")
+        raise ValueError(
+            "calibration_from_measurements needs decode step times at two or more batch sizes "
+            f"to fit step = a + b*batch; got batches {[b for b, _ in pts]}"
+        )
     if any(b < 1 or not (s > 0 and math.isfinite(s)) for b, s in pts):
         raise ValueError(f"decode measurements must be batch >= 1 and seconds > 0, got {pts}")
     x = np.array([b for b, _ in pts], dtype=np.float64)
@@ -264,11 +277,20 @@ def calibration_from_measurements(
     if a + b <= 0:
         raise ValueError(f"the fitted decode line is not positive (a={intercept}, b={slope}); check the measurements")
     return Calibration(
-        name=name, comments=comments or "fitted by calibration_from_measurements from measured figures",
-        decode_step_s=a, decode_s_per_seq=b, decode_s_per_ctx_token=decode_s_per_ctx_token,
-        prefill_s_per_token=prefill_s_per_token, max_batch=int(max_batch or x.max()), gpus_per_engine=gpus_per_engine,
-        learner_s_per_token=learner_s_per_token, learner_step_overhead_s=learner_step_overhead_s,
-        sync_latency_s=sync_s, weight_bytes=0.0, sync_bandwidth_bytes_per_s=0.0, sync_s_per_tree_level=0.0,
+        name=name,
+        comments=comments or "fitted by calibration_from_measurements from measured figures",
+        decode_step_s=a,
+        decode_s_per_seq=b,
+        decode_s_per_ctx_token=decode_s_per_ctx_token,
+        prefill_s_per_token=prefill_s_per_token,
+        max_batch=int(max_batch or x.max()),
+        gpus_per_engine=gpus_per_engine,
+        learner_s_per_token=learner_s_per_token,
+        learner_step_overhead_s=learner_step_overhead_s,
+        sync_latency_s=sync_s,
+        weight_bytes=0.0,
+        sync_bandwidth_bytes_per_s=0.0,
+        sync_s_per_tree_level=0.0,
     )
 
 
@@ -282,9 +304,14 @@ def calibration_from_dict(d: Mapping, name: str | None = None) -> Calibration:
     if "measured" in d:
         m = dict(d.pop("measured"))
         at = {int(k): float(v) for k, v in m.pop("decode_step_s_at_batch").items()}
-        return calibration_from_measurements(at, m.pop("learner_s_per_token"), m.pop("sync_s"),
-                                             name=d.get("name", name or "measured"),
-                                             comments=d.get("comments", ""), **m)
+        return calibration_from_measurements(
+            at,
+            m.pop("learner_s_per_token"),
+            m.pop("sync_s"),
+            name=d.get("name", name or "measured"),
+            comments=d.get("comments", ""),
+            **m,
+        )
     known = {f.name for f in fields(Calibration)}
     d.setdefault("name", name or "unnamed")
     d.setdefault("comments", "")

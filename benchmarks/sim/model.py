@@ -55,15 +55,14 @@ from typing import Optional
 
 import numpy as np
 
-from rlsys.reward.judge import JudgeConfig, JudgePair, JudgeQueue
+from benchmarks.sim.cost import Calibration, decode_segment, learner_step_s, publish_s
 from rlsys.records import Completion, Group, RolloutRequest
 from rlsys.replay.base import InProcessReplayStore, ReplayConfig, StoreClosed, staleness_ok
-from rlsys.rollout.worker import RolloutConfig, RolloutResult
+from rlsys.reward.judge import JudgeConfig, JudgePair, JudgeQueue
 from rlsys.reward.routing import RouterConfig, num_pairs, pair_scores, route_batch
+from rlsys.rollout.worker import RolloutConfig, RolloutResult
 from rlsys.scheduling.sampling import Sampler
 from rlsys.scheduling.scheduler import BudgetScheduler, Prompt, SchedulerConfig
-
-from benchmarks.sim.cost import Calibration, decode_segment, learner_step_s, publish_s
 
 MODES = ("sync", "async", "partial")
 """The three modes of the sweep (``mode_scenario``)."""
@@ -93,8 +92,10 @@ class _AdvancingSelector(selectors.SelectSelector):
 
     def select(self, timeout=None):
         if timeout is None:
-            raise SimulationStalled("every simulated loop is waiting and nothing is scheduled (e.g. the learner waits "
-                                    "for groups that admission will never grant)")
+            raise SimulationStalled(
+                "every simulated loop is waiting and nothing is scheduled (e.g. the learner waits "
+                "for groups that admission will never grant)"
+            )
         if timeout > 0:
             self.now += timeout
         return super().select(0)
@@ -146,8 +147,9 @@ class LengthModel:
         if self.dist not in ("lognormal", "pareto"):
             raise ValueError(f"lengths.dist must be 'lognormal' or 'pareto', got {self.dist!r}")
         if not (self.median_tokens >= 1 and self.sigma >= 0 and self.prompt_sigma >= 0 and self.pareto_alpha > 0):
-            raise ValueError("lengths: median_tokens >= 1, sigma >= 0, prompt_sigma >= 0 and pareto_alpha > 0 "
-                             "are required")
+            raise ValueError(
+                "lengths: median_tokens >= 1, sigma >= 0, prompt_sigma >= 0 and pareto_alpha > 0 are required"
+            )
         if self.max_new_tokens < 1 or self.prompt_tokens < 0:
             raise ValueError("lengths: max_new_tokens >= 1 and prompt_tokens >= 0 are required")
 
@@ -236,8 +238,10 @@ class Scenario:
         if not (0 < self.rollout_fraction < 1):
             raise ValueError(f"rollout_fraction must be in (0, 1), got {self.rollout_fraction}")
         if self.strategy not in SIM_STRATEGIES:
-            raise ValueError(f"strategy must be one of {SIM_STRATEGIES} (ar3po's merged stages are not simulated), "
-                             f"got {self.strategy!r}")
+            raise ValueError(
+                f"strategy must be one of {SIM_STRATEGIES} (ar3po's merged stages are not simulated), "
+                f"got {self.strategy!r}"
+            )
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.colocated and (self.max_staleness or self.partial_chunk_tokens):
@@ -249,11 +253,15 @@ class Scenario:
         if not self.learner_cost_factor > 0:
             raise ValueError(f"learner_cost_factor must be > 0, got {self.learner_cost_factor}")
         ReplayConfig(max_staleness=self.max_staleness)  # rlsys validates its own keys
-        RolloutConfig(partial_chunk_tokens=self.partial_chunk_tokens,
-                      partial_carry_fraction=self.partial_carry_fraction, prompts_per_call=self.prompts_per_call,
-                      max_new_tokens=self.lengths.max_new_tokens)
-        SchedulerConfig(strategy=self.strategy, prompts_per_step=self.prompts_per_step,
-                        samples_per_prompt=self.samples_per_prompt)
+        RolloutConfig(
+            partial_chunk_tokens=self.partial_chunk_tokens,
+            partial_carry_fraction=self.partial_carry_fraction,
+            prompts_per_call=self.prompts_per_call,
+            max_new_tokens=self.lengths.max_new_tokens,
+        )
+        SchedulerConfig(
+            strategy=self.strategy, prompts_per_step=self.prompts_per_step, samples_per_prompt=self.samples_per_prompt
+        )
 
     def split(self, cal: Calibration) -> tuple[int, int]:
         """(rollout GPUs, learner GPUs); colocated: both are every GPU."""
@@ -262,8 +270,9 @@ class Scenario:
         r = self.rollout_gpus or int(round(self.rollout_fraction * self.gpus))
         r = max(cal.gpus_per_engine, min(r, self.gpus - 1)) // cal.gpus_per_engine * cal.gpus_per_engine
         if r < cal.gpus_per_engine or self.gpus - r < 1:
-            raise ValueError(f"{self.gpus} GPUs cannot hold a rollout engine of {cal.gpus_per_engine} GPUs and a "
-                             "learner")
+            raise ValueError(
+                f"{self.gpus} GPUs cannot hold a rollout engine of {cal.gpus_per_engine} GPUs and a learner"
+            )
         return r, self.gpus - r
 
 
@@ -524,8 +533,9 @@ class _Engine:
                 groups.append(self._group(p))
                 ntok += int(p.target.sum())
         self.pool, self._done_S = [], None
-        return RolloutResult(groups, elapsed, ntok, switched=sum(g.meta["switched"] for g in groups),
-                             carried=len(self.carry))
+        return RolloutResult(
+            groups, elapsed, ntok, switched=sum(g.meta["switched"] for g in groups), carried=len(self.carry)
+        )
 
     async def _run(self, cost) -> None:
         t0 = _now()
@@ -537,10 +547,21 @@ class _Engine:
         self.c.group_serial += 1
         r = p.request
         gen = int(p.target.sum())
-        g = Group(group_id=f"{r.prompt_id}:{self.c.group_serial}", prompt_id=r.prompt_id, prompt="",
-                  prompt_token_ids=(), reference="", policy_version=p.version, completions=[_DUMMY] * r.n,
-                  meta={"gen_tokens": gen, "train_tokens": gen + r.n * self.c.sc.lengths.prompt_tokens,
-                        "sim_rewards": p.rewards, "switched": int(p.switched)})
+        g = Group(
+            group_id=f"{r.prompt_id}:{self.c.group_serial}",
+            prompt_id=r.prompt_id,
+            prompt="",
+            prompt_token_ids=(),
+            reference="",
+            policy_version=p.version,
+            completions=[_DUMMY] * r.n,
+            meta={
+                "gen_tokens": gen,
+                "train_tokens": gen + r.n * self.c.sc.lengths.prompt_tokens,
+                "sim_rewards": p.rewards,
+                "switched": int(p.switched),
+            },
+        )
         self.unput[g.group_id] = gen
         return g
 
@@ -581,16 +602,18 @@ class _Cluster:
         m, n = sc.prompts_per_step, sc.samples_per_prompt
         self.replay_cfg = ReplayConfig(max_staleness=sc.max_staleness)
         self.store = InProcessReplayStore(self.replay_cfg, m)
-        sched_cfg = SchedulerConfig(strategy=sc.strategy, prompts_per_step=m, samples_per_prompt=n,
-                                    max_per_prompt=max(64, n), seed=sc.seed)
+        sched_cfg = SchedulerConfig(
+            strategy=sc.strategy, prompts_per_step=m, samples_per_prompt=n, max_per_prompt=max(64, n), seed=sc.seed
+        )
         rng = np.random.default_rng([sc.seed, 1])
         pool = sc.prompt_pool or 8 * m
         self.success = rng.beta(*sc.success_beta, size=pool)
         self.scale = np.exp(sc.lengths.prompt_sigma * rng.standard_normal(pool))
         self.scheduler = BudgetScheduler(sched_cfg, [Prompt(f"p{i}", "", (), "") for i in range(pool)])
         self.sampler = Sampler(sched_cfg)
-        self.carries = sc.partial_chunk_tokens > 0 and sc.partial_carry_fraction > 0 and sc.strategy in (
-            "uniform", "knapsack")  # Controller._carries
+        self.carries = (
+            sc.partial_chunk_tokens > 0 and sc.partial_carry_fraction > 0 and sc.strategy in ("uniform", "knapsack")
+        )  # Controller._carries
         self.engines = [_Engine(i, self) for i in range(self.rollout_gpus // cal.gpus_per_engine)]
         self.visits: dict[str, int] = {}
         self.group_serial = 0
@@ -607,9 +630,17 @@ class _Cluster:
             self.router_rng = np.random.default_rng([sc.seed, 2])
             self.pair_rng = np.random.default_rng([sc.seed, 3])
             self.judge_queue = JudgeQueue(
-                JudgeConfig(backend="openai", model="simulated-judge", concurrency=j.concurrency, timeout_s=j.timeout_s,
-                            retries=0, max_pairs_per_step=j.max_pairs_per_step, rate_limit_per_s=0.0),
-                _SimJudge(j, np.random.default_rng([sc.seed, 4])))
+                JudgeConfig(
+                    backend="openai",
+                    model="simulated-judge",
+                    concurrency=j.concurrency,
+                    timeout_s=j.timeout_s,
+                    retries=0,
+                    max_pairs_per_step=j.max_pairs_per_step,
+                    rate_limit_per_s=0.0,
+                ),
+                _SimJudge(j, np.random.default_rng([sc.seed, 4])),
+            )
             self._judge_step: Optional[int] = None
 
     # -- outcomes -------------------------------------------------------------------------
@@ -648,8 +679,9 @@ class _Cluster:
             return None
 
     async def _produce(self, eng: _Engine, requests: list[RolloutRequest]) -> Optional[int]:
-        kept, scored, rs = await self.sampler.run(requests, lambda reqs: eng.generate(reqs, self.carries),
-                                                  self._score, self.store.learner_version)
+        kept, scored, rs = await self.sampler.run(
+            requests, lambda reqs: eng.generate(reqs, self.carries), self._score, self.store.learner_version
+        )
         self.scheduler.observe([(g.prompt_id, g.rewards.tolist()) for g in scored])
         self.switched += rs.switched
         kept_ids = {g.group_id for g in kept}
@@ -763,7 +795,7 @@ class _Cluster:
 
     def result(self) -> SimResult:
         sc = self.sc
-        measured = self.steps[sc.warmup_steps:]
+        measured = self.steps[sc.warmup_steps :]
         w0 = self.steps[sc.warmup_steps - 1].end_s if sc.warmup_steps else 0.0
         w1 = self.steps[-1].end_s
         window = max(w1 - w0, 1e-12)
@@ -774,9 +806,13 @@ class _Cluster:
         counters = self.store.counters
         judge = self.judge_queue.stats if self.judge_queue is not None else None
         return SimResult(
-            gpus=sc.gpus, rollout_gpus=self.rollout_gpus, learner_gpus=self.learner_gpus,
-            max_staleness=sc.max_staleness, partial_chunk_tokens=sc.partial_chunk_tokens,
-            window_s=window, steps_measured=len(measured),
+            gpus=sc.gpus,
+            rollout_gpus=self.rollout_gpus,
+            learner_gpus=self.learner_gpus,
+            max_staleness=sc.max_staleness,
+            partial_chunk_tokens=sc.partial_chunk_tokens,
+            window_s=window,
+            steps_measured=len(measured),
             samples_per_s=sum(s.samples for s in measured) / window,
             tokens_per_s=tokens / window,
             rollout_util=rollout_useful / (self.rollout_gpus * window),
@@ -784,17 +820,24 @@ class _Cluster:
             gpu_util=(rollout_useful + learner_busy) / gpu_seconds,
             mean_staleness=float(np.mean(lags)) if lags else 0.0,
             max_staleness_seen=int(max(lags)) if lags else 0,
-            dropped_stale=counters.dropped_stale, staleness_violations=self.violations,
+            dropped_stale=counters.dropped_stale,
+            staleness_violations=self.violations,
             step_s_mean=window / max(len(measured), 1),
             sync_s_mean=float(np.mean([s.sync_s for s in measured])) if measured else 0.0,
             switched_groups=self.switched,
-            groups_put=counters.put, groups_acked=counters.acked, groups_held=self.groups_held,
+            groups_put=counters.put,
+            groups_acked=counters.acked,
+            groups_held=self.groups_held,
             groups_rejected=counters.rejected,
-            tokens_generated=self.tokens_generated, tokens_trained=self.tokens_trained,
-            tokens_stored_untrained=self.tokens_put - self.tokens_trained, tokens_filtered=self.tokens_filtered,
+            tokens_generated=self.tokens_generated,
+            tokens_trained=self.tokens_trained,
+            tokens_stored_untrained=self.tokens_put - self.tokens_trained,
+            tokens_filtered=self.tokens_filtered,
             tokens_in_workers=self.tokens_in_workers,
-            judge_calls=judge.calls if judge else 0, judge_over_budget=judge.over_budget if judge else 0,
-            judge_timeouts=judge.timeouts if judge else 0, judge_wait_s=self.judge_wait_s,
+            judge_calls=judge.calls if judge else 0,
+            judge_over_budget=judge.over_budget if judge else 0,
+            judge_timeouts=judge.timeouts if judge else 0,
+            judge_wait_s=self.judge_wait_s,
             staleness_hist=dict(sorted(counters.staleness_hist.items())),
         )
 

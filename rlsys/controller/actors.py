@@ -47,8 +47,9 @@ class Fleet:
         """Actor ids of rollout workers known dead, until their replacement serves."""
         self.next_index = 0
         self._learner_pg = None
-        self._opts = {"runtime_env": {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                                                    "TOKENIZERS_PARALLELISM": "false"}}}
+        self._opts = {
+            "runtime_env": {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}}
+        }
 
     @property
     def workers(self) -> list:
@@ -76,11 +77,15 @@ class Fleet:
         if not self.ranks:
             self.ranks = self.start_ranks(None, resume_dir=resume_dir)
         try:
-            ray.get([a.ready.remote() for a in self.workers + self.rewards + self.ranks],
-                    timeout=cfg.cluster.actor_start_timeout_s)
+            ray.get(
+                [a.ready.remote() for a in self.workers + self.rewards + self.ranks],
+                timeout=cfg.cluster.actor_start_timeout_s,
+            )
         except ray.exceptions.GetTimeoutError as e:
-            raise RuntimeError(f"actors did not start within cluster.actor_start_timeout_s="
-                               f"{cfg.cluster.actor_start_timeout_s}s; Ray resources: {ray.available_resources()}") from e
+            raise RuntimeError(
+                f"actors did not start within cluster.actor_start_timeout_s="
+                f"{cfg.cluster.actor_start_timeout_s}s; Ray resources: {ray.available_resources()}"
+            ) from e
 
     def add_rollout(self) -> int:
         """A new rollout worker under the next free index (serving ``version0`` until loaded)."""
@@ -96,23 +101,31 @@ class Fleet:
         rc = self.cfg.rollout
         # Two calls at once, so a weight update can reach a generate in progress (its EngineGate
         # lets the update in between two segments when rollout.partial_chunk_tokens > 0).
-        return (ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=2)(RolloutWorker)
-                .options(**self._threads_opts(rc.torch_threads))
-                .remote(rc, self.policy_path, index, str(self.run_dir), self.version0, self.metrics_host))
+        return (
+            ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=2)(RolloutWorker)
+            .options(**self._threads_opts(rc.torch_threads))
+            .remote(rc, self.policy_path, index, str(self.run_dir), self.version0, self.metrics_host)
+        )
 
     def spawn_reward(self):
         import ray
 
         rc = self.cfg.reward
-        return (ray.remote(num_cpus=rc.num_cpus)(RewardWorker).options(**self._opts)
-                .remote(rc, self.rm_path, self.judge, self.metrics_host))
+        return (
+            ray.remote(num_cpus=rc.num_cpus)(RewardWorker)
+            .options(**self._opts)
+            .remote(rc, self.rm_path, self.judge, self.metrics_host)
+        )
 
     def spawn_judge(self):
         import ray
 
         jc = self.cfg.judge
-        return (ray.remote(num_cpus=jc.num_cpus, num_gpus=jc.num_gpus)(JudgeWorker).options(**self._opts)
-                .remote(jc, str(self.run_dir), self.metrics_host))
+        return (
+            ray.remote(num_cpus=jc.num_cpus, num_gpus=jc.num_gpus)(JudgeWorker)
+            .options(**self._opts)
+            .remote(jc, str(self.run_dir), self.metrics_host)
+        )
 
     def start_ranks(self, weights_ref, resume_dir: Optional[str] = None) -> list:
         """Create the learner ranks (from the policy, a committed weights ObjectRef, or a checkpoint)
@@ -125,10 +138,24 @@ class Fleet:
         port = free_port()
         return [
             ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(LearnerRank)
-            .options(**self._threads_opts(lc.torch_threads), scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=r))
-            .remote(lc, self.policy_path, r, lc.num_ranks, port, rc.temperature, rc.max_new_tokens, weights_ref,
-                    resume_dir, self.metrics_host)
+            .options(
+                **self._threads_opts(lc.torch_threads),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=r
+                ),
+            )
+            .remote(
+                lc,
+                self.policy_path,
+                r,
+                lc.num_ranks,
+                port,
+                rc.temperature,
+                rc.max_new_tokens,
+                weights_ref,
+                resume_dir,
+                self.metrics_host,
+            )
             for r in range(lc.num_ranks)
         ]
 
@@ -151,15 +178,20 @@ class Fleet:
         if self._learner_pg is None:
             lc = self.cfg.learner
             bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
-            pg = placement_group([dict(bundle) for _ in range(lc.num_ranks)], strategy="STRICT_PACK",
-                                 name=f"rlsys-learner-{self.run_dir.name}")
+            pg = placement_group(
+                [dict(bundle) for _ in range(lc.num_ranks)],
+                strategy="STRICT_PACK",
+                name=f"rlsys-learner-{self.run_dir.name}",
+            )
             try:
                 ray.get(pg.ready(), timeout=self.cfg.cluster.actor_start_timeout_s)
             except ray.exceptions.GetTimeoutError as e:
                 ray.util.remove_placement_group(pg)
-                raise RuntimeError(f"no node can hold all {lc.num_ranks} learner ranks ({bundle} each) within "
-                                   f"cluster.actor_start_timeout_s={self.cfg.cluster.actor_start_timeout_s}s; the "
-                                   f"ranks of one learner group share a node. Free: {ray.available_resources()}") from e
+                raise RuntimeError(
+                    f"no node can hold all {lc.num_ranks} learner ranks ({bundle} each) within "
+                    f"cluster.actor_start_timeout_s={self.cfg.cluster.actor_start_timeout_s}s; the "
+                    f"ranks of one learner group share a node. Free: {ray.available_resources()}"
+                ) from e
             self._learner_pg = pg
         return self._learner_pg
 
@@ -187,8 +219,10 @@ class Fleet:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 endpoints.append(None)  # dead or hung: being replaced (rlsys/controller/recovery.py)
         entries += [(role, i, ep) for (role, i, _), ep in zip(actors, endpoints) if ep]
-        doc = [{"targets": [ep], "labels": {"run": self.run_dir.name, "role": role, "index": str(i)}}
-               for role, i, ep in entries]
+        doc = [
+            {"targets": [ep], "labels": {"run": self.run_dir.name, "role": role, "index": str(i)}}
+            for role, i, ep in entries
+        ]
         paths = [self.run_dir / "prometheus_targets.json"]
         if self.cfg.cluster.prometheus_targets:
             paths.append(Path(self.cfg.cluster.prometheus_targets).expanduser())

@@ -35,8 +35,14 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> None:
         return
     if cfg.loopback_only:
         keep_ray_on_loopback()
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _temp_dir=cfg.temp_dir, namespace=namespace,
-             _node_ip_address="127.0.0.1" if cfg.loopback_only else None, log_to_driver=False)
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=False,
+        _temp_dir=cfg.temp_dir,
+        namespace=namespace,
+        _node_ip_address="127.0.0.1" if cfg.loopback_only else None,
+        log_to_driver=False,
+    )
 
 
 def check_resources(cfg: RunConfig, available: dict) -> None:
@@ -45,23 +51,38 @@ def check_resources(cfg: RunConfig, available: dict) -> None:
     run asks for, raising ``cluster.num_cpus`` oversubscribes them, which the embedded default
     tolerates (its roles mostly take turns)."""
     judge = cfg.judge.backend != "none"
-    need_cpu = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_workers * cfg.reward.num_cpus
-                + cfg.learner.num_ranks * cfg.learner.num_cpus + judge * cfg.judge.num_cpus)
-    need_gpu = (cfg.rollout.num_workers * cfg.rollout.num_gpus + cfg.learner.num_ranks * cfg.learner.num_gpus
-                + judge * cfg.judge.num_gpus)
+    need_cpu = (
+        cfg.rollout.num_workers * cfg.rollout.num_cpus
+        + cfg.reward.num_workers * cfg.reward.num_cpus
+        + cfg.learner.num_ranks * cfg.learner.num_cpus
+        + judge * cfg.judge.num_cpus
+    )
+    need_gpu = (
+        cfg.rollout.num_workers * cfg.rollout.num_gpus
+        + cfg.learner.num_ranks * cfg.learner.num_gpus
+        + judge * cfg.judge.num_gpus
+    )
     have_cpu, have_gpu = available.get("CPU", 0.0), available.get("GPU", 0.0)
     if need_cpu <= have_cpu + 1e-9 and need_gpu <= have_gpu + 1e-9:
         return
-    parts = [f"the actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the Ray cluster has {have_cpu:g} CPUs and "
-             f"{have_gpu:g} GPUs"]
+    parts = [
+        f"the actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the Ray cluster has {have_cpu:g} CPUs and "
+        f"{have_gpu:g} GPUs"
+    ]
     if need_gpu > have_gpu + 1e-9:
-        parts.append("lower rollout.num_gpus / learner.num_gpus / judge.num_gpus or the worker counts, or run on a "
-                     "cluster with more GPUs (cluster.address)")
+        parts.append(
+            "lower rollout.num_gpus / learner.num_gpus / judge.num_gpus or the worker counts, or run on a "
+            "cluster with more GPUs (cluster.address)"
+        )
     elif cfg.cluster.address is None:
-        parts.append(f"add cluster.num_cpus={math.ceil(need_cpu - 1e-9)} (Ray's CPUs are logical; the local cluster "
-                     "may claim more than the machine has), or lower rollout.num_cpus / learner.num_cpus / "
-                     "reward.num_cpus / judge.num_cpus or the worker counts")
+        parts.append(
+            f"add cluster.num_cpus={math.ceil(need_cpu - 1e-9)} (Ray's CPUs are logical; the local cluster "
+            "may claim more than the machine has), or lower rollout.num_cpus / learner.num_cpus / "
+            "reward.num_cpus / judge.num_cpus or the worker counts"
+        )
     else:
-        parts.append("lower rollout.num_cpus / learner.num_cpus / reward.num_cpus / judge.num_cpus or the worker "
-                     "counts, or add nodes to the cluster")
+        parts.append(
+            "lower rollout.num_cpus / learner.num_cpus / reward.num_cpus / judge.num_cpus or the worker "
+            "counts, or add nodes to the cluster"
+        )
     raise ConfigError("; ".join(parts))

@@ -73,17 +73,24 @@ class RunControl:
         return {**self.report, "desired_rollout": self.desired_rollout, "stop_requested": self.stop_requested}
 
 
-
-
 class ControlLoop:
     """The controller's side of the control plane: one loop that, every ``cluster.control_poll_s``,
     converges the rollout workers on what ``rlsys scale`` asks for, relays ``rlsys stop``, pings
     the judge (rlsys/controller/recovery.py replaces a dead one) and reports the run's state to the
     control actor (``rlsys status``)."""
 
-    def __init__(self, cfg: RunConfig, run_name: str, fleet: Fleet, weights: WeightPublisher, recovery: Recovery,
-                 start_loop: Callable[[int], None], drain_loops: Callable[[list[int]], Awaitable[None]],
-                 request_stop: Callable[[], None], report: Callable[[], Awaitable[dict]]):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_name: str,
+        fleet: Fleet,
+        weights: WeightPublisher,
+        recovery: Recovery,
+        start_loop: Callable[[int], None],
+        drain_loops: Callable[[list[int]], Awaitable[None]],
+        request_stop: Callable[[], None],
+        report: Callable[[], Awaitable[dict]],
+    ):
         import ray
 
         self.cfg = cfg
@@ -98,8 +105,7 @@ class ControlLoop:
         self._report = report
         self.ending = False
         """Set when training ends: the loop stops even if a cancel went astray."""
-        self.actor = ray.remote(num_cpus=0)(RunControl).options(name=CONTROL_NAME).remote(
-            run_name, len(fleet.rollout))
+        self.actor = ray.remote(num_cpus=0)(RunControl).options(name=CONTROL_NAME).remote(run_name, len(fleet.rollout))
 
     async def run(self) -> None:
         """Until the run ends: converge, ping, report, sleep."""
@@ -112,9 +118,12 @@ class ControlLoop:
                 self._request_stop()
                 stop_relayed = True
             if want != have and self.weights.on_gpu:
-                log.error("rlsys scale refused: the %s weight transport is set up for a fixed set of engines "
-                          "(re-forming it on scale is not built); run with learner.weight_transport=ray to "
-                          "scale", self.weights.transport)
+                log.error(
+                    "rlsys scale refused: the %s weight transport is set up for a fixed set of engines "
+                    "(re-forming it on scale is not built); run with learner.weight_transport=ray to "
+                    "scale",
+                    self.weights.transport,
+                )
                 await self.actor.scale_rollout.remote(have)
             elif want > have:
                 await self._add_workers(want - have)
@@ -137,13 +146,18 @@ class ControlLoop:
         self.fleet.next_index += k
         actors = [self.fleet.spawn_rollout(i) for i in indices]
         try:
-            await with_deadline(asyncio.gather(*[a.ready.remote() for a in actors]),
-                                self.cfg.cluster.actor_start_timeout_s)
+            await with_deadline(
+                asyncio.gather(*[a.ready.remote() for a in actors]), self.cfg.cluster.actor_start_timeout_s
+            )
         except asyncio.TimeoutError:
             for a in actors:
                 ray.kill(a)
-            log.error("scale up by %d rollout worker(s) abandoned: not started within %ss (Ray resources free: %s)",
-                      k, self.cfg.cluster.actor_start_timeout_s, ray.available_resources())
+            log.error(
+                "scale up by %d rollout worker(s) abandoned: not started within %ss (Ray resources free: %s)",
+                k,
+                self.cfg.cluster.actor_start_timeout_s,
+                ray.available_resources(),
+            )
             await self.actor.scale_rollout.remote(len(self.fleet.rollout))
             return
         async with self.weights.lock:  # no publication in between: the joiners get the current policy
@@ -152,8 +166,10 @@ class ControlLoop:
                 if any(n != here for n in await asyncio.gather(*[a.node_id.remote() for a in actors])):
                     for a in actors:
                         ray.kill(a)
-                    log.error("scale up abandoned: a new rollout worker landed on another node than learner rank 0, "
-                              "which the shm weight transport cannot reach; run with learner.weight_transport=ray")
+                    log.error(
+                        "scale up abandoned: a new rollout worker landed on another node than learner rank 0, "
+                        "which the shm weight transport cannot reach; run with learner.weight_transport=ray"
+                    )
                     await self.actor.scale_rollout.remote(len(self.fleet.rollout))
                     return
             versions = await asyncio.gather(*[self.weights.load_current(a) for a in actors])
@@ -162,8 +178,11 @@ class ControlLoop:
                 self.fleet.records[i] = WorkerRecord(i, v)
                 self._start_loop(i)
         self.fleet.write_targets()
-        log.info("rollout workers scaled up to %d (joined at policy version %d)", len(self.fleet.rollout),
-                 self.weights.version)
+        log.info(
+            "rollout workers scaled up to %d (joined at policy version %d)",
+            len(self.fleet.rollout),
+            self.weights.version,
+        )
 
     async def _remove_workers(self, k: int) -> None:
         """Scale down, newest first: each finishes the request it serves, then its actor goes."""

@@ -148,8 +148,10 @@ class Controller:
             path = checkpoint.resolve(cfg.resume)
             self.resume = ResumePoint(path, checkpoint.read_state(path))
             if self.resume.state["step"] >= cfg.steps:
-                raise checkpoint.CheckpointError(f"{checkpoint.describe(path, self.resume.state)} is already at "
-                                                 f"steps={cfg.steps}; raise steps to train further")
+                raise checkpoint.CheckpointError(
+                    f"{checkpoint.describe(path, self.resume.state)} is already at "
+                    f"steps={cfg.steps}; raise steps to train further"
+                )
             log.info("resuming from %s", checkpoint.describe(path, self.resume.state))
         data = load_task(cfg.task)  # bad rows fail here, before anything is built
         if cfg.replay.backend == "redis":  # so does an unauthenticated or unreachable Redis
@@ -166,8 +168,13 @@ class Controller:
         limit = (cfg.rollout.max_model_len or int(hf.get("max_position_embeddings", 2048))) - cfg.rollout.max_new_tokens
         self.train_prompts = tokenize_prompts(tok, list(data.train), limit)
         self.eval_prompts = tokenize_prompts(tok, list(data.eval), limit)
-        log.info("model %s; %d train / %d eval prompts (%.1fs)", self.model_path, len(self.train_prompts),
-                 len(self.eval_prompts), time.perf_counter() - t0)
+        log.info(
+            "model %s; %d train / %d eval prompts (%.1fs)",
+            self.model_path,
+            len(self.train_prompts),
+            len(self.eval_prompts),
+            time.perf_counter() - t0,
+        )
         rm_path = None
         if cfg.reward.mode in ("rm_judge_router", "rm_pointwise"):
             rm_path = str(ensure_reward_model(cfg.reward.model, cfg.task))
@@ -183,9 +190,12 @@ class Controller:
         if res:
             self.progress = Progress.from_checkpoint(res.state["progress"])
             self.run_id = res.state["run_id"]
-        self.loggers = MetricLoggers(cfg.loggers, self.run_dir, self.run_dir.name,
-                                     config={"steps": cfg.steps, "strategy": cfg.scheduler.strategy,
-                                             "max_staleness": cfg.replay.max_staleness})
+        self.loggers = MetricLoggers(
+            cfg.loggers,
+            self.run_dir,
+            self.run_dir.name,
+            config={"steps": cfg.steps, "strategy": cfg.scheduler.strategy, "max_staleness": cfg.replay.max_staleness},
+        )
         self.fleet.start(self.train_prompts, res.state["scheduler"] if res else None, str(res.path) if res else None)
         self.store = make_store(cfg.replay, cfg.scheduler.prompts_per_step, run_id=self.run_id)
         self.weights = WeightPublisher(cfg, self.run_dir, version0)
@@ -193,14 +203,28 @@ class Controller:
         self.recovery = Recovery(cfg, self.fleet, self.weights, self.store, self.metrics, self.reward_stats)
         if res:
             self.recovery.last_checkpoint = (str(res.path), version0)
-        self.control = ControlLoop(cfg, self.run_dir.name, self.fleet, self.weights, self.recovery, self._start_loop,
-                                   self._drain_loops, self.request_stop, self._status)
+        self.control = ControlLoop(
+            cfg,
+            self.run_dir.name,
+            self.fleet,
+            self.weights,
+            self.recovery,
+            self._start_loop,
+            self._drain_loops,
+            self.request_stop,
+            self._status,
+        )
         if cfg.cluster.metrics_port >= 0:
             self.metrics_server = serve(self.metrics, cfg.cluster.metrics_host, cfg.cluster.metrics_port)
             self.fleet.metrics_server = self.metrics_server
             self.fleet.write_targets()
-        log.info("actors up: %d rollout, %d reward, %d learner rank(s) (%.1fs)", len(self.fleet.rollout),
-                 len(self.fleet.rewards), len(self.fleet.ranks), time.perf_counter() - t0)
+        log.info(
+            "actors up: %d rollout, %d reward, %d learner rank(s) (%.1fs)",
+            len(self.fleet.rollout),
+            len(self.fleet.rewards),
+            len(self.fleet.ranks),
+            time.perf_counter() - t0,
+        )
 
     def shutdown(self) -> None:
         """Best effort, whatever state the run is in."""
@@ -272,9 +296,18 @@ class Controller:
         acc_after = await self.evaluate()
         p.add_eval(p.step, acc_after, p.train_seconds, took_seconds=None)
         log.info("eval accuracy after training: %.3f", acc_after)
-        out = RunOutcome(acc_before, acc_after, time.perf_counter() - t_wall, p.step - step0,
-                         self.recovery.learner_restarts, dict(self.recovery.restarts.counts), self.weights.transport,
-                         list(self.fleet.records.values()), self.reward_stats, self._held_at_end)
+        out = RunOutcome(
+            acc_before,
+            acc_after,
+            time.perf_counter() - t_wall,
+            p.step - step0,
+            self.recovery.learner_restarts,
+            dict(self.recovery.restarts.counts),
+            self.weights.transport,
+            list(self.fleet.records.values()),
+            self.reward_stats,
+            self._held_at_end,
+        )
         return summary(self.cfg, p, out, self.store.counters, self.model_path, str(self.run_dir))
 
     # -- the learner loop ----------------------------------------------------------------
@@ -295,7 +328,9 @@ class Controller:
                     await self.recovery.skip_nonfinite(p.step + 1, groups, stats, p)
                     continue
                 self.recovery.nonfinite_run = 0
-                published = await with_deadline(self.weights.gather(version + 1, self.fleet), cfg.learner.step_timeout_s)
+                published = await with_deadline(
+                    self.weights.gather(version + 1, self.fleet), cfg.learner.step_timeout_s
+                )
             except Exception as e:  # noqa: BLE001 - a dead or hung rank is recovered; anything else re-raised
                 if not is_worker_failure(e):
                     raise
@@ -347,13 +382,32 @@ class Controller:
         self.metrics.replay_depth.set(await self.store.depth())
         return ckpt
 
-    def _record_step(self, groups: list[Group], stats: list, trained: tuple[int, int], version: int,
-                     step_s: float, sync_s: float, ckpt: Optional[tuple]) -> None:
+    def _record_step(
+        self,
+        groups: list[Group],
+        stats: list,
+        trained: tuple[int, int],
+        version: int,
+        step_s: float,
+        sync_s: float,
+        ckpt: Optional[tuple],
+    ) -> None:
         """One record of the committed step feeds the gauges, the loggers, the progress line, the
         totals (and the checkpoint written for it), and the ``on_step`` hooks."""
         p = self.progress
-        rec = step_record(p.step + 1, version, groups, stats, p.samples, p.tokens, p.samples_at_last_step,
-                          self.store.counters.dropped_stale, step_s, sync_s, self.clock())
+        rec = step_record(
+            p.step + 1,
+            version,
+            groups,
+            stats,
+            p.samples,
+            p.tokens,
+            p.samples_at_last_step,
+            self.store.counters.dropped_stale,
+            step_s,
+            sync_s,
+            self.clock(),
+        )
         p.add_step(rec, *trained)
         self.metrics.observe_step(rec, self.store.counters)
         if self.loggers.active:
@@ -376,8 +430,14 @@ class Controller:
 
     def _commit_checkpoint(self, tmp: Path, sched: dict, t0: float, version: int) -> None:
         p = self.progress
-        state = {"step": p.step, "version": version, "run_id": self.run_id, "scheduler": sched,
-                 "progress": asdict(p), "config_name": self.cfg.name}
+        state = {
+            "step": p.step,
+            "version": version,
+            "run_id": self.run_id,
+            "scheduler": sched,
+            "progress": asdict(p),
+            "config_name": self.cfg.name,
+        }
         final = checkpoint.commit(tmp, state, Path(self.model_path), self.cfg.checkpoint.keep_last)
         self.recovery.last_checkpoint = (str(final), version)  # a learner restart at this version restores from it
         log.info("checkpoint %s written in %.1fs", final, time.perf_counter() - t0)
@@ -409,8 +469,10 @@ class Controller:
         record = self.fleet.records[index]
         carry, held = self._carries(), 0  # held: groups the worker carries over (partial mode)
         while True:
-            per_call = min(self.cfg.rollout.prompts_per_call,
-                           math.ceil(self.cfg.scheduler.prompts_per_step / len(self.fleet.rollout)))
+            per_call = min(
+                self.cfg.rollout.prompts_per_call,
+                math.ceil(self.cfg.scheduler.prompts_per_step / len(self.fleet.rollout)),
+            )
             try:
                 # A worker holding carried groups must not wait for room: those groups hold the
                 # slots, and may be what the learner waits for. No room -> continue them instead.
@@ -436,8 +498,11 @@ class Controller:
         Only for one-round strategies (ar3po's follow-up stages and dapo's refill need every
         request's group back from the call that asked for it)."""
         rc = self.cfg.rollout
-        return (rc.partial_chunk_tokens > 0 and rc.partial_carry_fraction > 0
-                and self.cfg.scheduler.strategy in ("uniform", "knapsack"))
+        return (
+            rc.partial_chunk_tokens > 0
+            and rc.partial_carry_fraction > 0
+            and self.cfg.scheduler.strategy in ("uniform", "knapsack")
+        )
 
     async def _reserve_or_stop(self, k: int, stop: asyncio.Event, patience: Optional[float] = None) -> Optional[int]:
         """Admission slots, or None once ``stop`` is set or ``patience`` seconds have passed
@@ -468,14 +533,26 @@ class Controller:
         """One generate + score round into the store. Returns the number of groups the worker
         carries over after it, or None once the store is closed."""
         groups, scored, rs = await self.sampler.run(
-            requests, lambda reqs: self.recovery.generate(index, reqs, carry, drain),
-            lambda gs: self.recovery.score(index, gs), self.store.learner_version)
+            requests,
+            lambda reqs: self.recovery.generate(index, reqs, carry, drain),
+            lambda gs: self.recovery.score(index, gs),
+            self.store.learner_version,
+        )
         self.fleet.scheduler.observe.remote([(g.prompt_id, g.rewards.tolist()) for g in scored])
         failures = sum(g.reward_failures for g in scored)
-        self.progress.add_produced(rs.samples, rs.tokens, failures, rs.filtered, rs.switched, rs.carried,
-                                   rs.generate_seconds, rs.reward_seconds)
-        self.metrics.observe_round(rs.samples, rs.tokens, failures, rs.generate_seconds, rs.filtered, rs.switched,
-                                   rs.reused)
+        self.progress.add_produced(
+            rs.samples,
+            rs.tokens,
+            failures,
+            rs.filtered,
+            rs.switched,
+            rs.carried,
+            rs.generate_seconds,
+            rs.reward_seconds,
+        )
+        self.metrics.observe_round(
+            rs.samples, rs.tokens, failures, rs.generate_seconds, rs.filtered, rs.switched, rs.reused
+        )
         record = self.fleet.records[index]
         if groups and record.first_group_version is None:
             record.first_group_version = min(g.policy_version for g in groups)
@@ -500,11 +577,12 @@ class Controller:
         """Greedy accuracy on the held-out prompts, split over the rollout workers (the shards of a
         worker that is dead or past rollout.call_timeout_s go to one that answered)."""
         prompts, workers = self.eval_prompts, self.fleet.workers
-        shards = [prompts[i:: len(workers)] for i in range(len(workers))]
+        shards = [prompts[i :: len(workers)] for i in range(len(workers))]
 
         def greedy(w, shard):
-            return with_deadline(w.generate_greedy.remote([list(p.prompt_token_ids) for p in shard]),
-                                 self.cfg.rollout.call_timeout_s)
+            return with_deadline(
+                w.generate_greedy.remote([list(p.prompt_token_ids) for p in shard]), self.cfg.rollout.call_timeout_s
+            )
 
         outs = await asyncio.gather(*[greedy(w, s) for w, s in zip(workers, shards)], return_exceptions=True)
         for o in outs:
@@ -525,13 +603,19 @@ class Controller:
     async def _status(self) -> dict:
         """What ``rlsys status`` shows (the control loop reports it every poll)."""
         return {
-            "step": self.progress.step, "steps": self.cfg.steps, "policy_version": self.weights.version,
-            "rollout_workers": len(self.fleet.rollout), "learner_ranks": len(self.fleet.ranks),
-            "samples": self.progress.samples, "replay_depth": await self.store.depth(),
+            "step": self.progress.step,
+            "steps": self.cfg.steps,
+            "policy_version": self.weights.version,
+            "rollout_workers": len(self.fleet.rollout),
+            "learner_ranks": len(self.fleet.ranks),
+            "samples": self.progress.samples,
+            "replay_depth": await self.store.depth(),
             "replay_dropped_stale": self.store.counters.dropped_stale,
             "judge_queue": self.reward_stats.queue_depth(),
-            "learner_restarts": self.recovery.learner_restarts, "worker_restarts": dict(self.recovery.restarts.counts),
-            "last_errors": list(self.recent_errors.lines)}
+            "learner_restarts": self.recovery.learner_restarts,
+            "worker_restarts": dict(self.recovery.restarts.counts),
+            "last_errors": list(self.recent_errors.lines),
+        }
 
 
 def run_training(cfg: RunConfig, run_dir: Path) -> dict:

@@ -90,8 +90,17 @@ class Progress:
             p.train_seconds = float(p.step_time[-1])
         return p
 
-    def add_produced(self, samples: int, tokens: int, reward_failures: int, filtered: int, switched: int,
-                     carried: int, generate_seconds: float, reward_seconds: float) -> None:
+    def add_produced(
+        self,
+        samples: int,
+        tokens: int,
+        reward_failures: int,
+        filtered: int,
+        switched: int,
+        carried: int,
+        generate_seconds: float,
+        reward_seconds: float,
+    ) -> None:
         """One generate + score round of a rollout loop."""
         self.samples += samples
         self.tokens += tokens
@@ -144,28 +153,52 @@ class TrainingClock:
         return time.perf_counter() - self._t0
 
 
-def step_record(step: int, version: int, groups: list[Group], stats: list, samples: int, tokens: int,
-                samples_at_last_step: int, dropped_stale: int, step_seconds: float, sync_seconds: float,
-                train_seconds: float) -> StepRecord:
+def step_record(
+    step: int,
+    version: int,
+    groups: list[Group],
+    stats: list,
+    samples: int,
+    tokens: int,
+    samples_at_last_step: int,
+    dropped_stale: int,
+    step_seconds: float,
+    sync_seconds: float,
+    train_seconds: float,
+) -> StepRecord:
     """The figures of the committed step that took learner ``version - 1`` to ``version``."""
     group_rewards = [g.rewards for g in groups]
     return StepRecord(
-        step=step, policy_version=version, loss=float(sum(s.loss for s in stats)), grad_norm=stats[0].grad_norm,
-        kl=stats[0].extra.get("behav_kl", 0.0), clip_fraction=stats[0].extra.get("clip_fraction", 0.0),
-        reward_mean=float(np.mean(np.concatenate(group_rewards))), step_seconds=step_seconds,
-        weight_sync_seconds=sync_seconds, effective_gradient_ratio=effective_gradient_ratio(group_rewards),
-        effective_prompt_ratio=effective_prompt_ratio(group_rewards), rollouts_per_step=samples - samples_at_last_step,
-        group_sizes=tuple(g.size for g in groups), staleness=tuple(version - 1 - g.policy_version for g in groups),
-        samples=samples, tokens=tokens, dropped_stale=dropped_stale, train_seconds=train_seconds)
+        step=step,
+        policy_version=version,
+        loss=float(sum(s.loss for s in stats)),
+        grad_norm=stats[0].grad_norm,
+        kl=stats[0].extra.get("behav_kl", 0.0),
+        clip_fraction=stats[0].extra.get("clip_fraction", 0.0),
+        reward_mean=float(np.mean(np.concatenate(group_rewards))),
+        step_seconds=step_seconds,
+        weight_sync_seconds=sync_seconds,
+        effective_gradient_ratio=effective_gradient_ratio(group_rewards),
+        effective_prompt_ratio=effective_prompt_ratio(group_rewards),
+        rollouts_per_step=samples - samples_at_last_step,
+        group_sizes=tuple(g.size for g in groups),
+        staleness=tuple(version - 1 - g.policy_version for g in groups),
+        samples=samples,
+        tokens=tokens,
+        dropped_stale=dropped_stale,
+        train_seconds=train_seconds,
+    )
 
 
 def progress_line(rec: StepRecord, total_steps: int) -> str:
     """The terminal's line for a step: totals over the run's training clock."""
     el = max(rec.train_seconds, 1e-9)
-    return (f"step {rec.step:4d}/{total_steps} | reward {rec.reward_mean:.3f} | loss {rec.loss:+.4f} | grad "
-            f"{rec.grad_norm:.3f} | clip {rec.clip_fraction:.3f} | tokens/s {rec.tokens / el:6.0f} | samples/s "
-            f"{rec.samples / el:5.0f} | staleness {float(np.mean(rec.staleness)):.2f} | eff.grad "
-            f"{rec.effective_gradient_ratio:.2f} | {rec.train_seconds:.0f}s")
+    return (
+        f"step {rec.step:4d}/{total_steps} | reward {rec.reward_mean:.3f} | loss {rec.loss:+.4f} | grad "
+        f"{rec.grad_norm:.3f} | clip {rec.clip_fraction:.3f} | tokens/s {rec.tokens / el:6.0f} | samples/s "
+        f"{rec.samples / el:5.0f} | staleness {float(np.mean(rec.staleness)):.2f} | eff.grad "
+        f"{rec.effective_gradient_ratio:.2f} | {rec.train_seconds:.0f}s"
+    )
 
 
 @dataclass
@@ -189,8 +222,10 @@ class RecentErrors(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.lines.append(f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname} "
-                              f"{record.getMessage()[:300]}")
+            self.lines.append(
+                f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname} "
+                f"{record.getMessage()[:300]}"
+            )
         except Exception:  # noqa: BLE001 - a log handler must never raise
             pass
 
@@ -241,11 +276,20 @@ def summary(cfg, p: Progress, out: RunOutcome, replay_counters, model_path: str,
         "partial_carried": p.carried,
         "step_seconds_mean": train_s / max(p.step, 1),
         "steps_this_run": out.steps_this_run,
-        "curves": {"reward": p.step_rewards, "loss": p.step_losses, "effective_gradient_ratio": p.step_egr,
-                   "time_s": p.step_time, "samples": p.step_samples, "eval_accuracy": p.eval_curve,
-                   "eval_time_s": p.eval_times,
-                   **({"judge_calls": [j["calls"] for j in judged],
-                       "judge_spend": [j["spend"] for j in judged]} if judged else {})},
+        "curves": {
+            "reward": p.step_rewards,
+            "loss": p.step_losses,
+            "effective_gradient_ratio": p.step_egr,
+            "time_s": p.step_time,
+            "samples": p.step_samples,
+            "eval_accuracy": p.eval_curve,
+            "eval_time_s": p.eval_times,
+            **(
+                {"judge_calls": [j["calls"] for j in judged], "judge_spend": [j["spend"] for j in judged]}
+                if judged
+                else {}
+            ),
+        },
         "learner_restarts": out.learner_restarts,
         "worker_restarts": dict(out.worker_restarts),
         "groups_trained": p.groups_trained,
@@ -255,10 +299,18 @@ def summary(cfg, p: Progress, out: RunOutcome, replay_counters, model_path: str,
         "rollout_workers": [asdict(w) for w in out.rollout_workers],
         "reward_router": out.reward_stats.router,
         "judge": out.reward_stats.judge,
-        "replay": {"backend": cfg.replay.backend, "put": c.put, "taken": c.taken, "acked": c.acked,
-                   "dropped_stale": c.dropped_stale, "stale_corrected": c.stale_corrected, "duplicates": c.duplicates,
-                   "rejected": c.rejected, "held_at_end": out.held_at_end,
-                   "staleness_hist": {str(k): v for k, v in sorted(c.staleness_hist.items())}},
+        "replay": {
+            "backend": cfg.replay.backend,
+            "put": c.put,
+            "taken": c.taken,
+            "acked": c.acked,
+            "dropped_stale": c.dropped_stale,
+            "stale_corrected": c.stale_corrected,
+            "duplicates": c.duplicates,
+            "rejected": c.rejected,
+            "held_at_end": out.held_at_end,
+            "staleness_hist": {str(k): v for k, v in sorted(c.staleness_hist.items())},
+        },
         "busy_seconds": asdict(p.timing),
         "share_generation": p.timing.generation / train_s,
         "share_reward": p.timing.reward / train_s,

@@ -96,9 +96,11 @@ class RestartBudget:
     def spend(self, role: str, error: BaseException) -> int:
         self.counts[role] += 1
         if self.counts[role] > self.limit:
-            raise RuntimeError(f"{role} workers failed {self.counts[role]} times in this run "
-                               f"(cluster.max_worker_restarts={self.limit}); last error: "
-                               f"{type(error).__name__}: {error}") from error
+            raise RuntimeError(
+                f"{role} workers failed {self.counts[role]} times in this run "
+                f"(cluster.max_worker_restarts={self.limit}); last error: "
+                f"{type(error).__name__}: {error}"
+            ) from error
         return self.counts[role]
 
 
@@ -106,8 +108,15 @@ class Recovery:
     """Calls the rollout and reward workers under their deadlines, and replaces a dead or hung
     worker (rollout, reward, judge) or the learner ranks, as the module docstring describes."""
 
-    def __init__(self, cfg: RunConfig, fleet: Fleet, weights: WeightPublisher, store: ReplayStore,
-                 metrics: Metrics, reward_stats: RewardStats):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        fleet: Fleet,
+        weights: WeightPublisher,
+        store: ReplayStore,
+        metrics: Metrics,
+        reward_stats: RewardStats,
+    ):
         self.cfg = cfg
         self.fleet = fleet
         self.weights = weights
@@ -167,11 +176,19 @@ class Recovery:
         n = self.restarts.spend("rollout", error)
         self.metrics.worker_restarts.labels("rollout").inc()
         if self.weights.on_gpu:
-            raise RuntimeError(f"rollout worker {index} {describe(error)}; the {self.weights.transport} weight "
-                               "transport cannot take a replacement engine into its group: resume the run from its "
-                               "last checkpoint (resume=<run dir>)") from error
-        log.error("rollout worker %d %s; replacing it (restart %d/%d) and retrying its %d open request(s)", index,
-                  describe(error), n, self.cfg.cluster.max_worker_restarts, open_requests)
+            raise RuntimeError(
+                f"rollout worker {index} {describe(error)}; the {self.weights.transport} weight "
+                "transport cannot take a replacement engine into its group: resume the run from its "
+                "last checkpoint (resume=<run dir>)"
+            ) from error
+        log.error(
+            "rollout worker %d %s; replacing it (restart %d/%d) and retrying its %d open request(s)",
+            index,
+            describe(error),
+            n,
+            self.cfg.cluster.max_worker_restarts,
+            open_requests,
+        )
         ray.kill(dead, no_restart=True)
         self.fleet.dead.add(dead._actor_id.hex())
         new = self.fleet.spawn_rollout(index)
@@ -196,8 +213,13 @@ class Recovery:
                 return  # another rollout loop replaced it already
             n = self.restarts.spend("reward", error)
             self.metrics.worker_restarts.labels("reward").inc()
-            log.error("reward worker %d %s; replacing it (restart %d/%d) and scoring its groups again", slot,
-                      describe(error), n, self.cfg.cluster.max_worker_restarts)
+            log.error(
+                "reward worker %d %s; replacing it (restart %d/%d) and scoring its groups again",
+                slot,
+                describe(error),
+                n,
+                self.cfg.cluster.max_worker_restarts,
+            )
             ray.kill(dead, no_restart=True)
             new = self.fleet.spawn_reward()
             try:
@@ -224,8 +246,9 @@ class Recovery:
             error = e
         n = self.restarts.spend("judge", error)
         self.metrics.worker_restarts.labels("judge").inc()
-        log.error("judge worker %s; replacing it (restart %d/%d)", describe(error), n,
-                  self.cfg.cluster.max_worker_restarts)
+        log.error(
+            "judge worker %s; replacing it (restart %d/%d)", describe(error), n, self.cfg.cluster.max_worker_restarts
+        )
         ray.kill(dead, no_restart=True)
         self.fleet.judge = self.fleet.spawn_judge()  # kill_all() ends it whatever happens next
         await with_deadline(self.fleet.judge.ready.remote(), self.cfg.cluster.actor_start_timeout_s)
@@ -241,17 +264,28 @@ class Recovery:
         self.learner_restarts += 1
         self.metrics.worker_restarts.labels("learner").inc()
         if self.weights.on_gpu:
-            raise RuntimeError(f"a learner rank died, and the {self.weights.transport} weight transport keeps no host "
-                               "copy of the committed weights to restart from: resume the run from its last "
-                               "checkpoint (resume=<run dir>)") from error
+            raise RuntimeError(
+                f"a learner rank died, and the {self.weights.transport} weight transport keeps no host "
+                "copy of the committed weights to restart from: resume the run from its last "
+                "checkpoint (resume=<run dir>)"
+            ) from error
         if self.learner_restarts > self.cfg.learner.max_restarts:
-            raise RuntimeError(f"learner failed {self.learner_restarts} times (learner.max_restarts="
-                               f"{self.cfg.learner.max_restarts}); last error: {error}") from error
+            raise RuntimeError(
+                f"learner failed {self.learner_restarts} times (learner.max_restarts="
+                f"{self.cfg.learner.max_restarts}); last error: {error}"
+            ) from error
         n = await self.store.requeue_pending()
-        log.error("learner rank %s during step %d; restarting %d rank(s) from policy version %d, "
-                  "redelivering %d uncommitted group(s) [restart %d/%d]", describe(error), step,
-                  len(self.fleet.ranks), self.store.learner_version, n, self.learner_restarts,
-                  self.cfg.learner.max_restarts)
+        log.error(
+            "learner rank %s during step %d; restarting %d rank(s) from policy version %d, "
+            "redelivering %d uncommitted group(s) [restart %d/%d]",
+            describe(error),
+            step,
+            len(self.fleet.ranks),
+            self.store.learner_version,
+            n,
+            self.learner_restarts,
+            self.cfg.learner.max_restarts,
+        )
         await self.restart_ranks()
 
     async def restart_ranks(self) -> None:
@@ -268,8 +302,9 @@ class Recovery:
             self.fleet.ranks = self.fleet.start_ranks(None, resume_dir=ckpt[0])
         else:
             self.fleet.ranks = self.fleet.start_ranks(self.weights.committed)
-        await with_deadline(asyncio.gather(*[r.ready.remote() for r in self.fleet.ranks]),
-                            self.cfg.cluster.actor_start_timeout_s)
+        await with_deadline(
+            asyncio.gather(*[r.ready.remote() for r in self.fleet.ranks]), self.cfg.cluster.actor_start_timeout_s
+        )
         self.fleet.write_targets()
 
     async def skip_nonfinite(self, step: int, groups: list[Group], stats: list, progress: Progress) -> None:
@@ -277,18 +312,27 @@ class Recovery:
         (learner.on_nonfinite)."""
         lc = self.cfg.learner
         self.nonfinite_run += 1
-        what = (f"step {step}: non-finite loss, gradient norm or weights (loss {[s.loss for s in stats]}, grad "
-                f"norm {[s.grad_norm for s in stats]}, weights finite {[s.weights_finite for s in stats]})")
+        what = (
+            f"step {step}: non-finite loss, gradient norm or weights (loss {[s.loss for s in stats]}, grad "
+            f"norm {[s.grad_norm for s in stats]}, weights finite {[s.weights_finite for s in stats]})"
+        )
         if lc.on_nonfinite == "stop" or self.nonfinite_run >= lc.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{what}; stopping the run ({self.nonfinite_run} in a row; learner.on_nonfinite={lc.on_nonfinite}, "
                 f"learner.max_nonfinite_steps={lc.max_nonfinite_steps}). The last checkpoint is intact: lower "
-                "learner.lr (or check the rewards) and resume from it")
+                "learner.lr (or check the rewards) and resume from it"
+            )
         progress.skipped_nonfinite += len(groups)
         self.metrics.skipped_nonfinite.inc(len(groups))
-        log.error("%s; step skipped: its weights are discarded, the ranks restart from policy version %d, and its "
-                  "%d group(s) are not trained (skipped_nonfinite) [%d in a row, at most %d]", what,
-                  self.store.learner_version, len(groups), self.nonfinite_run, lc.max_nonfinite_steps)
+        log.error(
+            "%s; step skipped: its weights are discarded, the ranks restart from policy version %d, and its "
+            "%d group(s) are not trained (skipped_nonfinite) [%d in a row, at most %d]",
+            what,
+            self.store.learner_version,
+            len(groups),
+            self.nonfinite_run,
+            lc.max_nonfinite_steps,
+        )
         await self.store.ack([g.group_id for g in groups])  # consumed, never trained: counted above
         await self.store.release(len(groups))  # their admission slots: producers make the batch again
         await self.restart_ranks()

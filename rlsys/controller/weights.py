@@ -69,17 +69,20 @@ class WeightPublisher:
         gpus = ray.get([fleet.ranks[0].gpu_id.remote()] + [w.gpu_id.remote() for w in fleet.workers])
         if want in GPU_TRANSPORTS or (want == "auto" and gpus[0] is not None):
             shared = [g == gpus[0] for g in gpus[1:]]
-            if gpus[0] is not None and None not in gpus and all(shared) \
-                    and self.cfg.rollout.tensor_parallel_size == 1:  # IPC maps onto each worker's own device
+            if (
+                gpus[0] is not None and None not in gpus and all(shared) and self.cfg.rollout.tensor_parallel_size == 1
+            ):  # IPC maps onto each worker's own device
                 pick = "cuda_ipc"
             elif gpus[0] is not None and None not in gpus and not any(shared):
                 pick = "nccl"
             else:
                 pick = None  # CPU, or engines both on and off rank 0's GPU
             if want != "auto" and pick != want:
-                raise RuntimeError(f"learner.weight_transport={want} does not fit this placement (learner rank 0 on "
-                                   f"{gpus[0]}, engines on {gpus[1:]}): nccl needs every engine on another GPU than "
-                                   "rank 0, cuda_ipc every engine on rank 0's GPU; use auto")
+                raise RuntimeError(
+                    f"learner.weight_transport={want} does not fit this placement (learner rank 0 on "
+                    f"{gpus[0]}, engines on {gpus[1:]}): nccl needs every engine on another GPU than "
+                    "rank 0, cuda_ipc every engine on rank 0's GPU; use auto"
+                )
             if pick is not None:
                 log.info("weight transport: %s", pick)
                 self.transport = pick
@@ -91,8 +94,10 @@ class WeightPublisher:
         nodes = ray.get([fleet.ranks[0].node_id.remote()] + [w.node_id.remote() for w in fleet.workers])
         same = all(n == nodes[0] for n in nodes) and Path(SHM_DIR).is_dir()
         if want == "shm" and not same:
-            raise RuntimeError("learner.weight_transport=shm needs every rollout worker on learner rank 0's node "
-                               f"(and {SHM_DIR}); use weight_transport=ray or auto")
+            raise RuntimeError(
+                "learner.weight_transport=shm needs every rollout worker on learner rank 0's node "
+                f"(and {SHM_DIR}); use weight_transport=ray or auto"
+            )
         self.transport = "shm" if same else "ray"
         log.info("weight transport: %s", self.transport)
         return self.transport
@@ -110,10 +115,16 @@ class WeightPublisher:
         tp = self.cfg.rollout.tensor_parallel_size
         world = 1 + tp * len(fleet.workers)
         host, port = await fleet.ranks[0].join_weight_group.remote(world)
-        await asyncio.gather(*[w.join_weight_group.remote(host, port, 1 + tp * i, world)
-                               for i, w in enumerate(fleet.workers)])
-        log.info("weight group formed: learner rank 0 + %d engine worker(s) at %s:%d, %d bucket(s)",
-                 world - 1, host, port, len(self._plan))
+        await asyncio.gather(
+            *[w.join_weight_group.remote(host, port, 1 + tp * i, world) for i, w in enumerate(fleet.workers)]
+        )
+        log.info(
+            "weight group formed: learner rank 0 + %d engine worker(s) at %s:%d, %d bucket(s)",
+            world - 1,
+            host,
+            port,
+            len(self._plan),
+        )
 
     async def gather(self, version: int, fleet: Fleet):
         """Take ``version``'s weights from the ranks; returns what :meth:`commit` hands the workers
@@ -149,8 +160,10 @@ class WeightPublisher:
         import ray
 
         workers = [w for w in fleet.workers if w._actor_id.hex() not in fleet.dead]
-        done = await asyncio.gather(*[with_deadline(self._load_on(w, version, weights), self.cfg.rollout.call_timeout_s)
-                                      for w in workers], return_exceptions=True)
+        done = await asyncio.gather(
+            *[with_deadline(self._load_on(w, version, weights), self.cfg.rollout.call_timeout_s) for w in workers],
+            return_exceptions=True,
+        )
         for w, r in zip(workers, done):
             if isinstance(r, BaseException):
                 if not is_worker_failure(r):

@@ -41,8 +41,11 @@ class TrainBatch:
         idx = np.asarray(idx, dtype=np.int64)
         t = int(self.attention_mask[idx].sum(1).max()) if len(idx) else 1
         return TrainBatch(
-            self.input_ids[idx, :t], self.attention_mask[idx, :t], self.mask[idx, :t],
-            self.behav_logprobs[idx, :t], self.advantages[idx],
+            self.input_ids[idx, :t],
+            self.attention_mask[idx, :t],
+            self.mask[idx, :t],
+            self.behav_logprobs[idx, :t],
+            self.advantages[idx],
         )
 
 

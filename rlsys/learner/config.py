@@ -42,11 +42,13 @@ class LossConfig:
             raise ValueError(f"learner.loss.clip_high must be a finite number >= 0, got {self.clip_high}")
         for key in ("advantage_clip", "tis_cap"):
             if not (0.0 <= getattr(self, key) < math.inf):
-                raise ValueError(f"learner.loss.{key} must be a finite number >= 0 (0 disables), "
-                                 f"got {getattr(self, key)}")
+                raise ValueError(
+                    f"learner.loss.{key} must be a finite number >= 0 (0 disables), got {getattr(self, key)}"
+                )
         if not (0.0 < self.eps < math.inf):
-            raise ValueError(f"learner.loss.eps must be a finite number > 0 (a group with equal rewards has std 0), "
-                             f"got {self.eps}")
+            raise ValueError(
+                f"learner.loss.eps must be a finite number > 0 (a group with equal rewards has std 0), got {self.eps}"
+            )
 
 
 @dataclass
@@ -125,8 +127,9 @@ class LearnerConfig:
         if self.grad_accum_steps < 1:
             raise ValueError(f"learner.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.weight_transport not in ("auto", "ray", "shm", "nccl", "cuda_ipc"):
-            raise ValueError("learner.weight_transport must be auto, ray, shm, nccl or cuda_ipc, "
-                             f"got {self.weight_transport!r}")
+            raise ValueError(
+                f"learner.weight_transport must be auto, ray, shm, nccl or cuda_ipc, got {self.weight_transport!r}"
+            )
         if self.gather_bucket_mb < 1:
             raise ValueError(f"learner.gather_bucket_mb must be >= 1, got {self.gather_bucket_mb}")
         if self.on_nonfinite not in ("skip", "stop"):

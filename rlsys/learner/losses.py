@@ -92,7 +92,7 @@ def policy_loss(
     with torch.no_grad():
         n = mask_BT.sum().clamp(min=1.0)
         clipped = ((ratio_BT - clipped_BT).abs() > 0).to(mask_BT.dtype) * mask_BT
-        behav_kl = ((behav_logprobs_BT - logprobs_BT) * mask_BT)  # k1 estimator of KL(behav || theta)
+        behav_kl = (behav_logprobs_BT - logprobs_BT) * mask_BT  # k1 estimator of KL(behav || theta)
         stats = {
             "clip_fraction": float(clipped.sum() / n),
             "ratio_mean": float((ratio_BT * mask_BT).sum() / n),

@@ -43,8 +43,13 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int) -> dict:
         "zero_optimization": {"stage": cfg.zero_stage},
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": 1e-8,
-                       "weight_decay": cfg.weight_decay, "torch_adam": True},
+            "params": {
+                "lr": cfg.lr,
+                "betas": [cfg.adam_beta1, cfg.adam_beta2],
+                "eps": 1e-8,
+                "weight_decay": cfg.weight_decay,
+                "torch_adam": True,
+            },
         },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -70,9 +75,19 @@ class StepStats:
 class LearnerRank:
     """Ray actor (``learner`` role): one DeepSpeed data-parallel rank."""
 
-    def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int, master_port: int,
-                 temperature: float, max_new_tokens: int, initial_weights: Optional[list] = None,
-                 resume_dir: Optional[str] = None, metrics_host: Optional[str] = None):
+    def __init__(
+        self,
+        cfg: LearnerConfig,
+        model_path: str,
+        rank: int,
+        world_size: int,
+        master_port: int,
+        temperature: float,
+        max_new_tokens: int,
+        initial_weights: Optional[list] = None,
+        resume_dir: Optional[str] = None,
+        metrics_host: Optional[str] = None,
+    ):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.metrics = self.metrics_endpoint_ = None
         if metrics_host is not None:  # this rank's own Prometheus endpoint (rlsys.observability.metrics)
@@ -81,9 +96,16 @@ class LearnerRank:
             self.metrics, self.metrics_endpoint_, self._metrics_server = serve_actor("learner", metrics_host)
         import torch
 
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "RANK": str(rank),
-                           "LOCAL_RANK": "0" if torch.cuda.is_available() else str(rank),
-                           "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)})
+        os.environ.update(
+            {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(master_port),
+                "RANK": str(rank),
+                "LOCAL_RANK": "0" if torch.cuda.is_available() else str(rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(world_size),
+            }
+        )
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
@@ -112,16 +134,21 @@ class LearnerRank:
 
                 initial_weights = list(load_file(initial_weights).items())
             model.load_state_dict(dict(initial_weights), strict=True)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=deepspeed_config(cfg, world_size))
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world_size)
+        )
         self.steps = 0
         self.faults = FaultPoint()
         self._poison = False
         if resume_dir is not None:  # module and optimizer state of this rank (rlsys.checkpoint)
             from rlsys.checkpoint import LEARNER_DIR, LEARNER_TAG
 
-            path, _ = self.engine.load_checkpoint(str(Path(resume_dir) / LEARNER_DIR), tag=LEARNER_TAG,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+            path, _ = self.engine.load_checkpoint(
+                str(Path(resume_dir) / LEARNER_DIR),
+                tag=LEARNER_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint for rank {rank} under {resume_dir}/{LEARNER_DIR}")
             log.info("learner rank %d: resumed module and optimizer state from %s", rank, resume_dir)
@@ -131,9 +158,13 @@ class LearnerRank:
         import torch
 
         d = self.device
-        return (torch.from_numpy(b.input_ids).to(d), torch.from_numpy(b.attention_mask).to(d),
-                torch.from_numpy(b.mask).to(d), torch.from_numpy(b.behav_logprobs).to(d),
-                torch.from_numpy(b.advantages).to(d))
+        return (
+            torch.from_numpy(b.input_ids).to(d),
+            torch.from_numpy(b.attention_mask).to(d),
+            torch.from_numpy(b.mask).to(d),
+            torch.from_numpy(b.behav_logprobs).to(d),
+            torch.from_numpy(b.advantages).to(d),
+        )
 
     def _logprobs(self, input_ids, attn):
         logits = self.engine(input_ids=input_ids, attention_mask=attn).logits
@@ -177,8 +208,14 @@ class LearnerRank:
             self._poison = False
             with torch.no_grad():
                 next(iter(self.engine.module.parameters())).fill_(float("nan"))
-        return StepStats(total, float(gn) if gn is not None else float("nan"), int(ntok),
-                         time.perf_counter() - t0, extra, self._weights_finite())
+        return StepStats(
+            total,
+            float(gn) if gn is not None else float("nan"),
+            int(ntok),
+            time.perf_counter() - t0,
+            extra,
+            self._weights_finite(),
+        )
 
     def _weights_finite(self) -> bool:
         """A step with a finite loss and gradient norm can still leave inf/NaN weights (an
@@ -254,17 +291,17 @@ class LearnerRank:
         """The bucket plan of this model's parameters as ``dtype`` (the engines' dtype)."""
         from rlsys.rollout.weight_sync import local_params, plan_buckets
 
-        return plan_buckets([(n, dtype, shape) for n, _, shape in local_params(self.engine.module)],
-                            self.cfg.gather_bucket_mb << 20)
+        return plan_buckets(
+            [(n, dtype, shape) for n, _, shape in local_params(self.engine.module)], self.cfg.gather_bucket_mb << 20
+        )
 
     def join_weight_group(self, world_size: int) -> tuple[str, int]:
         """Rank 0: start forming the weight group as its root (rank 0) and return the (host, port)
         the engine workers join; the group forms in the background once they have."""
+        import socket
         import threading
 
         from rlsys.rollout.weight_sync import WeightGroup, node_ip
-
-        import socket
 
         host = node_ip()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # bound now: nobody can take the port
@@ -303,8 +340,9 @@ class LearnerRank:
     def export_weights_ipc(self, plan: list) -> Optional[list]:
         """cuda_ipc: pack the weights on this GPU (collective gathers under ZeRO-3) and return one
         IPC handle per bucket on rank 0 (None elsewhere); the buffers live until release_exported."""
-        from rlsys.rollout.weight_sync import pack
         from torch.multiprocessing.reductions import reduce_tensor
+
+        from rlsys.rollout.weight_sync import pack
 
         self._exported = []
         for bucket, ps in self._gathered(plan):
@@ -346,8 +384,9 @@ class LearnerRank:
         self.engine.save_checkpoint(str(Path(directory) / LEARNER_DIR), tag=LEARNER_TAG)
         weights = self.gather_weights()
         if self.rank == 0:
-            self.engine.module.save_pretrained(Path(directory) / HF_DIR, state_dict=dict(weights),
-                                               safe_serialization=True)
+            self.engine.module.save_pretrained(
+                Path(directory) / HF_DIR, state_dict=dict(weights), safe_serialization=True
+            )
 
     def weights_digest(self) -> str:
         """sha256 over all (gathered) parameters: equal digests mean identical ranks."""

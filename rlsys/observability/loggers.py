@@ -54,8 +54,14 @@ class MetricLoggers:
         if cfg.wandb:
             import wandb
 
-            self.wandb_run = wandb.init(project=cfg.wandb_project, name=run_name, dir=str(run_dir),
-                                        mode=cfg.wandb_mode, config=config or {}, reinit="finish_previous")
+            self.wandb_run = wandb.init(
+                project=cfg.wandb_project,
+                name=run_name,
+                dir=str(run_dir),
+                mode=cfg.wandb_mode,
+                config=config or {},
+                reinit="finish_previous",
+            )
 
     @property
     def active(self) -> bool:

@@ -56,14 +56,21 @@ def table(summary: dict) -> list[tuple[str, str]]:
     rows += [
         ("effective gradient ratio", f"{s['effective_gradient_ratio']:.3f}"),
         ("strategy", f"{s.get('strategy', '')}"),
-        ("replay put / acked / dropped stale", f"{r.get('put', 0)} / {r.get('acked', 0)} / {r.get('dropped_stale', 0)}"),
+        (
+            "replay put / acked / dropped stale",
+            f"{r.get('put', 0)} / {r.get('acked', 0)} / {r.get('dropped_stale', 0)}",
+        ),
         ("learner restarts", f"{s.get('learner_restarts', 0)}"),
-        ("workers replaced (dead or hung)",
-         ", ".join(f"{k} {v}" for k, v in sorted(s.get("worker_restarts", {}).items())) or "0"),
+        (
+            "workers replaced (dead or hung)",
+            ", ".join(f"{k} {v}" for k, v in sorted(s.get("worker_restarts", {}).items())) or "0",
+        ),
         ("groups skipped (non-finite step)", f"{s.get('skipped_nonfinite', 0)}"),
-        ("time share: generation / reward / learner / sync",
-         f"{s['share_generation']:.2f} / {s['share_reward']:.2f} / {s['share_learner']:.2f} / "
-         f"{s['share_weight_sync']:.2f}"),
+        (
+            "time share: generation / reward / learner / sync",
+            f"{s['share_generation']:.2f} / {s['share_reward']:.2f} / {s['share_learner']:.2f} / "
+            f"{s['share_weight_sync']:.2f}",
+        ),
     ]
     if s.get("judge"):
         rows.append(("judge calls / spend", f"{s['judge']['calls']} / {s['judge']['spend']:.2f}"))
@@ -91,8 +98,11 @@ def write_report(summary: dict, out_dir: Path, window: int = 10) -> list[Path]:
     a.legend(loc="lower right")
 
     a = ax[0, 1]
-    ev = np.asarray(c.get("eval_accuracy") or [[0, summary["eval_accuracy_before"]],
-                                                 [summary["steps"], summary["eval_accuracy_after"]]], float)
+    ev = np.asarray(
+        c.get("eval_accuracy")
+        or [[0, summary["eval_accuracy_before"]], [summary["steps"], summary["eval_accuracy_after"]]],
+        float,
+    )
     a.plot(ev[:, 0], ev[:, 1], "o-", color="#006d2c")
     for x, y in ev:
         a.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
@@ -100,8 +110,13 @@ def write_report(summary: dict, out_dir: Path, window: int = 10) -> list[Path]:
 
     a = ax[1, 0]
     a.plot(steps, c["effective_gradient_ratio"], color="#fdae6b", lw=1, label="per step")
-    a.plot(steps, running_mean(c["effective_gradient_ratio"], window), color="#d94801", lw=2,
-           label=f"running mean ({window})")
+    a.plot(
+        steps,
+        running_mean(c["effective_gradient_ratio"], window),
+        color="#d94801",
+        lw=2,
+        label=f"running mean ({window})",
+    )
     a.set(title="effective gradient ratio", xlabel="step", ylabel="fraction of rollouts", ylim=(0, 1.05))
     a.legend(loc="lower right")
 
@@ -109,8 +124,13 @@ def write_report(summary: dict, out_dir: Path, window: int = 10) -> list[Path]:
     if c.get("time_s") and c.get("samples"):
         x, rate = throughput(c["time_s"], c["samples"], window)
         a.plot(x, rate, color="#54278f", lw=2)
-        a.axhline(summary["samples_per_s"], color="#9e9ac8", ls="--", lw=1,
-                  label=f"run average {summary['samples_per_s']:.0f}/s")
+        a.axhline(
+            summary["samples_per_s"],
+            color="#9e9ac8",
+            ls="--",
+            lw=1,
+            label=f"run average {summary['samples_per_s']:.0f}/s",
+        )
         a.legend(loc="lower right")
     a.set(title=f"throughput ({window}-step windows)", xlabel="step", ylabel="completions / s")
     for a in ax.flat:
@@ -125,4 +145,3 @@ def write_report(summary: dict, out_dir: Path, window: int = 10) -> list[Path]:
     lines += [f"| {k} | {v} |" for k, v in table(summary)]
     md.write_text("\n".join(lines) + "\n")
     return [png, md]
-

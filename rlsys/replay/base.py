@@ -102,16 +102,20 @@ class RedisConfig:
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"replay.redis.url must start with redis://, rediss:// or unix://, got {self.url!r}")
         if "@" in self.url.split("//", 1)[-1].split("/", 1)[0]:
-            raise ValueError("replay.redis.url must not contain credentials; put the password in the environment "
-                             "variable named by replay.redis.password_env")
+            raise ValueError(
+                "replay.redis.url must not contain credentials; put the password in the environment "
+                "variable named by replay.redis.password_env"
+            )
         if ":" in self.key_prefix or not self.key_prefix:
             raise ValueError(f"replay.redis.key_prefix must be non-empty without ':', got {self.key_prefix!r}")
         if self.block_ms < 1 or self.reconnect_timeout_s <= 0 or self.dedupe_window_versions < 1:
             raise ValueError("replay.redis.block_ms, reconnect_timeout_s and dedupe_window_versions must be positive")
         if self.allow_no_auth and not self.is_local:
-            raise ValueError(f"replay.redis.allow_no_auth=true is only allowed for a loopback host (127.0.0.0/8, ::1, "
-                             f"localhost) or a unix:// socket, not {self.url!r}: give the server a password "
-                             f"(requirepass or an ACL user) and put it in ${self.password_env}")
+            raise ValueError(
+                f"replay.redis.allow_no_auth=true is only allowed for a loopback host (127.0.0.0/8, ::1, "
+                f"localhost) or a unix:// socket, not {self.url!r}: give the server a password "
+                f"(requirepass or an ACL user) and put it in ${self.password_env}"
+            )
 
     @property
     def is_local(self) -> bool:
@@ -345,8 +349,13 @@ class InProcessReplayStore:
                 self._ready.append(g)
             else:
                 dropped += 1
-                log.warning("dropped stale group %s (version %d, learner %d, max_staleness %d)",
-                            g.group_id, g.policy_version, self.learner_version, self.cfg.max_staleness)
+                log.warning(
+                    "dropped stale group %s (version %d, learner %d, max_staleness %d)",
+                    g.group_id,
+                    g.policy_version,
+                    self.learner_version,
+                    self.cfg.max_staleness,
+                )
         if dropped:
             self.counters.dropped_stale += dropped
             await self.gate.release(dropped)  # their slots may be generated again

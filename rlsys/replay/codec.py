@@ -125,8 +125,20 @@ _LE_I32, _LE_F32 = np.dtype("<i4"), np.dtype("<f4")  # the native singletons on 
 _FAST_STR_LEN = MAX_STR_LEN // 4  # a str at most this long has at most MAX_STR_LEN UTF-8 bytes
 _ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
 _COMPLETIONS_KEYS = frozenset({"lengths", "token_ids", "logprobs", "text", "finish_reason"})
-_GROUP_KEYS = frozenset({"group_id", "prompt_id", "prompt", "prompt_token_ids", "reference", "policy_version",
-                         "completions", "rewards", "reward_failures", "meta"})
+_GROUP_KEYS = frozenset(
+    {
+        "group_id",
+        "prompt_id",
+        "prompt",
+        "prompt_token_ids",
+        "reference",
+        "policy_version",
+        "completions",
+        "rewards",
+        "reward_failures",
+        "meta",
+    }
+)
 _GROUP_KEYS_V2 = _GROUP_KEYS | {"advantages"}
 _KEYS_BY_VERSION = {1: _GROUP_KEYS, 2: _GROUP_KEYS_V2, 3: _GROUP_KEYS_V2}
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what a msgpack int can carry
@@ -154,18 +166,28 @@ def encode_group(group: Group) -> bytes:
     if not isinstance(comps, list):
         raise UnencodableGroupError(f"completions must be a list of Completion, got {_tname(comps)}")
     if len(comps) > MAX_ARRAY_LEN:
-        raise UnencodableGroupError(f"the group has {len(comps)} completions, more than the codec's limit "
-                                    f"of {MAX_ARRAY_LEN}; split it")
+        raise UnencodableGroupError(
+            f"the group has {len(comps)} completions, more than the codec's limit of {MAX_ARRAY_LEN}; split it"
+        )
     toks, lps, lengths, texts, finishes = [], [], [], [], []
     for i, c in enumerate(comps):
         if type(c) is not Completion:
             _check_completion(i, c)  # raises unless c is a Completion subclass
         tok, lp, text, finish = c.token_ids, c.logprobs, c.text, c.finish_reason
         # The common case, inline because it runs per completion; anything else gets the full check.
-        if not (type(tok) is np.ndarray and tok.dtype is _LE_I32 and tok.ndim == 1
-                and type(lp) is np.ndarray and lp.dtype is _LE_F32 and lp.ndim == 1 and len(tok) == len(lp)
-                and type(text) is str and len(text) <= _FAST_STR_LEN
-                and type(finish) is str and len(finish) <= _FAST_STR_LEN):
+        if not (
+            type(tok) is np.ndarray
+            and tok.dtype is _LE_I32
+            and tok.ndim == 1
+            and type(lp) is np.ndarray
+            and lp.dtype is _LE_F32
+            and lp.ndim == 1
+            and len(tok) == len(lp)
+            and type(text) is str
+            and len(text) <= _FAST_STR_LEN
+            and type(finish) is str
+            and len(finish) <= _FAST_STR_LEN
+        ):
             _check_completion(i, c)
         toks.append(tok)
         lps.append(lp)
@@ -174,20 +196,26 @@ def encode_group(group: Group) -> bytes:
         finishes.append(finish)
     token_ids = _concat(toks, "<i4")
     if token_ids.nbytes > MAX_BIN_LEN:
-        raise UnencodableGroupError(f"the group's completions hold {len(token_ids)} tokens, more than the codec's "
-                                    f"limit of {MAX_BIN_LEN // 4}; split the group")
+        raise UnencodableGroupError(
+            f"the group's completions hold {len(token_ids)} tokens, more than the codec's "
+            f"limit of {MAX_BIN_LEN // 4}; split the group"
+        )
     rewards = group.rewards
     if rewards is not None:
         rewards = _encode_array(_check_array(rewards, _F32, "rewards"), "<f4")
         if len(group.rewards) != len(comps):
-            raise UnencodableGroupError(f"rewards has {len(group.rewards)} entries but the group has {len(comps)} "
-                                        f"completions; there must be one reward per completion")
+            raise UnencodableGroupError(
+                f"rewards has {len(group.rewards)} entries but the group has {len(comps)} "
+                f"completions; there must be one reward per completion"
+            )
     advantages = group.advantages
     if advantages is not None:
         advantages = _encode_array(_check_array(advantages, _F32, "advantages"), "<f4")
         if len(group.advantages) != len(comps):
-            raise UnencodableGroupError(f"advantages has {len(group.advantages)} entries but the group has "
-                                        f"{len(comps)} completions; there must be one per completion")
+            raise UnencodableGroupError(
+                f"advantages has {len(group.advantages)} entries but the group has "
+                f"{len(comps)} completions; there must be one per completion"
+            )
     if not isinstance(group.meta, dict):
         raise UnencodableGroupError(f"meta must be a dict, got {_tname(group.meta)}")
     if group.meta:
@@ -199,11 +227,13 @@ def encode_group(group: Group) -> bytes:
         "prompt_token_ids": _encode_prompt_ids(group.prompt_token_ids),
         "reference": _check_str(group.reference, "reference"),
         "policy_version": _check_int(group.policy_version, "policy_version"),
-        "completions": {"lengths": lengths,
-                        "token_ids": _encode_array(token_ids, "<i4"),
-                        "logprobs": _encode_array(_concat(lps, "<f4"), "<f4"),
-                        "text": texts,
-                        "finish_reason": finishes},
+        "completions": {
+            "lengths": lengths,
+            "token_ids": _encode_array(token_ids, "<i4"),
+            "logprobs": _encode_array(_concat(lps, "<f4"), "<f4"),
+            "text": texts,
+            "finish_reason": finishes,
+        },
         "rewards": rewards,
         "advantages": advantages,
         "reward_failures": _check_int(group.reward_failures, "reward_failures"),
@@ -212,11 +242,13 @@ def encode_group(group: Group) -> bytes:
     try:
         body = msgpack.packb(payload, use_bin_type=True)
     except UnicodeEncodeError as e:  # a lone surrogate in a str field (meta was checked above)
-        raise UnencodableGroupError(f"{_find_bad_text(group)} is not valid Unicode ({e.reason}) and cannot be "
-                                    f"written as UTF-8") from e
+        raise UnencodableGroupError(
+            f"{_find_bad_text(group)} is not valid Unicode ({e.reason}) and cannot be written as UTF-8"
+        ) from e
     if len(body) > _MAX_PAYLOAD:
-        raise UnencodableGroupError(f"the group encodes to {len(body)} bytes, more than a record can hold "
-                                    f"({_MAX_PAYLOAD}); split it")
+        raise UnencodableGroupError(
+            f"the group encodes to {len(body)} bytes, more than a record can hold ({_MAX_PAYLOAD}); split it"
+        )
     return _HEADER.pack(MAGIC, CODEC_VERSION, len(body), checksum(body, CODEC_VERSION)) + body
 
 
@@ -232,8 +264,9 @@ def _check_completion(i: int, c: Any) -> None:
     tok = _check_array(c.token_ids, _I32, f"completions[{i}].token_ids")
     lp = _check_array(c.logprobs, _F32, f"completions[{i}].logprobs")
     if len(tok) != len(lp):
-        raise UnencodableGroupError(f"completions[{i}] has {len(tok)} token_ids but {len(lp)} logprobs; "
-                                    f"there must be one logprob per token")
+        raise UnencodableGroupError(
+            f"completions[{i}] has {len(tok)} token_ids but {len(lp)} logprobs; there must be one logprob per token"
+        )
     _check_str(c.text, f"completions[{i}].text")
     _check_str(c.finish_reason, f"completions[{i}].finish_reason")
 
@@ -242,8 +275,10 @@ def _check_array(a: Any, dtype: np.dtype, path: str) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise UnencodableGroupError(f"{path} must be a 1-D numpy {dtype.name} array, got {_tname(a)}")
     if a.dtype.type is not dtype.type:
-        raise UnencodableGroupError(f"{path} has dtype {a.dtype.name}, but must be {dtype.name} "
-                                    f"(build it with np.asarray(..., np.{dtype.name}); the codec never casts)")
+        raise UnencodableGroupError(
+            f"{path} has dtype {a.dtype.name}, but must be {dtype.name} "
+            f"(build it with np.asarray(..., np.{dtype.name}); the codec never casts)"
+        )
     if a.ndim != 1:
         raise UnencodableGroupError(f"{path} must be 1-D, got shape {a.shape}")
     if a.nbytes > MAX_BIN_LEN:
@@ -267,14 +302,16 @@ def _encode_prompt_ids(ids: Any) -> dict:
     if not isinstance(ids, tuple):
         raise UnencodableGroupError(f"prompt_token_ids must be a tuple of int, got {_tname(ids)}")
     if len(ids) * 8 > MAX_BIN_LEN:
-        raise UnencodableGroupError(f"prompt_token_ids has {len(ids)} tokens, more than the codec's limit "
-                                    f"of {MAX_BIN_LEN // 8}")
+        raise UnencodableGroupError(
+            f"prompt_token_ids has {len(ids)} tokens, more than the codec's limit of {MAX_BIN_LEN // 8}"
+        )
     try:
         data = struct.pack(f"<{len(ids)}q", *ids)  # takes int-likes in int64 range only
     except struct.error as e:
         bad = next((t for t in ids if not isinstance(t, (int, np.integer)) or not _I64_MIN <= t <= _I64_MAX), None)
-        raise UnencodableGroupError(f"prompt_token_ids must be a tuple of int in int64 range, "
-                                    f"found {bad!r} ({_tname(bad)})") from e
+        raise UnencodableGroupError(
+            f"prompt_token_ids must be a tuple of int in int64 range, found {bad!r} ({_tname(bad)})"
+        ) from e
     return {"dtype": "<i8", "shape": [len(ids)], "data": data}
 
 
@@ -296,8 +333,12 @@ def _check_int(v: Any, path: str) -> int:
 
 
 def _find_bad_text(group: Group) -> str:
-    fields = [("group_id", group.group_id), ("prompt_id", group.prompt_id), ("prompt", group.prompt),
-              ("reference", group.reference)]
+    fields = [
+        ("group_id", group.group_id),
+        ("prompt_id", group.prompt_id),
+        ("prompt", group.prompt),
+        ("reference", group.reference),
+    ]
     for i, c in enumerate(group.completions):
         fields += [(f"completions[{i}].text", c.text), (f"completions[{i}].finish_reason", c.finish_reason)]
     for path, s in fields:
@@ -344,10 +385,17 @@ def _check_meta(x: Any, path: str, depth: int, error: type[CodecError]) -> None:
     elif x is None or isinstance(x, (bool, float)):
         pass
     else:
-        hint = (" (use a list)" if isinstance(x, tuple) else
-                " (convert numpy scalars with int(), float() or bool())" if isinstance(x, np.generic) else "")
-        raise error(f"{path} has type {_tname(x)}; meta values must be str, int, float, bool, None, list or dict "
-                    f"with str keys{hint}")
+        hint = (
+            " (use a list)"
+            if isinstance(x, tuple)
+            else " (convert numpy scalars with int(), float() or bool())"
+            if isinstance(x, np.generic)
+            else ""
+        )
+        raise error(
+            f"{path} has type {_tname(x)}; meta values must be str, int, float, bool, None, list or dict "
+            f"with str keys{hint}"
+        )
 
 
 def _check_meta_str(s: str, path: str, error: type[CodecError]) -> None:
@@ -374,8 +422,11 @@ def decode_group(data: bytes | bytearray | memoryview) -> Group:
     ill-typed field, a disallowed dtype, inconsistent lengths.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        hint = " (is the Redis client created with decode_responses=True? records are binary)" \
-            if isinstance(data, str) else ""
+        hint = (
+            " (is the Redis client created with decode_responses=True? records are binary)"
+            if isinstance(data, str)
+            else ""
+        )
         raise TypeError(f"decode_group needs bytes, got {_tname(data)}{hint}")
     view = data if isinstance(data, bytes) else memoryview(data).cast("B")
     n = len(view)
@@ -384,26 +435,42 @@ def decode_group(data: bytes | bytearray | memoryview) -> Group:
     if n >= 4:
         _check_version(view[3])
     if n < HEADER_SIZE:
-        raise TruncatedRecordError(f"record is {n} bytes, shorter than the {HEADER_SIZE}-byte header; "
-                                   f"it was cut short (partial write or short read)")
+        raise TruncatedRecordError(
+            f"record is {n} bytes, shorter than the {HEADER_SIZE}-byte header; "
+            f"it was cut short (partial write or short read)"
+        )
     _, version, length, crc = _HEADER.unpack_from(view)
     got = n - HEADER_SIZE
     if got < length:
-        raise TruncatedRecordError(f"record header declares a {length}-byte payload but only {got} bytes follow; "
-                                   f"it was cut short (partial write or short read)")
+        raise TruncatedRecordError(
+            f"record header declares a {length}-byte payload but only {got} bytes follow; "
+            f"it was cut short (partial write or short read)"
+        )
     if got > length:
-        raise CorruptRecordError(f"record header declares a {length}-byte payload but {got} bytes follow "
-                                 f"({got - length} trailing bytes: records concatenated, or a damaged length)")
+        raise CorruptRecordError(
+            f"record header declares a {length}-byte payload but {got} bytes follow "
+            f"({got - length} trailing bytes: records concatenated, or a damaged length)"
+        )
     body = memoryview(view)[HEADER_SIZE:]
     actual = checksum(body, version)
     if actual != crc:
         kind = "CRC32C" if version >= 3 else "CRC32"
-        raise CorruptRecordError(f"payload checksum mismatch (header {kind} {crc:#010x}, payload {actual:#010x}): "
-                                 f"the record was damaged in storage or transit")
+        raise CorruptRecordError(
+            f"payload checksum mismatch (header {kind} {crc:#010x}, payload {actual:#010x}): "
+            f"the record was damaged in storage or transit"
+        )
     try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
-                              max_bin_len=MAX_BIN_LEN, max_str_len=MAX_STR_LEN, max_array_len=MAX_ARRAY_LEN,
-                              max_map_len=MAX_MAP_LEN, max_ext_len=0)
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=MAX_BIN_LEN,
+            max_str_len=MAX_STR_LEN,
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=MAX_MAP_LEN,
+            max_ext_len=0,
+        )
     except (ValueError, msgpack.UnpackException) as e:  # FormatError, StackError, ExtraData, bad UTF-8, limits
         raise CorruptRecordError(f"payload is not valid msgpack within the codec's limits: {e}") from e
     return _decode_payload(obj, version)
@@ -411,8 +478,10 @@ def decode_group(data: bytes | bytearray | memoryview) -> Group:
 
 def _check_version(version: int) -> None:
     if version > CODEC_VERSION:
-        raise UnsupportedVersionError(f"record has codec version {version}; this rlsys reads versions "
-                                      f"<= {CODEC_VERSION} — upgrade rlsys on this node")
+        raise UnsupportedVersionError(
+            f"record has codec version {version}; this rlsys reads versions "
+            f"<= {CODEC_VERSION} — upgrade rlsys on this node"
+        )
     if version < 1:
         raise CorruptRecordError(f"record has codec version {version}, which no rlsys ever wrote")
 
@@ -466,8 +535,9 @@ def _decode_completions(cs: Any) -> list[Completion]:
         if type(col) is not list:
             raise CorruptRecordError(f"field 'completions.{name}' must be a list, got {_tname(col)}")
         if len(col) != len(lengths):
-            raise CorruptRecordError(f"field 'completions.{name}' has {len(col)} entries but 'completions.lengths' "
-                                     f"has {len(lengths)}")
+            raise CorruptRecordError(
+                f"field 'completions.{name}' has {len(col)} entries but 'completions.lengths' has {len(lengths)}"
+            )
         if not all(type(v) is kind for v in col):
             i, v = next((i, v) for i, v in enumerate(col) if type(v) is not kind)
             raise CorruptRecordError(f"field 'completions.{name}[{i}]' must be {kind.__name__}, got {_tname(v)}")
@@ -478,8 +548,9 @@ def _decode_completions(cs: Any) -> list[Completion]:
     lp = _array_data(cs["logprobs"], "<f4", "completions.logprobs")
     for name, buf in (("token_ids", tok), ("logprobs", lp)):
         if len(buf) != 4 * total:
-            raise CorruptRecordError(f"field 'completions.{name}' holds {len(buf) // 4} values but "
-                                     f"'completions.lengths' sums to {total}")
+            raise CorruptRecordError(
+                f"field 'completions.{name}' holds {len(buf) // 4} values but 'completions.lengths' sums to {total}"
+            )
     tok_all, lp_all = _column(tok, "<i4"), _column(lp, "<f4")
     comps, start = [], 0
     for n, text, finish in zip(lengths, texts, finishes):
@@ -504,13 +575,15 @@ def _array_data(a: Any, expected: str, path: str) -> bytes:
         dtype, shape, data = a["dtype"], a["shape"], a["data"]
     except KeyError:
         if type(a) is not dict:
-            raise CorruptRecordError(f"field '{path}' must be an array map {{dtype, shape, data}}, "
-                                     f"got {_tname(a)}") from None
+            raise CorruptRecordError(
+                f"field '{path}' must be an array map {{dtype, shape, data}}, got {_tname(a)}"
+            ) from None
         _key_mismatch(a, _ARRAY_KEYS, path)
     if dtype != expected:
         if type(dtype) is not str or dtype not in _WIRE_DTYPES:
-            raise CorruptRecordError(f"field '{path}' has dtype {dtype!r}, which the codec does not accept "
-                                     f"(allowed: {_ALLOWED})")
+            raise CorruptRecordError(
+                f"field '{path}' has dtype {dtype!r}, which the codec does not accept (allowed: {_ALLOWED})"
+            )
         raise CorruptRecordError(f"field '{path}' has dtype {dtype!r}, expected {expected!r}")
     if type(shape) is not list or len(shape) != 1 or type(shape[0]) is not int or shape[0] < 0:
         raise CorruptRecordError(f"field '{path}' must have a 1-D shape [n] with n >= 0, got {shape!r}")
@@ -518,8 +591,10 @@ def _array_data(a: Any, expected: str, path: str) -> bytes:
         raise CorruptRecordError(f"field '{path}' data must be bin, got {_tname(data)}")
     itemsize = _WIRE_DTYPES[expected][0].itemsize
     if len(data) != shape[0] * itemsize:
-        raise CorruptRecordError(f"field '{path}' declares shape {shape} of {dtype} ({shape[0] * itemsize} bytes) "
-                                 f"but carries {len(data)} bytes")
+        raise CorruptRecordError(
+            f"field '{path}' declares shape {shape} of {dtype} ({shape[0] * itemsize} bytes) "
+            f"but carries {len(data)} bytes"
+        )
     return data
 
 
@@ -541,6 +616,7 @@ def _key_mismatch(obj: dict, expected: frozenset, path: str) -> NoReturn:
     keys = set(obj)
     missing = sorted(expected - keys)
     unknown = sorted((k for k in keys if k not in expected), key=repr)
-    parts = ([f"missing field(s) {', '.join(map(repr, missing))}"] if missing else []) + \
-            ([f"unknown field(s) {', '.join(map(repr, unknown))}"] if unknown else [])
+    parts = ([f"missing field(s) {', '.join(map(repr, missing))}"] if missing else []) + (
+        [f"unknown field(s) {', '.join(map(repr, unknown))}"] if unknown else []
+    )
     raise CorruptRecordError(f"{path}: {'; '.join(parts)} (codec version {CODEC_VERSION})")

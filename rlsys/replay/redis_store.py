@@ -50,9 +50,9 @@ from typing import Any, Awaitable, Callable, Optional
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from rlsys.replay.codec import CodecError, decode_group, encode_group
 from rlsys.records import Group
 from rlsys.replay.base import AdmissionGate, ReplayConfig, ReplayCounters, StoreClosed, must_drop
+from rlsys.replay.codec import CodecError, decode_group, encode_group
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,13 @@ def connect(cfg: ReplayConfig, credentials: bool = True) -> aioredis.Redis:
     (with ``credentials=False``, none: the probe of ``check_auth``)."""
     rc = cfg.redis
     # 1 MiB reads: records are tens of KB and XREADGROUP replies MBs; 64 KiB reads halve throughput.
-    kwargs: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5, "socket_read_size": 1 << 20,
-                              "socket_timeout": max(10.0, rc.block_ms / 1000 * 4), "health_check_interval": 15}
+    kwargs: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_connect_timeout": 5,
+        "socket_read_size": 1 << 20,
+        "socket_timeout": max(10.0, rc.block_ms / 1000 * 4),
+        "health_check_interval": 15,
+    }
     password = os.environ.get(rc.password_env) or None
     if password is not None and credentials:
         kwargs["password"] = password
@@ -122,20 +127,29 @@ async def check_auth(cfg: ReplayConfig) -> None:
             f"store (anyone who can reach it could read or forge training data). Require a password "
             f"(requirepass, or an ACL user and 'user default off' as in deploy/redis/redis.conf) and put it "
             f"in ${rc.password_env} (with replay.redis.username for an ACL user), or, for a throwaway "
-            f"development server on localhost, set replay.redis.allow_no_auth=true")
+            f"development server on localhost, set replay.redis.allow_no_auth=true"
+        )
     if open_server:
         log.warning("Redis at %s accepts clients without authentication (replay.redis.allow_no_auth=true)", rc.url)
     elif not has_password:
         user_hint = "" if rc.username else " (and, for an ACL user, its name in replay.redis.username)"
-        raise ReplayConfigError(f"Redis at {rc.url} requires authentication and ${rc.password_env} is not set: "
-                                f"put the password in ${rc.password_env}{user_hint}")
+        raise ReplayConfigError(
+            f"Redis at {rc.url} requires authentication and ${rc.password_env} is not set: "
+            f"put the password in ${rc.password_env}{user_hint}"
+        )
 
 
 class RedisReplayStore:
     """ReplayStore on Redis streams. One instance per consumer (the controller by default)."""
 
-    def __init__(self, cfg: ReplayConfig, groups_per_step: int, run_id: str, consumer: str = "controller",
-                 claim_idle_ms: int = 60_000):
+    def __init__(
+        self,
+        cfg: ReplayConfig,
+        groups_per_step: int,
+        run_id: str,
+        consumer: str = "controller",
+        claim_idle_ms: int = 60_000,
+    ):
         self.cfg = cfg
         self.rc = cfg.redis
         run = self.rc.run_id or run_id
@@ -173,37 +187,50 @@ class RedisReplayStore:
                 return await fn()
             except rexc.AuthenticationError as e:
                 if "without any password configured" in str(e) or "no password is set" in str(e):  # open server
-                    raise ReplayConfigError(f"Redis at {self.rc.url} has no password configured, but "
-                                            f"${self.rc.password_env} is set: configure requirepass (or an ACL "
-                                            f"user) on the server, or unset ${self.rc.password_env}") from e
-                raise ReplayConfigError(f"Redis at {self.rc.url} refused authentication"
-                                        f"{' for user ' + repr(self.rc.username) if self.rc.username else ''}: {e}; "
-                                        f"set the password in ${self.rc.password_env}") from e
+                    raise ReplayConfigError(
+                        f"Redis at {self.rc.url} has no password configured, but "
+                        f"${self.rc.password_env} is set: configure requirepass (or an ACL "
+                        f"user) on the server, or unset ${self.rc.password_env}"
+                    ) from e
+                raise ReplayConfigError(
+                    f"Redis at {self.rc.url} refused authentication"
+                    f"{' for user ' + repr(self.rc.username) if self.rc.username else ''}: {e}; "
+                    f"set the password in ${self.rc.password_env}"
+                ) from e
             except rexc.NoPermissionError as e:  # NOPERM (redis-py strips the code from the message)
                 user = repr(self.rc.username) if self.rc.username else "default"
-                raise ReplayConfigError(f"Redis at {self.rc.url} denied {what} under {self.prefix!r} to user {user}: "
-                                        f"{e}; the ACL user needs ~{self.rc.key_prefix}:* and the commands of the "
-                                        f"'user rlsys' line in deploy/redis/redis.conf") from e
+                raise ReplayConfigError(
+                    f"Redis at {self.rc.url} denied {what} under {self.prefix!r} to user {user}: "
+                    f"{e}; the ACL user needs ~{self.rc.key_prefix}:* and the commands of the "
+                    f"'user rlsys' line in deploy/redis/redis.conf"
+                ) from e
             except rexc.ResponseError as e:
                 if "WRONGTYPE" in str(e):
-                    raise ReplayConfigError(f"a Redis key under {self.prefix!r} holds the wrong type ({e}); another "
-                                            "program uses this prefix: set replay.redis.key_prefix or run_id") from e
+                    raise ReplayConfigError(
+                        f"a Redis key under {self.prefix!r} holds the wrong type ({e}); another "
+                        "program uses this prefix: set replay.redis.key_prefix or run_id"
+                    ) from e
                 if "NOGROUP" in str(e):
-                    log.error("consumer group missing on %s (Redis restarted without persistence?); recreating it",
-                              self.k_stream.decode())
+                    log.error(
+                        "consumer group missing on %s (Redis restarted without persistence?); recreating it",
+                        self.k_stream.decode(),
+                    )
                     await self._ensure_group()
                     continue
                 raise
             except TRANSIENT as e:
                 if "certificate verify failed" in str(e).lower():  # TLS: retrying will not help
-                    raise ReplayConfigError(f"TLS to Redis at {self.rc.url} failed: {e}; set replay.redis.tls_ca_cert "
-                                            "to the CA that signed the server's certificate, and use a host name "
-                                            "the certificate names") from e
+                    raise ReplayConfigError(
+                        f"TLS to Redis at {self.rc.url} failed: {e}; set replay.redis.tls_ca_cert "
+                        "to the CA that signed the server's certificate, and use a host name "
+                        "the certificate names"
+                    ) from e
                 if self.gate.closed:
                     raise StoreClosed("replay store closed") from e
                 if time.monotonic() > deadline:
-                    raise ReplayUnavailable(f"Redis at {self.rc.url} unreachable for {self.rc.reconnect_timeout_s}s "
-                                            f"during {what}: {e}") from e
+                    raise ReplayUnavailable(
+                        f"Redis at {self.rc.url} unreachable for {self.rc.reconnect_timeout_s}s during {what}: {e}"
+                    ) from e
                 if not warned:
                     log.warning("Redis connection lost during %s (%s); reconnecting", what, e)
                     warned = True
@@ -240,10 +267,15 @@ class RedisReplayStore:
         self._buffer.extend(recovered)
         if recovered:
             self.counters.requeued += len(recovered)
-            log.warning("recovered %d unacknowledged group(s) pending for consumer %s", len(recovered),
-                        self.consumer.decode())
-        log.info("replay store on Redis: prefix %s, learner version %d, %d stored", self.prefix,
-                 self.gate.learner_version, in_store)
+            log.warning(
+                "recovered %d unacknowledged group(s) pending for consumer %s", len(recovered), self.consumer.decode()
+            )
+        log.info(
+            "replay store on Redis: prefix %s, learner version %d, %d stored",
+            self.prefix,
+            self.gate.learner_version,
+            in_store,
+        )
 
     async def stop(self) -> None:
         await self.gate.close()
@@ -293,8 +325,9 @@ class RedisReplayStore:
 
     # -- consumers -----------------------------------------------------------------------
     async def _read(self, start: bytes, count: int, block: Optional[int]) -> list[tuple[bytes, dict]]:
-        resp = await self._call("read", lambda: self._r.xreadgroup(
-            GROUP, self.consumer, {self.k_stream: start}, count=count, block=block))
+        resp = await self._call(
+            "read", lambda: self._r.xreadgroup(GROUP, self.consumer, {self.k_stream: start}, count=count, block=block)
+        )
         if not resp:
             return []
         _, entries = resp[0]
@@ -303,8 +336,12 @@ class RedisReplayStore:
     async def _claim(self) -> None:
         if self.claim_idle_ms <= 0:
             return
-        resp = await self._call("claim", lambda: self._r.xautoclaim(
-            self.k_stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id=b"0-0", count=1000))
+        resp = await self._call(
+            "claim",
+            lambda: self._r.xautoclaim(
+                self.k_stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id=b"0-0", count=1000
+            ),
+        )
         claimed = [(eid, f) for eid, f in resp[1] if f]
         mine = {eid for eid, _ in self._pending.values()}
         fresh = [(eid, f) for eid, f in claimed if eid not in mine]
@@ -324,8 +361,9 @@ class RedisReplayStore:
                 rejected.append((eid, fields, e))
         committed = []
         if decoded:
-            committed = await self._call("dedupe", lambda: self._r.zmscore(
-                self.k_committed, [g.group_id for _, g in decoded]))
+            committed = await self._call(
+                "dedupe", lambda: self._r.zmscore(self.k_committed, [g.group_id for _, g in decoded])
+            )
         keep, discard = [], {"duplicates": [], "dropped_stale": [], "rejected": [eid for eid, _, _ in rejected]}
         batch_ids: set[str] = set()
         for (eid, g), c in zip(decoded, committed):
@@ -333,8 +371,13 @@ class RedisReplayStore:
             if c is not None or (held is not None and held[0] != eid) or g.group_id in batch_ids:
                 discard["duplicates"].append(eid)
             elif must_drop(g.policy_version, self.learner_version, self.cfg):
-                log.warning("dropped stale group %s (version %d, learner %d, max_staleness %d)", g.group_id,
-                            g.policy_version, self.learner_version, self.cfg.max_staleness)
+                log.warning(
+                    "dropped stale group %s (version %d, learner %d, max_staleness %d)",
+                    g.group_id,
+                    g.policy_version,
+                    self.learner_version,
+                    self.cfg.max_staleness,
+                )
                 discard["dropped_stale"].append(eid)
             else:
                 keep.append((eid, g))
@@ -342,11 +385,20 @@ class RedisReplayStore:
         for eid, _, e in rejected:
             log.error("rejected replay record %s: %s (moved to %s)", eid.decode(), e, self.k_dead.decode())
         if any(discard.values()):
+
             async def op():
                 async with self._r.pipeline(transaction=True) as p:
                     for eid, fields, e in rejected:
-                        p.xadd(self.k_dead, {**{k: v for k, v in fields.items() if isinstance(k, bytes)},
-                                             b"error": str(e).encode(), b"id": eid}, maxlen=10_000, approximate=True)
+                        p.xadd(
+                            self.k_dead,
+                            {
+                                **{k: v for k, v in fields.items() if isinstance(k, bytes)},
+                                b"error": str(e).encode(),
+                                b"id": eid,
+                            },
+                            maxlen=10_000,
+                            approximate=True,
+                        )
                     ids = [eid for eids in discard.values() for eid in eids]
                     p.xack(self.k_stream, GROUP, *ids)
                     p.xdel(self.k_stream, *ids)

@@ -58,21 +58,33 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
             raise ValueError(f"reward.model.path must be a non-empty path or null, got {self.path!r}")
-        for key in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "rff_features",
-                    "steps", "batch_size", "negatives_per_prompt"):
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "intermediate_size",
+            "rff_features",
+            "steps",
+            "batch_size",
+            "negatives_per_prompt",
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"reward.model.{key} must be an integer >= 1, got {value!r}")
         if not isinstance(self.pointwise_steps, int) or self.pointwise_steps < 0:
             raise ValueError(f"reward.model.pointwise_steps must be an integer >= 0, got {self.pointwise_steps!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"reward.model.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"reward.model.num_heads ({self.num_heads})")
+            raise ValueError(
+                f"reward.model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"reward.model.num_heads ({self.num_heads})"
+            )
         if not isinstance(self.max_position, int) or self.max_position < 16:
             raise ValueError(f"reward.model.max_position must be an integer >= 16, got {self.max_position!r}")
         if not 0.0 < self.spectral_norm_bound < 1.0:
-            raise ValueError(f"reward.model.spectral_norm_bound must be in (0, 1) (the head is residual: "
-                             f"c >= 1 loses distance preservation), got {self.spectral_norm_bound}")
+            raise ValueError(
+                f"reward.model.spectral_norm_bound must be in (0, 1) (the head is residual: "
+                f"c >= 1 loses distance preservation), got {self.spectral_norm_bound}"
+            )
         if not (math.isfinite(self.aux_loss_weight) and self.aux_loss_weight >= 0):
             raise ValueError(f"reward.model.aux_loss_weight must be a finite number >= 0, got {self.aux_loss_weight}")
         for key in ("rff_lengthscale", "ridge", "lr"):
@@ -80,8 +92,9 @@ class RewardModelConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"reward.model.{key} must be a finite number > 0, got {value}")
         if not (math.isfinite(self.mean_field_factor) and self.mean_field_factor >= 0):
-            raise ValueError(f"reward.model.mean_field_factor must be a finite number >= 0, got "
-                             f"{self.mean_field_factor}")
+            raise ValueError(
+                f"reward.model.mean_field_factor must be a finite number >= 0, got {self.mean_field_factor}"
+            )
         if not 0.0 <= self.label_noise < 0.5:
             raise ValueError(f"reward.model.label_noise must be in [0, 0.5), got {self.label_noise}")
         if not isinstance(self.cache_dir, str) or not self.cache_dir:

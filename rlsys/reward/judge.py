@@ -130,23 +130,30 @@ class JudgeConfig:
         if self.backend == "openai" and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"judge.url must be an http(s) URL, got {self.url!r}")
         if self.backend != "none" and not self.model:
-            raise ValueError("set judge.model (openai: the model name the endpoint serves; vllm: a local model "
-                             "directory)")
+            raise ValueError(
+                "set judge.model (openai: the model name the endpoint serves; vllm: a local model directory)"
+            )
         if self.backend == "vllm" and not (Path(self.model).expanduser() / "config.json").is_file():
-            raise ValueError(f"judge.model={self.model!r} is not a local model directory (no config.json); the "
-                             "vllm judge backend loads local weights only")
+            raise ValueError(
+                f"judge.model={self.model!r} is not a local model directory (no config.json); the "
+                "vllm judge backend loads local weights only"
+            )
         if self.chat_template and not Path(self.chat_template).expanduser().is_file():
             raise ValueError(f"judge.chat_template={self.chat_template!r} is not a file")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("judge.num_cpus and judge.num_gpus must be >= 0")
         if self.concurrency < 1 or not self.timeout_s > 0 or self.retries < 0 or self.max_pairs_per_step < 0:
-            raise ValueError("judge.concurrency >= 1, judge.timeout_s > 0, judge.retries >= 0 and "
-                             "judge.max_pairs_per_step >= 0 are required")
+            raise ValueError(
+                "judge.concurrency >= 1, judge.timeout_s > 0, judge.retries >= 0 and "
+                "judge.max_pairs_per_step >= 0 are required"
+            )
         if self.ping_timeout_s <= 0:
             raise ValueError(f"judge.ping_timeout_s must be > 0, got {self.ping_timeout_s}")
         if not (self.rate_limit_per_s >= 0 and self.cost_per_call >= 0):  # NaN fails too
-            raise ValueError(f"judge.rate_limit_per_s and judge.cost_per_call must be numbers >= 0, got "
-                             f"{self.rate_limit_per_s} and {self.cost_per_call}")
+            raise ValueError(
+                f"judge.rate_limit_per_s and judge.cost_per_call must be numbers >= 0, got "
+                f"{self.rate_limit_per_s} and {self.cost_per_call}"
+            )
 
 
 @dataclass(frozen=True)
@@ -191,8 +198,12 @@ class OpenAIChatBackend:
         self.client = httpx.AsyncClient(base_url=cfg.url.rstrip("/"), headers=headers, timeout=None)
 
     async def complete(self, prompt: str, max_tokens: int) -> str:
-        body = {"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens, "temperature": 0.0}
+        body = {
+            "model": self.cfg.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+        }
         resp = await self.client.post("/chat/completions", json=body)
         resp.raise_for_status()
         data = resp.json()
@@ -225,8 +236,13 @@ class VLLMEngineBackend:
         from vllm import LLM
 
         model = str(Path(cfg.model).expanduser())
-        kwargs = dict(model=model, dtype=ec.dtype, enforce_eager=ec.enforce_eager, seed=ec.seed,
-                      **engine_memory_kwargs(ec.kv_cache_bytes, ec.gpu_memory_utilization))
+        kwargs = dict(
+            model=model,
+            dtype=ec.dtype,
+            enforce_eager=ec.enforce_eager,
+            seed=ec.seed,
+            **engine_memory_kwargs(ec.kv_cache_bytes, ec.gpu_memory_utilization),
+        )
         if ec.max_model_len:
             kwargs["max_model_len"] = ec.max_model_len
         t0 = time.perf_counter()
@@ -365,8 +381,11 @@ class JudgeQueue:
                 except asyncio.TimeoutError:
                     if attempt == self.cfg.retries:
                         self.stats.timeouts += 1
-                        log.warning("judge call timed out after %ss (%d attempts); falling back to the RM",
-                                    self.cfg.timeout_s, attempt + 1)
+                        log.warning(
+                            "judge call timed out after %ss (%d attempts); falling back to the RM",
+                            self.cfg.timeout_s,
+                            attempt + 1,
+                        )
                         return None
                     continue
                 except JudgeParseError as e:
@@ -437,10 +456,19 @@ class JudgeWorker:
     def stats(self) -> dict:
         st = self.queue.stats
         lat = list(st.latency_s)
-        return {"calls": st.calls, "verdicts": st.verdicts, "fallbacks": st.fallbacks, "timeouts": st.timeouts,
-                "errors": st.errors, "garbage": st.garbage, "over_budget": st.over_budget, "spend": st.spend,
-                "latency_mean_s": float(np.mean(lat)) if lat else 0.0, "in_flight": self.queue.in_flight,
-                "queued": self.queue.queued}
+        return {
+            "calls": st.calls,
+            "verdicts": st.verdicts,
+            "fallbacks": st.fallbacks,
+            "timeouts": st.timeouts,
+            "errors": st.errors,
+            "garbage": st.garbage,
+            "over_budget": st.over_budget,
+            "spend": st.spend,
+            "latency_mean_s": float(np.mean(lat)) if lat else 0.0,
+            "in_flight": self.queue.in_flight,
+            "queued": self.queue.queued,
+        }
 
     def ready(self) -> bool:
         return True

@@ -132,8 +132,7 @@ def _char_ids(tok: PreTrainedTokenizerFast, text: str, what: str) -> list[int]:
     vocab = tok.get_vocab()
     bad = sorted({ch for ch in text if ch not in vocab})
     if bad:
-        raise ValueError(f"{what} {text!r} has characters the reward model's tokenizer cannot encode: "
-                         f"{''.join(bad)!r}")
+        raise ValueError(f"{what} {text!r} has characters the reward model's tokenizer cannot encode: {''.join(bad)!r}")
     return [vocab[ch] for ch in text]
 
 
@@ -142,8 +141,9 @@ def encode_pair(tok: PreTrainedTokenizerFast, prompt: str, a: str, b: str, max_p
     p = _char_ids(tok, prompt, "prompt")
     room = (max_position - 3 - len(p)) // 2
     if room < 1:
-        raise ValueError(f"prompt {prompt!r} leaves no room for two responses in reward.model.max_position="
-                         f"{max_position}; raise it")
+        raise ValueError(
+            f"prompt {prompt!r} leaves no room for two responses in reward.model.max_position={max_position}; raise it"
+        )
     ia = _char_ids(tok, a.strip(), "response")[:room]
     ib = _char_ids(tok, b.strip(), "response")[:room]
     return [tok.bos_token_id, *p, *ia, tok.eos_token_id, *ib, tok.eos_token_id]
@@ -154,8 +154,9 @@ def encode_single(tok: PreTrainedTokenizerFast, prompt: str, response: str, max_
     p = _char_ids(tok, prompt, "prompt")
     room = max_position - 2 - len(p)
     if room < 1:
-        raise ValueError(f"prompt {prompt!r} leaves no room for a response in reward.model.max_position="
-                         f"{max_position}; raise it")
+        raise ValueError(
+            f"prompt {prompt!r} leaves no room for a response in reward.model.max_position={max_position}; raise it"
+        )
     return [tok.bos_token_id, *p, *_char_ids(tok, response.strip(), "response")[:room], tok.eos_token_id]
 
 
@@ -313,8 +314,9 @@ class PairwiseRewardModel(nn.Module):
         return [encode_pair(self.tok, p, x, y, self.cfg.max_position) for p, x, y in zip(prompts, a, b)]
 
     @torch.no_grad()
-    def predict_pairs(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
-                      batch_size: int = 512) -> PairPrediction:
+    def predict_pairs(
+        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], batch_size: int = 512
+    ) -> PairPrediction:
         """Logit, variance, uncertainty and adjusted logit of each pair (a shown first)."""
         seqs = self.encode(prompts, a, b)
         logits, variances = [], []
@@ -333,14 +335,16 @@ class PairwiseRewardModel(nn.Module):
         u = np.sqrt(1.0 + self.cfg.mean_field_factor * var)
         return PairPrediction(logit, var, u, logit / u)
 
-    def score_pairs(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
-                    batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    def score_pairs(
+        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], batch_size: int = 512
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(logit_ab [P], uncertainty [P]): logit of P(a better than b) with a shown first."""
         pred = self.predict_pairs(prompts, a, b, batch_size)
         return pred.logit, pred.uncertainty
 
-    def score_both_orders(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
-                          batch_size: int = 512) -> BothOrders:
+    def score_both_orders(
+        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], batch_size: int = 512
+    ) -> BothOrders:
         """l(a, b), l(b, a) and the mean of both orders' uncertainties, in one batched pass."""
         n = _check_lengths(prompts=prompts, a=a, b=b)
         pred = self.predict_pairs([*prompts, *prompts], [*a, *b], [*b, *a], batch_size)
@@ -351,8 +355,12 @@ class PairwiseRewardModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, directory / WEIGHTS_FILE)
-        meta = {"kind": "pairwise", "build_version": BUILD_VERSION, "config": dataclasses.asdict(self.cfg),
-                "backbone": self.backbone.config.to_dict()}
+        meta = {
+            "kind": "pairwise",
+            "build_version": BUILD_VERSION,
+            "config": dataclasses.asdict(self.cfg),
+            "backbone": self.backbone.config.to_dict(),
+        }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -363,15 +371,19 @@ class PairwiseRewardModel(nn.Module):
             directory = directory / PAIRWISE_DIR
         meta_path = directory / META_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a pairwise reward-model directory (no {META_FILE}); "
-                                    "build one with rlsys.tasks.preference_model.ensure_reward_model")
+            raise FileNotFoundError(
+                f"{directory} is not a pairwise reward-model directory (no {META_FILE}); "
+                "build one with rlsys.tasks.preference_model.ensure_reward_model"
+            )
         meta = json.loads(meta_path.read_text())
         if meta.get("kind") != "pairwise":
             raise ValueError(f"{meta_path} describes a {meta.get('kind')!r} model, not a pairwise one")
         if meta.get("build_version") != BUILD_VERSION:
-            raise ValueError(f"{directory} holds a pairwise model of build version {meta.get('build_version')}, "
-                             f"this code computes version {BUILD_VERSION}; rebuild it (ensure_reward_model, or "
-                             "scripts/train_rm.py --save)")
+            raise ValueError(
+                f"{directory} holds a pairwise model of build version {meta.get('build_version')}, "
+                f"this code computes version {BUILD_VERSION}; rebuild it (ensure_reward_model, or "
+                "scripts/train_rm.py --save)"
+            )
         fields = {f.name for f in dataclasses.fields(RewardModelConfig)}
         cfg = RewardModelConfig(**{k: v for k, v in meta["config"].items() if k in fields})
         with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the caller's RNG
@@ -431,9 +443,12 @@ class PointwiseRewardModel:
         if (directory / POINTWISE_DIR / "config.json").is_file():
             directory = directory / POINTWISE_DIR
         if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{directory} holds no pointwise reward model (no config.json); the build "
-                                    "skips it when reward.model.pointwise_steps=0")
+            raise FileNotFoundError(
+                f"{directory} holds no pointwise reward model (no config.json); the build "
+                "skips it when reward.model.pointwise_steps=0"
+            )
         with torch.random.fork_rng(devices=[]):
             model = LlamaForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
-        return cls(model.eval(), build_tokenizer(model.config.max_position_embeddings),
-                   model.config.max_position_embeddings)
+        return cls(
+            model.eval(), build_tokenizer(model.config.max_position_embeddings), model.config.max_position_embeddings
+        )

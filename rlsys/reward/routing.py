@@ -95,13 +95,16 @@ class RouterConfig:
         if not (0.0 <= self.budget_fraction <= 1.0):
             raise ValueError(f"reward.router.budget_fraction must be in [0, 1], got {self.budget_fraction}")
         if self.max_pairs_per_step < 0:
-            raise ValueError(f"reward.router.max_pairs_per_step must be >= 0 (0 = no cap), got "
-                             f"{self.max_pairs_per_step}")
+            raise ValueError(
+                f"reward.router.max_pairs_per_step must be >= 0 (0 = no cap), got {self.max_pairs_per_step}"
+            )
         if not (math.isfinite(self.threshold) and self.threshold >= 0.0):
             raise ValueError(f"reward.router.threshold must be a finite number >= 0, got {self.threshold}")
         if self.threshold > 0 and self.policy != "uncertainty":
-            raise ValueError(f"reward.router.threshold applies only to policy=uncertainty; set "
-                             f"reward.router.threshold=0 for policy={self.policy}")
+            raise ValueError(
+                f"reward.router.threshold applies only to policy=uncertainty; set "
+                f"reward.router.threshold=0 for policy={self.policy}"
+            )
         if not (math.isfinite(self.verdict_scale) and self.verdict_scale > 0):
             raise ValueError(f"reward.router.verdict_scale must be a finite number > 0, got {self.verdict_scale}")
 
@@ -251,8 +254,10 @@ def select_pairs(
         return rng.choice(p, size=k, replace=False).astype(np.int64)
     key = -u if policy == "uncertainty" else m
     if not np.all(np.isfinite(key)):
-        raise ValueError(f"{policy} routing needs a finite {'uncertainty' if policy == 'uncertainty' else 'margin'} "
-                         "for every candidate pair")
+        raise ValueError(
+            f"{policy} routing needs a finite {'uncertainty' if policy == 'uncertainty' else 'margin'} "
+            "for every candidate pair"
+        )
     order = np.lexsort((rng.random(p), key))[:k]  # primary key last; random tie-break
     if policy == "uncertainty" and threshold > 0:
         order = order[u[order] > threshold]
@@ -366,8 +371,10 @@ def pair_scores(
     lji = np.asarray(rm_logits_ji, dtype=np.float64)
     u = np.asarray(uncertainty, dtype=np.float64)
     if lij.ndim != 1 or lij.shape != lji.shape or lij.shape != u.shape:
-        raise ValueError(f"rm_logits_ij, rm_logits_ji and uncertainty need one entry per pair; got shapes "
-                         f"{lij.shape}, {lji.shape}, {u.shape}")
+        raise ValueError(
+            f"rm_logits_ij, rm_logits_ji and uncertainty need one entry per pair; got shapes "
+            f"{lij.shape}, {lji.shape}, {u.shape}"
+        )
     n = group_size_from_pairs(len(lij))
     pairs = all_pairs(n)
     if rewards is None:
@@ -438,8 +445,9 @@ def route_batch(groups: Sequence[PairScores], cfg: RouterConfig, rng: np.random.
     """
     total = sum(len(g.pairs) for g in groups)
     budget = judge_budget(total, cfg)
-    owner = np.concatenate([np.full(len(g.candidates), k, dtype=np.int64) for k, g in enumerate(groups)] or
-                           [np.zeros(0, np.int64)])
+    owner = np.concatenate(
+        [np.full(len(g.candidates), k, dtype=np.int64) for k, g in enumerate(groups)] or [np.zeros(0, np.int64)]
+    )
     local = np.concatenate([g.candidates for g in groups] or [np.zeros(0, np.int64)])
     u = np.concatenate([g.uncertainty[g.candidates] for g in groups] or [np.zeros(0)])
     m = np.concatenate([g.s[g.candidates] for g in groups] or [np.zeros(0)])
@@ -495,8 +503,9 @@ def render_judge_prompt(prompt: str, response_a: str, response_b: str) -> str:
     def clean(text: str) -> str:
         return _MARKERS.sub(lambda m: "[" + m.group(0)[1:-1] + "]", text)
 
-    return JUDGE_PROMPT_TEMPLATE.format(prompt=clean(prompt), response_a=clean(response_a),
-                                        response_b=clean(response_b))
+    return JUDGE_PROMPT_TEMPLATE.format(
+        prompt=clean(prompt), response_a=clean(response_a), response_b=clean(response_b)
+    )
 
 
 def parse_verdict(text: object) -> int:

@@ -133,8 +133,10 @@ class RewardConfig:
                 f"{sorted(REWARD_FUNCTIONS)} or set reward.target=pkg.module.fn"
             )
         if self.mode == "rm_pointwise" and self.model.pointwise_steps == 0 and not self.model.path:
-            raise ValueError("reward.mode=rm_pointwise needs the pointwise model: reward.model.pointwise_steps > 0 "
-                             "(or reward.model.path to a directory holding one)")
+            raise ValueError(
+                "reward.mode=rm_pointwise needs the pointwise model: reward.model.pointwise_steps > 0 "
+                "(or reward.model.path to a directory holding one)"
+            )
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s} (and finite)")
         if not math.isfinite(self.failure_reward):
@@ -198,8 +200,9 @@ class CallThread:
         return box
 
 
-def call_with_timeout(fn: RewardFn, completion: str, reference: str, timeout_s: float,
-                      thread: Optional[CallThread] = None) -> float:
+def call_with_timeout(
+    fn: RewardFn, completion: str, reference: str, timeout_s: float, thread: Optional[CallThread] = None
+) -> float:
     """One reward call under ``timeout_s`` (on ``thread``, else a thread of its own); raise
     RewardFunctionError on any failure: it raised, hung, or returned no finite number."""
     try:
@@ -243,8 +246,14 @@ class GroupScorer:
                 kind = str(e).split(" ")[0]
                 if kind not in self._reported:
                     self._reported.add(kind)
-                    log.error("reward function %r failed on group %s: %s (scored %s; further failures "
-                              "of this kind are only counted)", self.name, group.group_id, e, self.cfg.failure_reward)
+                    log.error(
+                        "reward function %r failed on group %s: %s (scored %s; further failures "
+                        "of this kind are only counted)",
+                        self.name,
+                        group.group_id,
+                        e,
+                        self.cfg.failure_reward,
+                    )
         return group.with_rewards(rewards, failures)
 
 
@@ -264,14 +273,18 @@ class PointwiseStage:
                 raise ValueError(f"expected {len(texts)} finite logits, got shape {logits.shape}")
         except Exception as e:  # noqa: BLE001 - a broken RM must not kill the run
             self.stats["rm_failures"] += len(groups)
-            log.error("pointwise reward model failed on a batch of %d groups (%s: %s); they keep the rule rewards",
-                      len(groups), type(e).__name__, e)
+            log.error(
+                "pointwise reward model failed on a batch of %d groups (%s: %s); they keep the rule rewards",
+                len(groups),
+                type(e).__name__,
+                e,
+            )
             return groups
         probs = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
         out, k = [], 0
         for g in groups:
             meta = {**g.meta, "verifier_rewards": [float(r) for r in g.rewards]}
-            out.append(dataclasses.replace(g, rewards=probs[k:k + g.size], meta=meta))
+            out.append(dataclasses.replace(g, rewards=probs[k : k + g.size], meta=meta))
             k += g.size
         self.stats["scored"] += len(texts)
         return out
@@ -321,12 +334,17 @@ class PairwiseStage:
         scores, k = [], 0
         for g, (pairs, decided, open_idx) in zip(todo, spans):
             lij, lji, unc = (np.full(len(pairs), np.nan) for _ in range(3))
-            lij[open_idx], lji[open_idx], unc[open_idx] = (x[k:k + len(open_idx)] for x in (lij_all, lji_all, unc_all))
+            lij[open_idx], lji[open_idx], unc[open_idx] = (
+                x[k : k + len(open_idx)] for x in (lij_all, lji_all, unc_all)
+            )
             k += len(open_idx)
             scores.append(pair_scores(g.rewards if self.cfg.use_verifier else None, lij, lji, unc))
         plans = route_batch(scores, self.cfg.router, self.rng)
-        requests = [(gi, JudgePair(todo[gi].prompt, todo[gi].completions[a].text, todo[gi].completions[b].text))
-                    for gi, plan in enumerate(plans) for a, b in plan.judge_pairs]
+        requests = [
+            (gi, JudgePair(todo[gi].prompt, todo[gi].completions[a].text, todo[gi].completions[b].text))
+            for gi, plan in enumerate(plans)
+            for a, b in plan.judge_pairs
+        ]
         verdicts: list = [None] * len(requests)
         if requests and self.judge is not None:
             step = max(g.policy_version for g in todo)
@@ -334,7 +352,7 @@ class PairwiseStage:
         out, pos = {}, 0
         st = self.stats
         for gi, (g, plan) in enumerate(zip(todo, plans)):
-            v = verdicts[pos:pos + len(plan.judge)]
+            v = verdicts[pos : pos + len(plan.judge)]
             pos += len(plan.judge)
             applied = plan.apply(v, self.cfg.router.verdict_scale)
             agree = rm_judge_agreement(plan.scores.s[plan.judge], v)
@@ -354,8 +372,9 @@ class PairwiseStage:
 class RewardWorker:
     """Ray actor shell (``reward`` role): rule scoring, plus the pairwise stage when configured."""
 
-    def __init__(self, cfg: RewardConfig, reward_model_path: Optional[str] = None, judge=None,
-                 metrics_host: Optional[str] = None):
+    def __init__(
+        self, cfg: RewardConfig, reward_model_path: Optional[str] = None, judge=None, metrics_host: Optional[str] = None
+    ):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.metrics = self.metrics_endpoint_ = None
         if metrics_host is not None:  # this worker's own Prometheus endpoint (rlsys.observability.metrics)

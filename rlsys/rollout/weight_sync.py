@@ -121,8 +121,9 @@ class _Shape:
 def pack(bucket: Bucket, tensors: Sequence, device=None):
     """One contiguous uint8 buffer holding ``tensors`` (in slot order) at their offsets."""
     if len(tensors) != len(bucket.slots):
-        raise ValueError(f"the bucket plans {len(bucket.slots)} tensors but {len(tensors)} were given "
-                         "(one per slot, in slot order)")
+        raise ValueError(
+            f"the bucket plans {len(bucket.slots)} tensors but {len(tensors)} were given (one per slot, in slot order)"
+        )
     import torch
 
     buf = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device or tensors[0].device)
@@ -130,7 +131,7 @@ def pack(bucket: Bucket, tensors: Sequence, device=None):
         if tuple(t.shape) != slot.shape:
             raise ValueError(f"{slot.name}: shape {tuple(t.shape)} does not match the plan's {slot.shape}")
         src = t.detach().to(getattr(torch, slot.dtype)).contiguous().reshape(-1).view(torch.uint8)
-        buf[slot.offset:slot.offset + slot.nbytes].copy_(src)
+        buf[slot.offset : slot.offset + slot.nbytes].copy_(src)
     return buf
 
 
@@ -140,8 +141,9 @@ def unpack(bucket: Bucket, buf) -> list[tuple[str, object]]:
 
     if buf.numel() != bucket.nbytes or buf.dtype != torch.uint8:
         raise ValueError(f"bucket buffer has {buf.numel()} {buf.dtype} elements, expected {bucket.nbytes} uint8")
-    return [(s.name, buf[s.offset:s.offset + s.nbytes].view(getattr(torch, s.dtype)).view(s.shape))
-            for s in bucket.slots]
+    return [
+        (s.name, buf[s.offset : s.offset + s.nbytes].view(getattr(torch, s.dtype)).view(s.shape)) for s in bucket.slots
+    ]
 
 
 class WeightGroup:
@@ -152,8 +154,9 @@ class WeightGroup:
         from vllm.distributed.utils import StatelessProcessGroup
 
         self.rank, self.world_size = rank, world_size
-        pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
-                                          listen_socket=listen_socket)
+        pg = StatelessProcessGroup.create(
+            host=host, port=port, rank=rank, world_size=world_size, listen_socket=listen_socket
+        )
         self.comm = PyNcclCommunicator(pg, device=device)
         self.device = device
 
@@ -211,8 +214,10 @@ async def publish(transport: str, version: int, ranks: Sequence, workers: Sequen
     import asyncio
 
     if transport == "nccl":
-        await asyncio.gather(*[r.broadcast_weights.remote(plan) for r in ranks],
-                             *[w.update_weights_nccl.remote(version, plan) for w in workers])
+        await asyncio.gather(
+            *[r.broadcast_weights.remote(plan) for r in ranks],
+            *[w.update_weights_nccl.remote(version, plan) for w in workers],
+        )
     elif transport == "cuda_ipc":
         handles = (await asyncio.gather(*[r.export_weights_ipc.remote(plan) for r in ranks]))[0]
         try:

@@ -229,8 +229,10 @@ class _Pending:
 
     def start(self, outputs, version: int) -> None:
         for j, o in enumerate(outputs):
-            q = _Sequence(tuple(self.request.prompt_token_ids),
-                          None if self.seed is None else zlib.crc32(f"{self.seed}:{j}".encode()))
+            q = _Sequence(
+                tuple(self.request.prompt_token_ids),
+                None if self.seed is None else zlib.crc32(f"{self.seed}:{j}".encode()),
+            )
             q.extend(o, version)
             self.seqs.append(q)
 
@@ -252,11 +254,19 @@ class RolloutResult:
 class RolloutWorker:
     """Ray actor (``rollout`` role) around one vLLM engine."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, worker_index: int, work_dir: str, version: int = 0,
-                 metrics_host: Optional[str] = None):
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        model_path: str,
+        worker_index: int,
+        work_dir: str,
+        version: int = 0,
+        metrics_host: Optional[str] = None,
+    ):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        prepare_vllm_process(Path(work_dir) / "vllm" / f"worker{worker_index}", cfg.compile_cache_dir,
-                             eager=cfg.enforce_eager)
+        prepare_vllm_process(
+            Path(work_dir) / "vllm" / f"worker{worker_index}", cfg.compile_cache_dir, eager=cfg.enforce_eager
+        )
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -292,15 +302,25 @@ class RolloutWorker:
         kwargs.update(engine_memory_kwargs(cfg.kv_cache_bytes, cfg.gpu_memory_utilization, cfg.block_size))
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
-        log.info("rollout worker %d: vLLM engine up in %.1fs (max_model_len %d)", worker_index,
-                 time.perf_counter() - t0, max_len)
+        log.info(
+            "rollout worker %d: vLLM engine up in %.1fs (max_model_len %d)",
+            worker_index,
+            time.perf_counter() - t0,
+            max_len,
+        )
 
     def _params(self, n: int, temperature: float, max_tokens: int, seed: Optional[int] = None):
         from vllm import SamplingParams
 
         return SamplingParams(
-            n=n, temperature=temperature, top_p=self.cfg.top_p if temperature > 0 else 1.0,
-            max_tokens=max_tokens, logprobs=0, stop_token_ids=[self.eos_id], detokenize=False, seed=seed,
+            n=n,
+            temperature=temperature,
+            top_p=self.cfg.top_p if temperature > 0 else 1.0,
+            max_tokens=max_tokens,
+            logprobs=0,
+            stop_token_ids=[self.eos_id],
+            detokenize=False,
+            seed=seed,
         )
 
     def _request_seed(self, prompt_id: str) -> Optional[int]:
@@ -347,8 +367,10 @@ class RolloutWorker:
 
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
         with self.gate.segment():  # wait-for-all: an update waits for the whole call
-            params = [self._params(r.n, self.cfg.temperature, self.cfg.max_new_tokens,
-                                   self._request_seed(r.prompt_id)) for r in requests]  # seeds name this version
+            params = [
+                self._params(r.n, self.cfg.temperature, self.cfg.max_new_tokens, self._request_seed(r.prompt_id))
+                for r in requests
+            ]  # seeds name this version
             t0 = time.perf_counter()
             outs = self.llm.generate(prompts, params, use_tqdm=False)
             dt = time.perf_counter() - t0
@@ -365,9 +387,16 @@ class RolloutWorker:
         return RolloutResult(groups, dt, ntok)
 
     def _group(self, req: RolloutRequest, version: int, comps: list[Completion], meta: Optional[dict] = None) -> Group:
-        return Group(group_id=f"{req.prompt_id}:{uuid.uuid4().hex[:12]}", prompt_id=req.prompt_id, prompt=req.prompt,
-                     prompt_token_ids=tuple(req.prompt_token_ids), reference=req.reference, policy_version=version,
-                     completions=comps, meta=meta or {})
+        return Group(
+            group_id=f"{req.prompt_id}:{uuid.uuid4().hex[:12]}",
+            prompt_id=req.prompt_id,
+            prompt=req.prompt,
+            prompt_token_ids=tuple(req.prompt_token_ids),
+            reference=req.reference,
+            policy_version=version,
+            completions=comps,
+            meta=meta or {},
+        )
 
     def _generate_partial(self, requests: list[RolloutRequest], carry: bool, drain: bool) -> RolloutResult:
         """Segments of at most ``partial_chunk_tokens``; weight updates land between segments.
@@ -394,27 +423,43 @@ class RolloutWorker:
                 prompts = [TokensPrompt(prompt_token_ids=list(p.request.prompt_token_ids)) for p in fresh]
                 params = [self._params(p.request.n, self.cfg.temperature, min(chunk, max_new), p.seed) for p in fresh]
                 prompts += [TokensPrompt(prompt_token_ids=[*q.prompt, *q.tokens]) for q in live]
-                params += [self._params(1, self.cfg.temperature, min(chunk, max_new - len(q.tokens)),
-                                        None if q.seed is None else zlib.crc32(f"{q.seed}:{len(q.tokens)}".encode()))
-                           for q in live]
+                params += [
+                    self._params(
+                        1,
+                        self.cfg.temperature,
+                        min(chunk, max_new - len(q.tokens)),
+                        None if q.seed is None else zlib.crc32(f"{q.seed}:{len(q.tokens)}".encode()),
+                    )
+                    for q in live
+                ]
                 t0 = time.perf_counter()
                 outs = self.llm.generate(prompts, params, use_tqdm=False)
                 dt += time.perf_counter() - t0
             for p, out in zip(fresh, outs):
                 p.start(out.outputs, version)
-            for q, out in zip(live, outs[len(fresh):]):
+            for q, out in zip(live, outs[len(fresh) :]):
                 q.extend(out.outputs[0], version)
         groups, ntok, switched = [], 0, 0
         for p in pool:
             if p.live(max_new):
                 self._carry.append(p)
                 continue
-            comps = [Completion(np.asarray(q.tokens, np.int32), np.asarray(q.logprobs, np.float32),
-                                self._decode(q.tokens), q.finish_reason) for q in p.seqs]
+            comps = [
+                Completion(
+                    np.asarray(q.tokens, np.int32),
+                    np.asarray(q.logprobs, np.float32),
+                    self._decode(q.tokens),
+                    q.finish_reason,
+                )
+                for q in p.seqs
+            ]
             ntok += sum(len(q.tokens) for q in p.seqs)
             switched += sum(len(q.spans) > 1 for q in p.seqs)
-            groups.append(self._group(p.request, min(q.spans[0][1] for q in p.seqs), comps,
-                                      {"version_spans": [q.spans for q in p.seqs]}))
+            groups.append(
+                self._group(
+                    p.request, min(q.spans[0][1] for q in p.seqs), comps, {"version_spans": [q.spans for q in p.seqs]}
+                )
+            )
         return RolloutResult(groups, dt, ntok, switched, carried=len(self._carry))
 
     def generate_greedy(self, prompt_token_ids: list[list[int]], max_new_tokens: Optional[int] = None) -> list[str]:
@@ -423,15 +468,17 @@ class RolloutWorker:
 
         params = self._params(1, 0.0, max_new_tokens or self.cfg.max_new_tokens)
         with self.gate.segment():
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids], params,
-                                     use_tqdm=False)
+            outs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids], params, use_tqdm=False
+            )
         return [self._decode(o.outputs[0].token_ids) for o in outs]
 
     def update_weights(self, version: int, named_tensors: list[tuple[str, object]]) -> int:
         """Load a new policy version; returns the version now served."""
         validate_weights(named_tensors, self.expected)
-        return self._swap(version, lambda: self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": list(named_tensors)}))
+        return self._swap(
+            version, lambda: self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        )
 
     def _swap(self, version: int, load) -> int:
         """Every transport's last step: ``load()`` the weights between two engine calls, drop
@@ -453,13 +500,11 @@ class RolloutWorker:
     def update_weights_nccl(self, version: int, plan: list) -> int:
         """Receive a version bucket by bucket over the weight group (learner rank 0 broadcasts
         at the same time). The plan was checked once, by check_weight_plan."""
-        return self._swap(version, lambda: [self.llm.collective_rpc("rlsys_receive_bucket", args=(b,))
-                                            for b in plan])
+        return self._swap(version, lambda: [self.llm.collective_rpc("rlsys_receive_bucket", args=(b,)) for b in plan])
 
     def update_weights_ipc(self, version: int, plan: list, handles: list) -> int:
         """Load a version from CUDA IPC handles learner rank 0 exported on this same GPU."""
-        return self._swap(version, lambda: self.llm.collective_rpc("rlsys_receive_ipc_buckets",
-                                                                   args=(plan, handles)))
+        return self._swap(version, lambda: self.llm.collective_rpc("rlsys_receive_ipc_buckets", args=(plan, handles)))
 
     def check_weight_plan(self, plan: list) -> None:
         """Refuse a GPU transport's bucket plan that does not fit this engine's checkpoint."""
@@ -488,5 +533,3 @@ class RolloutWorker:
 
     def ready(self) -> bool:
         return True
-
-

@@ -297,8 +297,9 @@ def ar3po_reuse(
     if len(r) == 0 or stored_correct_reward is None or (r >= threshold).any():
         return r, mask, None
     if not stored_correct_reward >= threshold:  # NaN included
-        raise ValueError(f"stored response has reward {stored_correct_reward}, not >= threshold {threshold}: "
-                         "not correct")
+        raise ValueError(
+            f"stored response has reward {stored_correct_reward}, not >= threshold {threshold}: not correct"
+        )
     i = len(r) - 1
     r[i] = stored_correct_reward
     mask[i] = False

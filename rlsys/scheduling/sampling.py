@@ -30,8 +30,8 @@ from typing import Awaitable, Callable, Optional
 
 import numpy as np
 
-from rlsys.scheduling.allocation import dapo_keep
 from rlsys.records import STOP_GRADIENT, Completion, Group, RolloutRequest
+from rlsys.scheduling.allocation import dapo_keep
 from rlsys.scheduling.scheduler import SchedulerConfig
 
 Generate = Callable[[list[RolloutRequest]], Awaitable["object"]]  # -> RolloutResult
@@ -77,8 +77,12 @@ class CorrectBank:
 def merge(a: Group, b: Group) -> Group:
     """b's completions appended to a's (same prompt, a later stage)."""
     return dataclasses.replace(
-        a, completions=a.completions + b.completions, rewards=np.concatenate([a.rewards, b.rewards]),
-        reward_failures=a.reward_failures + b.reward_failures, policy_version=min(a.policy_version, b.policy_version))
+        a,
+        completions=a.completions + b.completions,
+        rewards=np.concatenate([a.rewards, b.rewards]),
+        reward_failures=a.reward_failures + b.reward_failures,
+        policy_version=min(a.policy_version, b.policy_version),
+    )
 
 
 def reuse_correct(group: Group, bank: CorrectBank) -> Group:
@@ -93,8 +97,9 @@ def reuse_correct(group: Group, bank: CorrectBank) -> Group:
     rewards = group.rewards.copy()
     rewards[i] = reward
     meta = {**group.meta, STOP_GRADIENT: sorted(set(group.meta.get(STOP_GRADIENT, [])) | {i})}
-    return dataclasses.replace(group, completions=group.completions[:i] + [completion] + group.completions[i + 1:],
-                               rewards=rewards, meta=meta)
+    return dataclasses.replace(
+        group, completions=group.completions[:i] + [completion] + group.completions[i + 1 :], rewards=rewards, meta=meta
+    )
 
 
 @dataclass
@@ -105,8 +110,9 @@ class Sampler:
     bank: CorrectBank = field(default_factory=CorrectBank)
     _filtered_at: dict = field(default_factory=dict)
 
-    async def run(self, requests: list[RolloutRequest], generate: Generate, score: Score,
-                  learner_version: int) -> tuple[list[Group], list[Group], RoundStats]:
+    async def run(
+        self, requests: list[RolloutRequest], generate: Generate, score: Score, learner_version: int
+    ) -> tuple[list[Group], list[Group], RoundStats]:
         """Returns (groups to store, every scored group (for the scheduler's statistics), stats)."""
         stats = RoundStats()
         groups = await self._round(requests, generate, score, stats)

@@ -29,8 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
-from rlsys.scheduling.allocation import allocate_knapsack
 from rlsys.records import RolloutRequest
+from rlsys.scheduling.allocation import allocate_knapsack
 
 log = logging.getLogger(__name__)
 

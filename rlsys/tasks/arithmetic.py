@@ -111,7 +111,8 @@ class TaskConfig:
         if self.data_path is None:
             total = self.num_train + self.num_val + self.num_eval
             distinct = 10**self.digits * (
-                10**self.digits if self.name == "addition" else self.count_max - self.count_min + 1)
+                10**self.digits if self.name == "addition" else self.count_max - self.count_min + 1
+            )
             if total > distinct:
                 raise ValueError(
                     f"task.num_train + task.num_val + task.num_eval = {total} exceeds the "
@@ -221,9 +222,7 @@ def _load_jsonl(path: Path, cfg: TaskConfig) -> TaskData:
             continue
         example, split = _parse_row(line, where)
         if example.id in first_line_of_id:
-            raise DatasetError(
-                f"{where}: duplicate id {example.id!r} (first at line {first_line_of_id[example.id]})"
-            )
+            raise DatasetError(f"{where}: duplicate id {example.id!r} (first at line {first_line_of_id[example.id]})")
         if example.prompt in first_line_of_prompt:
             raise DatasetError(
                 f"{where}: duplicate prompt {example.prompt!r} (first at line "
@@ -235,11 +234,13 @@ def _load_jsonl(path: Path, cfg: TaskConfig) -> TaskData:
         splits[split].append(example)
 
     if not first_line_of_id:
-        raise DatasetError(f"{path}: no rows (the file is empty or all blank lines); write one JSON object per "
-                           "line with \"id\", \"prompt\", \"answer\" and \"split\"")
+        raise DatasetError(
+            f"{path}: no rows (the file is empty or all blank lines); write one JSON object per "
+            'line with "id", "prompt", "answer" and "split"'
+        )
     for split in _SPLITS:
         if not splits[split]:
-            raise DatasetError(f"{path}: no rows with \"split\": \"{split}\"; both train and eval are needed")
+            raise DatasetError(f'{path}: no rows with "split": "{split}"; both train and eval are needed')
     train_rows = list(splits["train"])
     if len(train_rows) < 2:
         raise DatasetError(f"{path}: needs at least 2 train rows (one is carved off for validation)")

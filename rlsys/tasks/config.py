@@ -46,15 +46,22 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
             raise ValueError(f"model.path must be a non-empty path or null, got {self.path!r}")
-        for key in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "max_position",
-                    "warmstart_batch_size", "warmstart_eval_every", "build_threads"):
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "intermediate_size",
+            "max_position",
+            "warmstart_batch_size",
+            "warmstart_eval_every",
+            "build_threads",
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{key} must be an integer >= 1, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by "
-                f"model.num_heads ({self.num_heads})"
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
             )
         head_dim = self.hidden_size // self.num_heads
         if head_dim not in ALLOWED_HEAD_DIMS:
@@ -70,8 +77,6 @@ class ModelConfig:
         if not self.warmstart_lr > 0:
             raise ValueError(f"model.warmstart_lr must be > 0, got {self.warmstart_lr}")
         if not 0.0 <= self.warmstart_target_accuracy <= 1.0:
-            raise ValueError(
-                f"model.warmstart_target_accuracy must be in [0, 1], got {self.warmstart_target_accuracy}"
-            )
+            raise ValueError(f"model.warmstart_target_accuracy must be in [0, 1], got {self.warmstart_target_accuracy}")
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             raise ValueError(f"model.cache_dir must be a non-empty path, got {self.cache_dir!r}")

@@ -142,8 +142,9 @@ class PreferenceData:
         return len(self.prompts)
 
 
-def preference_data(examples: Sequence[Example], negatives_per_prompt: int, label_noise: float,
-                    seed: int) -> PreferenceData:
+def preference_data(
+    examples: Sequence[Example], negatives_per_prompt: int, label_noise: float, seed: int
+) -> PreferenceData:
     """(correct, wrong) pairs for each example, in random order, labels flipped with probability
     ``label_noise``. Wrong-vs-wrong pairs are never made: they have no label."""
     rng = random.Random(seed)
@@ -204,8 +205,9 @@ def _fit(step_loss, params, cfg: RewardModelConfig, steps: int, n: int, what: st
     return history
 
 
-def train_pairwise(cfg: RewardModelConfig, data: PreferenceData,
-                   tok: Optional[PreTrainedTokenizerFast] = None) -> tuple[PairwiseRewardModel, dict]:
+def train_pairwise(
+    cfg: RewardModelConfig, data: PreferenceData, tok: Optional[PreTrainedTokenizerFast] = None
+) -> tuple[PairwiseRewardModel, dict]:
     """A seeded pairwise model trained on ``data`` (BCE on ``data.label``, plus the auxiliary
     head's), then its precision matrix accumulated in one pass over the same pairs with the
     final weights. Same inputs, same weights (on one torch thread); the caller's RNG is untouched."""
@@ -239,13 +241,18 @@ def train_pairwise(cfg: RewardModelConfig, data: PreferenceData,
             _, phi_ND = model(ids_NL[rows, :width], last_N[rows])
             model.head.accumulate_precision(phi_ND)
         model.head.finalize_covariance()
-    report = {"steps": cfg.steps, "pairs": len(seqs), "seconds": round(time.monotonic() - started, 3),
-              "loss_history": history}
+    report = {
+        "steps": cfg.steps,
+        "pairs": len(seqs),
+        "seconds": round(time.monotonic() - started, 3),
+        "loss_history": history,
+    }
     return model, report
 
 
-def train_pointwise(cfg: RewardModelConfig, data: PreferenceData,
-                    tok: Optional[PreTrainedTokenizerFast] = None) -> tuple[PointwiseRewardModel, dict]:
+def train_pointwise(
+    cfg: RewardModelConfig, data: PreferenceData, tok: Optional[PreTrainedTokenizerFast] = None
+) -> tuple[PointwiseRewardModel, dict]:
     """A seeded pointwise model trained on every response of ``data`` with the noisy labels
     (a correct response is labelled 1 unless its pair's label was flipped). Same inputs, same
     weights (on one torch thread); the caller's RNG is untouched."""
@@ -263,11 +270,14 @@ def train_pointwise(cfg: RewardModelConfig, data: PreferenceData,
             width = int(last_N[batch].max()) + 1
             return F.binary_cross_entropy_with_logits(model.logits(ids_NL[batch, :width]), label_N[batch])
 
-        history = _fit(step_loss, list(model.model.parameters()), cfg, cfg.pointwise_steps, len(responses),
-                       "pointwise")
+        history = _fit(step_loss, list(model.model.parameters()), cfg, cfg.pointwise_steps, len(responses), "pointwise")
     model.model.eval()
-    return model, {"steps": cfg.pointwise_steps, "responses": len(responses),
-                   "seconds": round(time.monotonic() - started, 3), "loss_history": history}
+    return model, {
+        "steps": cfg.pointwise_steps,
+        "responses": len(responses),
+        "seconds": round(time.monotonic() - started, 3),
+        "loss_history": history,
+    }
 
 
 def pairwise_accuracy(logit: np.ndarray, clean_label: np.ndarray) -> float:
@@ -285,11 +295,16 @@ def ensure_reward_model(cfg: RewardModelConfig, task_cfg: TaskConfig) -> Path:
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
         if not (path / PAIRWISE_DIR / META_FILE).is_file():
-            raise FileNotFoundError(f"reward.model.path={cfg.path!r} is not a reward-model directory "
-                                    f"(no {PAIRWISE_DIR}/{META_FILE})")
+            raise FileNotFoundError(
+                f"reward.model.path={cfg.path!r} is not a reward-model directory (no {PAIRWISE_DIR}/{META_FILE})"
+            )
         return path
-    return cached_build(Path(cfg.cache_dir).expanduser(), cache_key(cfg, task_cfg),
-                        lambda out: build(cfg, task_cfg, out), "reward model")
+    return cached_build(
+        Path(cfg.cache_dir).expanduser(),
+        cache_key(cfg, task_cfg),
+        lambda out: build(cfg, task_cfg, out),
+        "reward model",
+    )
 
 
 def cache_key(cfg: RewardModelConfig, task_cfg: TaskConfig) -> str:
@@ -319,7 +334,6 @@ def build(cfg: RewardModelConfig, task_cfg: TaskConfig, out_dir: Path) -> dict:
             report["pointwise"] = point_report
     save_tokenizer(tok, Path(out_dir))
     report["seconds"] = round(time.monotonic() - started, 3)
-    log.info("reward model built in %.1f s: pairwise val accuracy %.3f", report["seconds"],
-             pair_report["val_accuracy"])
+    log.info("reward model built in %.1f s: pairwise val accuracy %.3f", report["seconds"], pair_report["val_accuracy"])
     (Path(out_dir) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report

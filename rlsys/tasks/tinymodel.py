@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from rlsys.tasks.config import ModelConfig
 from rlsys.scheduling.scheduler import Prompt
 from rlsys.tasks.arithmetic import ALPHABET, DatasetError, Example, TaskConfig, load_task, verify_answer
+from rlsys.tasks.config import ModelConfig
 
 __all__ = [
     "BUILD_VERSION",
@@ -217,8 +217,12 @@ def ensure_model(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Path:
             raise FileNotFoundError(f"model.path={model_cfg.path!r} is not a model directory (no config.json)")
         return path
 
-    return cached_build(Path(model_cfg.cache_dir).expanduser(), cache_key(model_cfg, task_cfg),
-                        lambda out: _build(model_cfg, task_cfg, out), "tiny model")
+    return cached_build(
+        Path(model_cfg.cache_dir).expanduser(),
+        cache_key(model_cfg, task_cfg),
+        lambda out: _build(model_cfg, task_cfg, out),
+        "tiny model",
+    )
 
 
 def cached_build(cache_dir: Path, key: str, build: Callable[[Path], object], what: str) -> Path:
@@ -313,7 +317,10 @@ def _build(model_cfg: ModelConfig, task_cfg: TaskConfig, out_dir: Path) -> None:
     seconds = time.monotonic() - started
     log.info(
         "warm start done: %d steps, val accuracy %.3f, eval accuracy %.3f, %.1f s",
-        steps, val_accuracy, eval_accuracy, seconds,
+        steps,
+        val_accuracy,
+        eval_accuracy,
+        seconds,
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(tok, out_dir)
@@ -447,8 +454,10 @@ def tokenize_prompts(tok, examples: list[Example], max_prompt_tokens: int) -> li
     for ex in examples:
         ids = encode_prompt(tok, ex.prompt)
         if len(ids) > max_prompt_tokens:
-            raise DatasetError(f"prompt {ex.id!r} has {len(ids)} tokens, more than the {max_prompt_tokens} that fit "
-                               f"before rollout.max_new_tokens in the model's context; shorten it or raise "
-                               f"rollout.max_model_len")
+            raise DatasetError(
+                f"prompt {ex.id!r} has {len(ids)} tokens, more than the {max_prompt_tokens} that fit "
+                f"before rollout.max_new_tokens in the model's context; shorten it or raise "
+                f"rollout.max_model_len"
+            )
         out.append(Prompt(ex.id, ex.prompt, tuple(ids), ex.answer))
     return out

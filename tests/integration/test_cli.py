@@ -59,8 +59,9 @@ def test_status_without_a_cluster_fails_within_seconds(tmp_path):
     out = rlsys("status", "--temp-dir", str(tmp_path), timeout=30)  # an empty dir: no cluster keeps files there
     elapsed = time.monotonic() - t
     assert out.returncode == 2, out
-    assert out.stderr.startswith("rlsys status: no Ray cluster found (is a run going? start one with 'rlsys train "
-                                 "...', or pass --address"), out.stderr
+    assert out.stderr.startswith(
+        "rlsys status: no Ray cluster found (is a run going? start one with 'rlsys train ...', or pass --address"
+    ), out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
     assert elapsed < 10, elapsed
 
@@ -89,11 +90,26 @@ def test_operate_a_live_run_from_the_command_line(tiny_model, tmp_path):
     started = time.monotonic()
     with open(log_path, "w") as log:
         train = subprocess.Popen(
-            [RLSYS, "train", "experiment=tiny", "steps=1000", "max_train_seconds=0", f"run_root={tmp_path / 'runs'}",
-             f"cluster.temp_dir={temp_dir}", "cluster.num_cpus=3", "cluster.metrics_port=-1",
-             "cluster.control_poll_s=0.1", "report=false"],
-            stdout=log, stderr=subprocess.STDOUT, env=user_env(), start_new_session=True)
+            [
+                RLSYS,
+                "train",
+                "experiment=tiny",
+                "steps=1000",
+                "max_train_seconds=0",
+                f"run_root={tmp_path / 'runs'}",
+                f"cluster.temp_dir={temp_dir}",
+                "cluster.num_cpus=3",
+                "cluster.metrics_port=-1",
+                "cluster.control_poll_s=0.1",
+                "report=false",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=user_env(),
+            start_new_session=True,
+        )
     try:
+
         def wait_for(what: str, done: Callable[[dict], bool], hint: str, timeout: float) -> dict:
             """``rlsys status`` until ``done(status)``: asked as soon as the train log matches ``hint``
             (a cheap sign that it is time), else every 15 s. Each ``rlsys status`` costs a few
@@ -111,7 +127,8 @@ def test_operate_a_live_run_from_the_command_line(tiny_model, tmp_path):
                     else:  # before the cluster is up, or before the run's control actor is: nothing else
                         assert last.returncode == 2 and (
                             "no Ray cluster found" in last.stderr
-                            or "no running rlsys job on this Ray cluster" in last.stderr), last
+                            or "no running rlsys job on this Ray cluster" in last.stderr
+                        ), last
                 time.sleep(1)
             pytest.fail(f"no {what} within {timeout}s; last status: {last}\n{tail(log_path)}")
 

@@ -38,8 +38,15 @@ def test_short_run_improves_reward_and_accuracy(ray_cluster, tiny_model, tmp_pat
     assert summary["samples"] == 40 * 16 * 8 and summary["tokens_generated"] > summary["samples"]
     assert (summary["samples_trained"], summary["tokens_trained"]) == (summary["samples"], summary["tokens_generated"])
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    for key in ("steps", "wall_seconds", "train_seconds", "eval_accuracy_before", "eval_accuracy_after",
-                "samples", "tokens_generated"):
+    for key in (
+        "steps",
+        "wall_seconds",
+        "train_seconds",
+        "eval_accuracy_before",
+        "eval_accuracy_after",
+        "samples",
+        "tokens_generated",
+    ):
         assert key in on_disk
     # the end-of-run report: the PNG renders, and the table says what the summary says
     c = summary["curves"]
@@ -56,18 +63,28 @@ def test_short_run_improves_reward_and_accuracy(ray_cluster, tiny_model, tmp_pat
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     md = (tmp_path / "report.md").read_text()
     assert "| steps | 40 |" in md and f"| samples (completions) | {summary['samples']} |" in md
-    assert (f"| eval accuracy | {summary['eval_accuracy_before']:.3f} -> "
-            f"{summary['eval_accuracy_after']:.3f} |") in md
+    assert (f"| eval accuracy | {summary['eval_accuracy_before']:.3f} -> {summary['eval_accuracy_after']:.3f} |") in md
 
 
 def test_multi_actor_async_run_survives_a_raising_reward_function(ray_cluster, tiny_model, tmp_path):
     """2 rollout workers, 2 learner ranks, max_staleness 1, and a reward function that raises
     on some completions: the run finishes, the failures are counted, nothing stale is trained."""
-    cfg = to_run_config(compose([
-        "steps=6", "rollout.num_workers=2", "rollout.num_cpus=1", "learner.num_ranks=2", "learner.num_cpus=0.5",
-        "replay.max_staleness=1", "scheduler.prompts_per_step=8", "rollout.prompts_per_call=4",
-        "reward.target=helpers.flaky_reward", "loggers.tensorboard=true",
-    ]))
+    cfg = to_run_config(
+        compose(
+            [
+                "steps=6",
+                "rollout.num_workers=2",
+                "rollout.num_cpus=1",
+                "learner.num_ranks=2",
+                "learner.num_cpus=0.5",
+                "replay.max_staleness=1",
+                "scheduler.prompts_per_step=8",
+                "rollout.prompts_per_call=4",
+                "reward.target=helpers.flaky_reward",
+                "loggers.tensorboard=true",
+            ]
+        )
+    )
     summary, text = run_and_scrape(cfg, tmp_path)
     assert summary["steps"] == 6
     assert summary["reward_failures"] > 0
@@ -83,7 +100,8 @@ def test_multi_actor_async_run_survives_a_raising_reward_function(ray_cluster, t
     assert f"| steps | {int(scraped['rlsys_learner_steps_total'])} |" in md
     assert f"-> {scraped['rlsys_controller_eval_accuracy']:.3f} |" in md
     assert scraped["rlsys_scheduler_effective_gradient_ratio"] == pytest.approx(
-        summary["curves"]["effective_gradient_ratio"][-1])
+        summary["curves"]["effective_gradient_ratio"][-1]
+    )
     assert scraped["rlsys_reward_mean"] == pytest.approx(summary["curves"]["reward"][-1])
     # TensorBoard got the same per-step records, under the Prometheus names
     from helpers import tb_scalars
@@ -100,17 +118,30 @@ def test_multi_actor_async_run_survives_a_raising_reward_function(ray_cluster, t
 def test_each_sampling_strategy_runs_end_to_end(ray_cluster, tiny_model, tmp_path, strategy):
     """A few steps per strategy through the real actors, with evidence that the strategy acted."""
     steps, m, n = 4, 8, 4
-    cfg = to_run_config(compose([
-        f"scheduler={strategy}", f"steps={steps}", f"scheduler.prompts_per_step={m}",
-        f"scheduler.samples_per_prompt={n}", "scheduler.min_per_prompt=1", "scheduler.max_prompts=8",
-        "scheduler.unseen_threshold=4", "scheduler.ar3po_stages=3", "scheduler.ar3po_stage_size=2",
-    ]))
+    cfg = to_run_config(
+        compose(
+            [
+                f"scheduler={strategy}",
+                f"steps={steps}",
+                f"scheduler.prompts_per_step={m}",
+                f"scheduler.samples_per_prompt={n}",
+                "scheduler.min_per_prompt=1",
+                "scheduler.max_prompts=8",
+                "scheduler.unseen_threshold=4",
+                "scheduler.ar3po_stages=3",
+                "scheduler.ar3po_stage_size=2",
+            ]
+        )
+    )
     summary, text = run_and_scrape(cfg, tmp_path)
     assert summary["steps"] == steps and summary["strategy"] == strategy
     assert 0 <= summary["effective_gradient_ratio"] <= 1
     assert "rlsys_scheduler_effective_gradient_ratio" in text
-    buckets = {float(line.split('le="')[1].split('"')[0]): float(line.rsplit(" ", 1)[1])
-               for line in text.splitlines() if line.startswith("rlsys_scheduler_group_size_rollouts_bucket")}
+    buckets = {
+        float(line.split('le="')[1].split('"')[0]): float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("rlsys_scheduler_group_size_rollouts_bucket")
+    }
     not_n = buckets[float("inf")] - (buckets[4.0] - buckets[2.0])  # groups whose size is not 3..4
     if strategy == "knapsack":
         assert not_n > 0, buckets  # from step 2 on, prompts have history and get non-uniform counts
@@ -129,11 +160,22 @@ def test_rm_judge_router_runs_end_to_end(ray_cluster, tiny_model, tmp_path):
 
     judge = OracleJudgeServer().start()
     try:
-        cfg = to_run_config(compose([
-            "reward=rm_judge_router", "judge=openai", f"judge.url={judge.url}", "judge.model=oracle", "steps=3",
-            "scheduler.prompts_per_step=8", "reward.model.steps=200", "reward.model.pointwise_steps=0",
-            "reward.router.budget_fraction=0.3", "judge.cost_per_call=0.5",
-        ]))
+        cfg = to_run_config(
+            compose(
+                [
+                    "reward=rm_judge_router",
+                    "judge=openai",
+                    f"judge.url={judge.url}",
+                    "judge.model=oracle",
+                    "steps=3",
+                    "scheduler.prompts_per_step=8",
+                    "reward.model.steps=200",
+                    "reward.model.pointwise_steps=0",
+                    "reward.router.budget_fraction=0.3",
+                    "judge.cost_per_call=0.5",
+                ]
+            )
+        )
         summary, text = run_and_scrape(cfg, tmp_path)
     finally:
         judge.stop()
@@ -151,8 +193,17 @@ def test_rm_judge_router_runs_end_to_end(ray_cluster, tiny_model, tmp_path):
 
 def test_rm_pointwise_runs_end_to_end(ray_cluster, tiny_model, tmp_path):
     """reward=rm_pointwise: the locally trained pointwise RM's probabilities are the rewards."""
-    cfg = to_run_config(compose(["reward=rm_pointwise", "steps=2", "scheduler.prompts_per_step=8",
-                                 "reward.model.steps=50", "reward.model.pointwise_steps=100"]))
+    cfg = to_run_config(
+        compose(
+            [
+                "reward=rm_pointwise",
+                "steps=2",
+                "scheduler.prompts_per_step=8",
+                "reward.model.steps=50",
+                "reward.model.pointwise_steps=100",
+            ]
+        )
+    )
     summary, text = run_and_scrape(cfg, tmp_path)
     assert summary["steps"] == 2
     assert summary["reward_router"]["scored"] >= 2 * 8 * 8 and summary["reward_router"]["rm_failures"] == 0
@@ -167,8 +218,16 @@ def test_weight_transports(ray_cluster, tiny_model, tmp_path, transport):
     leaves no file behind."""
     from pathlib import Path
 
-    cfg = to_run_config(compose(["steps=3", "scheduler.prompts_per_step=8", "cluster.metrics_port=-1",
-                                 f"learner.weight_transport={transport}"]))
+    cfg = to_run_config(
+        compose(
+            [
+                "steps=3",
+                "scheduler.prompts_per_step=8",
+                "cluster.metrics_port=-1",
+                f"learner.weight_transport={transport}",
+            ]
+        )
+    )
     summary = run_training(cfg, tmp_path)
     assert summary["steps"] == 3
     assert summary["weight_transport"] == ("ray" if transport == "ray" else "shm")

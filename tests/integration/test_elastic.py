@@ -9,8 +9,8 @@ import asyncio
 import pytest
 
 from rlsys.cli import find_control
-from rlsys.controller.elastic import CONTROL_NAME
 from rlsys.config import compose, to_run_config
+from rlsys.controller.elastic import CONTROL_NAME
 from rlsys.controller.loop import Controller
 
 pytestmark = pytest.mark.integration
@@ -23,10 +23,21 @@ def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path, m
     import ray
 
     partial = ["rollout.partial_chunk_tokens=2", "rollout.partial_carry_fraction=0.5"] if mode == "partial" else []
-    cfg = to_run_config(compose([
-        "steps=1000", "scheduler.prompts_per_step=8", "learner.num_ranks=2", "rollout.num_workers=2",
-        "rollout.num_cpus=0.5", "rollout.prompts_per_call=4", "cluster.metrics_port=-1", "cluster.control_poll_s=0.1",
-        *partial]))
+    cfg = to_run_config(
+        compose(
+            [
+                "steps=1000",
+                "scheduler.prompts_per_step=8",
+                "learner.num_ranks=2",
+                "rollout.num_workers=2",
+                "rollout.num_cpus=0.5",
+                "rollout.prompts_per_call=4",
+                "cluster.metrics_port=-1",
+                "cluster.control_poll_s=0.1",
+                *partial,
+            ]
+        )
+    )
     ctl = Controller(cfg, tmp_path)
 
     async def until(cond):
@@ -36,8 +47,11 @@ def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path, m
     async def operator():
         handle = find_control()  # as the CLI finds it
         # The learner ranks sit in one STRICT_PACK placement group, one bundle per rank.
-        pgs = [g for g in ray.util.placement_group_table().values()
-               if g["name"] == f"rlsys-learner-{tmp_path.name}" and g["state"] == "CREATED"]
+        pgs = [
+            g
+            for g in ray.util.placement_group_table().values()
+            if g["name"] == f"rlsys-learner-{tmp_path.name}" and g["state"] == "CREATED"
+        ]
         assert len(pgs) == 1 and pgs[0]["strategy"] == "STRICT_PACK" and len(pgs[0]["bundles"]) == 2
         await until(lambda: ctl.progress.step >= 2)
         await handle.scale_rollout.remote(3)
@@ -61,8 +75,11 @@ def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path, m
         summary, status = asyncio.run(scenario())
     finally:
         ctl.shutdown()
-    assert not [g for g in ray.util.placement_group_table().values()
-                if g["name"] == f"rlsys-learner-{tmp_path.name}" and g["state"] != "REMOVED"]
+    assert not [
+        g
+        for g in ray.util.placement_group_table().values()
+        if g["name"] == f"rlsys-learner-{tmp_path.name}" and g["state"] != "REMOVED"
+    ]
     steps = summary["steps"]
     assert 4 < steps < 1000  # ended by the stop request, at a step boundary
     assert status["desired_rollout"] == 1 and status["run"] == tmp_path.name

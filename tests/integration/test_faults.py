@@ -10,8 +10,8 @@ import logging
 import uuid
 
 import pytest
-
 from helpers import run_recording
+
 from rlsys.config import compose, to_run_config
 from rlsys.controller.loop import Controller
 
@@ -19,10 +19,23 @@ pytestmark = pytest.mark.integration
 
 
 def _controller(tmp_path, steps, extra=(), redis_url=None):
-    store = ["replay=redis", f"replay.redis.url={redis_url}", f"replay.redis.run_id=f{uuid.uuid4().hex[:8]}"] \
-        if redis_url else []
-    cfg = to_run_config(compose([f"steps={steps}", "cluster.metrics_port=-1", "scheduler.prompts_per_step=8",
-                                 "rollout.prompts_per_call=4", *store, *extra]))
+    store = (
+        ["replay=redis", f"replay.redis.url={redis_url}", f"replay.redis.run_id=f{uuid.uuid4().hex[:8]}"]
+        if redis_url
+        else []
+    )
+    cfg = to_run_config(
+        compose(
+            [
+                f"steps={steps}",
+                "cluster.metrics_port=-1",
+                "scheduler.prompts_per_step=8",
+                "rollout.prompts_per_call=4",
+                *store,
+                *extra,
+            ]
+        )
+    )
     return Controller(cfg, tmp_path)
 
 
@@ -67,11 +80,14 @@ def _assert_accounting(summary, batches, redelivered_batches=()):
     """put = trained + skipped_nonfinite + dropped_stale + rejected + held_at_end; nothing trained twice."""
     r = summary["replay"]
     produced = r["put"]
-    accounted = summary["groups_trained"] + summary["skipped_nonfinite"] + r["dropped_stale"] + r["rejected"] \
-        + r["held_at_end"]
-    print(f"\naccounting: produced {produced} = trained {summary['groups_trained']} + skipped(non-finite) "
-          f"{summary['skipped_nonfinite']} + dropped(stale) {r['dropped_stale']} + rejected {r['rejected']} + "
-          f"held {r['held_at_end']}; restarts {summary['worker_restarts']}, learner {summary['learner_restarts']}")
+    accounted = (
+        summary["groups_trained"] + summary["skipped_nonfinite"] + r["dropped_stale"] + r["rejected"] + r["held_at_end"]
+    )
+    print(
+        f"\naccounting: produced {produced} = trained {summary['groups_trained']} + skipped(non-finite) "
+        f"{summary['skipped_nonfinite']} + dropped(stale) {r['dropped_stale']} + rejected {r['rejected']} + "
+        f"held {r['held_at_end']}; restarts {summary['worker_restarts']}, learner {summary['learner_restarts']}"
+    )
     assert produced == accounted, summary["replay"]
     assert r["acked"] == summary["groups_trained"] + summary["skipped_nonfinite"]
     consumed = [gid for i, b in enumerate(batches) if i not in redelivered_batches for gid in b]
@@ -87,15 +103,26 @@ def test_dead_and_hung_rollout_and_reward_workers_are_replaced(ray_cluster, tiny
     def hang(actor):
         return lambda c: actor(c).inject_fault.remote("hang", 3600)
 
-    ctl = _controller(tmp_path, steps=1000, extra=[
-        "rollout.num_workers=2", "reward.num_workers=2", "replay.max_staleness=1",
-        "rollout.call_timeout_s=15", "reward.call_timeout_s=8"])
-    fired = _inject_in_turn(ctl, [
-        lambda c: ray.kill(c.fleet.rollout[0]),
-        lambda c: ray.kill(c.fleet.rewards[1]),
-        hang(lambda c: c.fleet.rollout[1]),
-        hang(lambda c: c.fleet.rewards[0]),
-    ])
+    ctl = _controller(
+        tmp_path,
+        steps=1000,
+        extra=[
+            "rollout.num_workers=2",
+            "reward.num_workers=2",
+            "replay.max_staleness=1",
+            "rollout.call_timeout_s=15",
+            "reward.call_timeout_s=8",
+        ],
+    )
+    fired = _inject_in_turn(
+        ctl,
+        [
+            lambda c: ray.kill(c.fleet.rollout[0]),
+            lambda c: ray.kill(c.fleet.rewards[1]),
+            hang(lambda c: c.fleet.rollout[1]),
+            hang(lambda c: c.fleet.rewards[0]),
+        ],
+    )
     summary, batches = _run(ctl)
     assert len(fired) == 4 and summary["steps"] < 1000, fired  # every fault fired, then the run was stopped
     assert summary["worker_restarts"] == {"rollout": 2, "reward": 2}
@@ -112,10 +139,13 @@ def test_learner_crash_and_nonfinite_step_recover_from_the_checkpoint(ray_cluste
     import ray
 
     ctl = _controller(tmp_path, steps=6, extra=["checkpoint.every_steps=1"])
-    _inject(ctl, {
-        1: lambda c: ray.kill(c.fleet.ranks[0]),
-        3: lambda c: c.fleet.ranks[0].inject_fault.remote("nan"),
-    })
+    _inject(
+        ctl,
+        {
+            1: lambda c: ray.kill(c.fleet.ranks[0]),
+            3: lambda c: c.fleet.ranks[0].inject_fault.remote("nan"),
+        },
+    )
     with caplog.at_level(logging.INFO, logger="rlsys"):
         summary, batches = _run(ctl)
     assert summary["steps"] == 6 and summary["learner_restarts"] == 1
@@ -145,14 +175,27 @@ def test_dead_and_hung_judge_is_replaced(ray_cluster, tiny_model, tmp_path):
 
     judge = OracleJudgeServer().start()
     try:
-        ctl = _controller(tmp_path, steps=1000, extra=[
-            "reward=rm_judge_router", "judge=openai", f"judge.url={judge.url}", "judge.model=oracle",
-            "reward.model.steps=200", "reward.model.pointwise_steps=0", "reward.router.budget_fraction=0.3",
-            "judge.ping_timeout_s=5"])
-        fired = _inject_in_turn(ctl, [
-            lambda c: ray.kill(c.fleet.judge),
-            lambda c: c.fleet.judge.inject_fault.remote("hang", 3600),
-        ])
+        ctl = _controller(
+            tmp_path,
+            steps=1000,
+            extra=[
+                "reward=rm_judge_router",
+                "judge=openai",
+                f"judge.url={judge.url}",
+                "judge.model=oracle",
+                "reward.model.steps=200",
+                "reward.model.pointwise_steps=0",
+                "reward.router.budget_fraction=0.3",
+                "judge.ping_timeout_s=5",
+            ],
+        )
+        fired = _inject_in_turn(
+            ctl,
+            [
+                lambda c: ray.kill(c.fleet.judge),
+                lambda c: c.fleet.judge.inject_fault.remote("hang", 3600),
+            ],
+        )
         summary, batches = _run(ctl)
     finally:
         judge.stop()

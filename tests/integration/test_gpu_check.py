@@ -16,9 +16,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_gpu_check_small_model(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--size", "small",
-                           "--prompts", "32", "--new-tokens", "64", "--json", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_check.py"),
+            "--size",
+            "small",
+            "--prompts",
+            "32",
+            "--new-tokens",
+            "64",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert not r["failures"]

@@ -5,8 +5,8 @@ parser; timeouts fall back and leave the engine usable."""
 import asyncio
 
 import pytest
-
 from helpers import build_char_chat_model
+
 from rlsys.reward.judge import JudgeConfig, JudgeEngineConfig, JudgePair, JudgeQueue, JudgeWorker, VLLMEngineBackend
 
 pytestmark = pytest.mark.integration
@@ -18,8 +18,12 @@ PAIRS = [JudgePair(f"{i}+{i}=", str(2 * i), str(2 * i + 1)) for i in range(12)]
 def engine(tmp_path_factory):
     """One engine for the module (start-up is the slow part); each test wraps it in its own queue."""
     model = build_char_chat_model(tmp_path_factory.mktemp("char-judge"))
-    cfg = JudgeConfig(backend="vllm", model=str(model), max_tokens=12,
-                      engine=JudgeEngineConfig(kv_cache_bytes=64 << 20, max_model_len=1024))
+    cfg = JudgeConfig(
+        backend="vllm",
+        model=str(model),
+        max_tokens=12,
+        engine=JudgeEngineConfig(kv_cache_bytes=64 << 20, max_model_len=1024),
+    )
     return cfg, VLLMEngineBackend(cfg, str(tmp_path_factory.mktemp("judge-work")))
 
 
@@ -57,8 +61,9 @@ def test_timeouts_fall_back_and_the_engine_keeps_serving(engine):
 def test_worker_budget_resets_per_step(engine, monkeypatch):
     cfg, backend = engine
     monkeypatch.setattr("rlsys.reward.judge.make_backend", lambda c, w=None: backend)  # reuse the running engine
-    worker = JudgeWorker(JudgeConfig(**{**cfg.__dict__, "constrained": True, "max_pairs_per_step": 3,
-                                        "timeout_s": 120}))
+    worker = JudgeWorker(
+        JudgeConfig(**{**cfg.__dict__, "constrained": True, "max_pairs_per_step": 3, "timeout_s": 120})
+    )
 
     async def steps():
         a = await worker.judge_pairs(PAIRS[:5], step=1)

@@ -31,10 +31,30 @@ def vllm_server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--served-model-name",
-         "tiny-judge", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-         "--max-model-len", "64", "--chat-template", str(TEMPLATE)],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            tiny_model,
+            "--served-model-name",
+            "tiny-judge",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "64",
+            "--chat-template",
+            str(TEMPLATE),
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -86,8 +106,9 @@ def test_scripted_openai_server_round_trip_with_api_key(monkeypatch):
         body = await request.json()
         text = body["messages"][0]["content"]
         a = text.split("<response_a>\n")[1].split("\n</response_a>")[0]
-        return web.json_response({"choices": [{"message": {"role": "assistant",
-                                                           "content": "VERDICT: A" if a == "good" else "VERDICT: B"}}]})
+        return web.json_response(
+            {"choices": [{"message": {"role": "assistant", "content": "VERDICT: A" if a == "good" else "VERDICT: B"}}]}
+        )
 
     async def scenario():
         app = web.Application()

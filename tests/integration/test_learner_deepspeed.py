@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-
 from helpers import make_group
+
 from rlsys.learner.batch import build_batch, shard_indices
-from rlsys.learner.config import LearnerConfig
-from rlsys.learner.rank import LearnerRank
-from rlsys.learner.config import LossConfig
+from rlsys.learner.config import LearnerConfig, LossConfig
 from rlsys.learner.losses import LossNormalizer
+from rlsys.learner.rank import LearnerRank
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +25,9 @@ def _groups(rng, k=4, n=4):
     for i in range(k):
         rewards = rng.integers(0, 2, size=n).astype(np.float32)
         rewards[0], rewards[1] = 1.0, 0.0  # non-zero variance: every group carries gradient
-        g = make_group(version=0, rewards=rewards, prompt=(1, 3 + i, 12, 4), completion_lens=list(rng.integers(1, 5, n)))
+        g = make_group(
+            version=0, rewards=rewards, prompt=(1, 3 + i, 12, 4), completion_lens=list(rng.integers(1, 5, n))
+        )
         for c in g.completions:
             c.token_ids = rng.integers(3, 14, size=len(c.token_ids)).astype(np.int32)
             c.logprobs = np.full(len(c.token_ids), -2.5, np.float32)
@@ -38,8 +39,9 @@ def _groups(rng, k=4, n=4):
 def test_two_ranks_stay_identical(ray_cluster, tiny_model, zero_stage):
     cfg = LearnerConfig(num_ranks=2, zero_stage=zero_stage, lr=1e-3, num_cpus=0.5, gather_bucket_mb=1)
     port = _free_port()
-    ranks = [ray_cluster.remote(num_cpus=0.5)(LearnerRank).remote(cfg, tiny_model, r, 2, port, 1.0, 6)
-             for r in range(2)]
+    ranks = [
+        ray_cluster.remote(num_cpus=0.5)(LearnerRank).remote(cfg, tiny_model, r, 2, port, 1.0, 6) for r in range(2)
+    ]
     try:
         start = ray_cluster.get([r.weights_digest.remote() for r in ranks])
         assert start[0] == start[1]
@@ -79,11 +81,15 @@ def test_learner_logprobs_match_vllm_behaviour_logprobs(ray_cluster, tiny_model,
     from rlsys.tasks.tinymodel import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    w = ray_cluster.remote(num_cpus=1)(RolloutWorker).remote(RolloutConfig(max_new_tokens=6), tiny_model, 0, str(tmp_path))
+    w = ray_cluster.remote(num_cpus=1)(RolloutWorker).remote(
+        RolloutConfig(max_new_tokens=6), tiny_model, 0, str(tmp_path)
+    )
     rank = ray_cluster.remote(num_cpus=0.5)(LearnerRank).remote(LearnerConfig(), tiny_model, 0, 1, _free_port(), 1.0, 6)
     try:
-        reqs = [RolloutRequest(f"p{i}", p, tuple(encode_prompt(tok, p)), "0", 4)
-                for i, p in enumerate(["12+34=", "999+1=", "250+250="])]
+        reqs = [
+            RolloutRequest(f"p{i}", p, tuple(encode_prompt(tok, p)), "0", 4)
+            for i, p in enumerate(["12+34=", "999+1=", "250+250="])
+        ]
         groups = ray_cluster.get(w.generate.remote(reqs)).groups
         for g in groups:
             g.rewards = np.zeros(g.size, np.float32)

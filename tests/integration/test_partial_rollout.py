@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import build_char_chat_model
+from helpers import hf_logprobs as _hf_logprobs
 
-from helpers import build_char_chat_model, hf_logprobs as _hf_logprobs
 from rlsys.records import RolloutRequest
 from rlsys.rollout.worker import RolloutConfig, RolloutWorker
 
@@ -99,8 +100,9 @@ def test_wait_for_all_update_waits_for_the_whole_call(ray_cluster, models, tmp_p
         assert res.switched == 0
         g = res.groups[0]
         assert g.policy_version == 0 and "version_spans" not in g.meta
-        np.testing.assert_allclose(g.completions[0].logprobs,
-                                   _hf_logprobs(hf[0], g.prompt_token_ids, g.completions[0].token_ids), atol=1e-4)
+        np.testing.assert_allclose(
+            g.completions[0].logprobs, _hf_logprobs(hf[0], g.prompt_token_ids, g.completions[0].token_ids), atol=1e-4
+        )
     finally:
         ray_cluster.kill(w)
 
@@ -130,12 +132,14 @@ def test_carry_over_returns_every_group_once_whole_and_drains(ray_cluster, model
                 assert g.policy_version == sp[0][1]
                 cut = sp[1][0] if len(sp) == 2 else len(c.token_ids)
                 model = hf[sp[0][1]]
-                np.testing.assert_allclose(c.logprobs[:cut], _hf_logprobs(model, g.prompt_token_ids,
-                                                                          c.token_ids)[:cut], atol=1e-4)
+                np.testing.assert_allclose(
+                    c.logprobs[:cut], _hf_logprobs(model, g.prompt_token_ids, c.token_ids)[:cut], atol=1e-4
+                )
                 if len(sp) == 2:
                     assert sp == [[0, 0], [sp[1][0], 1]]
-                    np.testing.assert_allclose(c.logprobs[cut:], _hf_logprobs(hf[1], g.prompt_token_ids,
-                                                                              c.token_ids)[cut:], atol=1e-4)
+                    np.testing.assert_allclose(
+                        c.logprobs[cut:], _hf_logprobs(hf[1], g.prompt_token_ids, c.token_ids)[cut:], atol=1e-4
+                    )
                     carried_over_update += 1
             if g.prompt_id.startswith("b"):
                 assert g.policy_version == 1

@@ -11,8 +11,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from helpers import OracleJudgeServer
+
 from rlsys.cli import find_control
 from rlsys.config import compose, to_run_config
 from rlsys.controller.actors import free_port
@@ -28,14 +28,32 @@ class Prometheus:
             pytest.fail("prometheus not found: scripts/setup.sh installs Debian's 'prometheus' package")
         self.port = free_port()
         cfg = workdir / "prometheus.yml"
-        cfg.write_text(json.dumps({  # YAML is a superset of JSON
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "rlsys", "scrape_interval": "1s", "scrape_timeout": "1s",
-                                "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}]}]}))
+        cfg.write_text(
+            json.dumps(
+                {  # YAML is a superset of JSON
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [
+                        {
+                            "job_name": "rlsys",
+                            "scrape_interval": "1s",
+                            "scrape_timeout": "1s",
+                            "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}],
+                        }
+                    ],
+                }
+            )
+        )
         self.log = open(workdir / "prometheus.log", "w")
-        self.proc = subprocess.Popen([exe, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-                                      f"--web.listen-address=127.0.0.1:{self.port}"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -64,29 +82,60 @@ class Prometheus:
 
 # role -> series (PromQL selector body) that must be there, with the smallest sane value
 KEY_SERIES = {
-    "controller": [("rlsys_learner_steps_total", 1), ("rlsys_learner_policy_version", 1),
-                   ("rlsys_scheduler_effective_gradient_ratio", 0), ("rlsys_replay_depth_groups", 0),
-                   ("rlsys_learner_weight_sync_seconds_count", 1), ("rlsys_controller_process_memory_bytes", 1e6),
-                   ("rlsys_replay_acked_groups", 16), ("rlsys_replay_staleness_versions_count", 16),
-                   ("rlsys_learner_kl", -1.0), ("rlsys_rollout_policy_version_lag_versions", 0),
-                   ("rlsys_reward_routed_fraction", 0), ("rlsys_judge_calls", 1)],
-    "learner": [("rlsys_learner_rank_tokens_total", 1), ("rlsys_learner_rank_step_seconds_count", 1),
-                ("rlsys_learner_process_memory_bytes", 1e6)],
-    "rollout": [("rlsys_rollout_engine_tokens_total", 1), ("rlsys_rollout_engine_generate_seconds_count", 1),
-                ("rlsys_rollout_engine_policy_version", 0), ("rlsys_rollout_engine_requests_in_flight", 0),
-                ("rlsys_rollout_process_memory_bytes", 1e6)],
-    "reward": [("rlsys_reward_worker_groups_total", 1), ("rlsys_reward_worker_score_seconds_count", 1),
-               ("rlsys_reward_process_memory_bytes", 1e6)],
-    "judge": [("rlsys_judge_worker_calls_total", 1), ("rlsys_judge_worker_queue_depth_calls", 0),
-              ("rlsys_judge_process_memory_bytes", 1e6)],
+    "controller": [
+        ("rlsys_learner_steps_total", 1),
+        ("rlsys_learner_policy_version", 1),
+        ("rlsys_scheduler_effective_gradient_ratio", 0),
+        ("rlsys_replay_depth_groups", 0),
+        ("rlsys_learner_weight_sync_seconds_count", 1),
+        ("rlsys_controller_process_memory_bytes", 1e6),
+        ("rlsys_replay_acked_groups", 16),
+        ("rlsys_replay_staleness_versions_count", 16),
+        ("rlsys_learner_kl", -1.0),
+        ("rlsys_rollout_policy_version_lag_versions", 0),
+        ("rlsys_reward_routed_fraction", 0),
+        ("rlsys_judge_calls", 1),
+    ],
+    "learner": [
+        ("rlsys_learner_rank_tokens_total", 1),
+        ("rlsys_learner_rank_step_seconds_count", 1),
+        ("rlsys_learner_process_memory_bytes", 1e6),
+    ],
+    "rollout": [
+        ("rlsys_rollout_engine_tokens_total", 1),
+        ("rlsys_rollout_engine_generate_seconds_count", 1),
+        ("rlsys_rollout_engine_policy_version", 0),
+        ("rlsys_rollout_engine_requests_in_flight", 0),
+        ("rlsys_rollout_process_memory_bytes", 1e6),
+    ],
+    "reward": [
+        ("rlsys_reward_worker_groups_total", 1),
+        ("rlsys_reward_worker_score_seconds_count", 1),
+        ("rlsys_reward_process_memory_bytes", 1e6),
+    ],
+    "judge": [
+        ("rlsys_judge_worker_calls_total", 1),
+        ("rlsys_judge_worker_queue_depth_calls", 0),
+        ("rlsys_judge_process_memory_bytes", 1e6),
+    ],
 }
 
 
 def test_prometheus_scrapes_every_role(ray_cluster, tiny_model, tmp_path):
     judge = OracleJudgeServer().start()
-    cfg = to_run_config(compose([
-        "reward=rm_judge_router", "judge=openai", f"judge.url={judge.url}", "judge.model=oracle",
-        "reward.router.budget_fraction=0.3", "steps=1000", "cluster.control_poll_s=0.1"]))
+    cfg = to_run_config(
+        compose(
+            [
+                "reward=rm_judge_router",
+                "judge=openai",
+                f"judge.url={judge.url}",
+                "judge.model=oracle",
+                "reward.router.budget_fraction=0.3",
+                "steps=1000",
+                "cluster.control_poll_s=0.1",
+            ]
+        )
+    )
     run_dir = tmp_path / "run"
     ctl = Controller(cfg, run_dir)
     prom = Prometheus(tmp_path, run_dir / "prometheus_targets.json")

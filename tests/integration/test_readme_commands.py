@@ -86,7 +86,7 @@ def shell_blocks(markdown: str) -> list[tuple[list[str], Optional[str]]]:
         while end < len(lines) and not lines[end].strip().startswith(marker):
             end += 1
         if lang in SHELL_LANGS:
-            blocks.append((lines[i + 1:end], reason))
+            blocks.append((lines[i + 1 : end], reason))
         i = end + 1
     return blocks
 
@@ -111,11 +111,13 @@ def train_commands(markdown: str) -> list[Command]:
                 tokens = shlex.split(text, comments=True)
             except ValueError:
                 continue
-            at = next((k for k in range(len(tokens) - 1)
-                       if Path(tokens[k]).name == "rlsys" and tokens[k + 1] == "train"), None)
+            at = next(
+                (k for k in range(len(tokens) - 1) if Path(tokens[k]).name == "rlsys" and tokens[k + 1] == "train"),
+                None,
+            )
             if at is None:
                 continue
-            prefix, argv = tokens[:at], tuple(tokens[at + 2:])
+            prefix, argv = tokens[:at], tuple(tokens[at + 2 :])
             shown = shlex.join(tokens)
             env = tuple(tuple(t.split("=", 1)) for t in prefix if re.fullmatch(r"[A-Za-z_]\w*=.*", t))
             skip = marked
@@ -147,9 +149,14 @@ def test_readme_shows_train_commands():
 
 @pytest.mark.parametrize(
     "cmd",
-    [pytest.param(c, id=" ".join(c.argv) or "default",
-                  marks=[pytest.mark.skip(reason=f"{c.skip}: {c.line}")] if c.skip else [])
-     for c in README_COMMANDS],
+    [
+        pytest.param(
+            c,
+            id=" ".join(c.argv) or "default",
+            marks=[pytest.mark.skip(reason=f"{c.skip}: {c.line}")] if c.skip else [],
+        )
+        for c in README_COMMANDS
+    ],
 )
 def test_readme_train_command_runs(cmd: Command, tmp_path):
     assert RLSYS.is_file(), f"{RLSYS} is missing: run `bash scripts/setup.sh` first"

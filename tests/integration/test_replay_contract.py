@@ -5,10 +5,10 @@ import asyncio
 import uuid
 
 import pytest
-
 from helpers import make_group
-from rlsys.replay.base import RedisConfig, ReplayConfig, StoreClosed
+
 from rlsys.replay import make_store
+from rlsys.replay.base import RedisConfig, ReplayConfig, StoreClosed
 
 pytestmark = pytest.mark.integration
 
@@ -18,14 +18,16 @@ def new_store(request):
     """Factory: new_store(max_staleness, groups_per_step, run_id=None, consumer=...) -> started store."""
     made = []
 
-    async def factory(max_staleness=0, groups_per_step=2, run_id=None, consumer="controller", stale_policy="drop",
-                      **redis_kw):
+    async def factory(
+        max_staleness=0, groups_per_step=2, run_id=None, consumer="controller", stale_policy="drop", **redis_kw
+    ):
         redis_cfg = RedisConfig()
         if request.param == "redis":
             server = request.getfixturevalue("redis_server")
             redis_cfg = RedisConfig(url=server.url, block_ms=20, **redis_kw)
-        cfg = ReplayConfig(backend=request.param, max_staleness=max_staleness, stale_policy=stale_policy,
-                           redis=redis_cfg)
+        cfg = ReplayConfig(
+            backend=request.param, max_staleness=max_staleness, stale_policy=stale_policy, redis=redis_cfg
+        )
         store = make_store(cfg, groups_per_step, run_id=run_id or uuid.uuid4().hex[:8], consumer=consumer)
         await store.start()
         made.append(store)
@@ -115,6 +117,7 @@ def test_synchronous_mode_admits_exactly_one_step(new_store):
 def test_resume_admits_exactly_the_next_step(new_store):
     """A run resumed from a checkpoint at version 4 (12 groups trained, 3 per step, sync) may
     generate one step's groups and no more, on a fresh store (in-process) or the run's old one."""
+
     async def scenario():
         store = await new_store(max_staleness=0, groups_per_step=3, run_id="resumed-run")
         await store.resume(4, trained_groups=12)
@@ -191,11 +194,13 @@ def test_close_wakes_waiters(new_store):
 
 # -- Redis-only properties (durability across processes) --------------------------------
 
+
 @pytest.fixture
 def redis_store(redis_server):
     async def factory(run_id, consumer="controller", groups_per_step=2, max_staleness=0, **kw):
-        cfg = ReplayConfig(backend="redis", max_staleness=max_staleness,
-                           redis=RedisConfig(url=redis_server.url, block_ms=20, **kw))
+        cfg = ReplayConfig(
+            backend="redis", max_staleness=max_staleness, redis=RedisConfig(url=redis_server.url, block_ms=20, **kw)
+        )
         store = make_store(cfg, groups_per_step, run_id=run_id, consumer=consumer)
         await store.start()
         return store
@@ -291,8 +296,13 @@ def _bad_records():
     good = encode_group(make_group(0))
     newer = good[:3] + bytes([9]) + good[4:]
     flipped = good[:-5] + bytes([good[-5] ^ 0xFF]) + good[-4:]
-    return {"corrupt": flipped, "truncated": good[: len(good) // 2], "newer_version": newer,
-            "garbage": b"RLG\x01garbage", "not_a_record": b"hello"}
+    return {
+        "corrupt": flipped,
+        "truncated": good[: len(good) // 2],
+        "newer_version": newer,
+        "garbage": b"RLG\x01garbage",
+        "not_a_record": b"hello",
+    }
 
 
 @pytest.mark.parametrize("kind", sorted(_bad_records()))
@@ -328,6 +338,7 @@ def test_wrong_key_type_is_a_clear_error(redis_store, redis_server):
 
 def test_auth_refusal_is_a_clear_error(tmp_path, monkeypatch):
     from helpers import RedisServer
+
     from rlsys.replay.redis_store import ReplayConfigError
 
     server = RedisServer(tmp_path, appendonly=False, password="s3cret-pw").start()
@@ -351,8 +362,9 @@ def test_depth_counts_what_is_stored_across_a_redis_restart(tmp_path):
     server = RedisServer(tmp_path / "redis", appendonly=True, appendfsync="always").start()
 
     async def scenario():
-        cfg = ReplayConfig(backend="redis", max_staleness=0,
-                           redis=RedisConfig(url=server.url, block_ms=20, reconnect_timeout_s=20))
+        cfg = ReplayConfig(
+            backend="redis", max_staleness=0, redis=RedisConfig(url=server.url, block_ms=20, reconnect_timeout_s=20)
+        )
         store = make_store(cfg, 8, run_id=uuid.uuid4().hex[:8])
         await store.start()
         await store.reserve(8)

@@ -9,8 +9,8 @@ import threading
 import uuid
 
 import pytest
-
 from helpers import RedisServer, run_recording
+
 from rlsys.config import compose, to_run_config
 from rlsys.controller.loop import Controller
 
@@ -18,9 +18,19 @@ pytestmark = pytest.mark.integration
 
 
 def _controller(tmp_path, url, steps, extra=()):
-    cfg = to_run_config(compose([f"steps={steps}", "replay=redis", f"replay.redis.url={url}",
-                                 f"replay.redis.run_id=t{uuid.uuid4().hex[:8]}", "cluster.metrics_port=-1",
-                                 "scheduler.prompts_per_step=8", *extra]))
+    cfg = to_run_config(
+        compose(
+            [
+                f"steps={steps}",
+                "replay=redis",
+                f"replay.redis.url={url}",
+                f"replay.redis.run_id=t{uuid.uuid4().hex[:8]}",
+                "cluster.metrics_port=-1",
+                "scheduler.prompts_per_step=8",
+                *extra,
+            ]
+        )
+    )
     return Controller(cfg, tmp_path)
 
 
@@ -32,14 +42,17 @@ def _accounting(ctl, server):
     left = r.xlen(f"{prefix}:stream")
     produced = totals.get("put", 0)
     accounted = totals.get("acked", 0) + totals.get("dropped_stale", 0) + totals.get("rejected", 0) + left
-    print(f"\naccounting: produced {produced} = trained {totals.get('acked', 0)} + dropped(stale) "
-          f"{totals.get('dropped_stale', 0)} + rejected {totals.get('rejected', 0)} + left in store {left}; "
-          f"committed ids {committed}")
+    print(
+        f"\naccounting: produced {produced} = trained {totals.get('acked', 0)} + dropped(stale) "
+        f"{totals.get('dropped_stale', 0)} + rejected {totals.get('rejected', 0)} + left in store {left}; "
+        f"committed ids {committed}"
+    )
     return produced, accounted, totals, committed
 
 
-def test_learner_crash_after_consuming_before_commit_redelivers_exactly_once(ray_cluster, tiny_model,
-                                                                             redis_server, tmp_path):
+def test_learner_crash_after_consuming_before_commit_redelivers_exactly_once(
+    ray_cluster, tiny_model, redis_server, tmp_path
+):
     import ray
 
     ctl = _controller(tmp_path, redis_server.url, steps=5)

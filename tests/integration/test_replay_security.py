@@ -16,10 +16,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import RedisServer, make_group, make_tls_files
-from rlsys.replay.base import RedisConfig, ReplayConfig
+
 from rlsys.replay import make_store
+from rlsys.replay.base import RedisConfig, ReplayConfig
 from rlsys.replay.redis_store import ReplayConfigError
 
 pytestmark = pytest.mark.integration
@@ -108,8 +108,12 @@ def acl_server(tmp_path, monkeypatch):
     import redis
 
     password, admin_pw = f"acl-{secrets.token_hex(12)}", secrets.token_hex(12)
-    server = RedisServer(tmp_path / "acl", appendonly=False, password=None,
-                         acl=[*_acl_lines(password), f"user testadmin on >{admin_pw} ~* &* +@all"])
+    server = RedisServer(
+        tmp_path / "acl",
+        appendonly=False,
+        password=None,
+        acl=[*_acl_lines(password), f"user testadmin on >{admin_pw} ~* &* +@all"],
+    )
     Path(server.dir).mkdir()
     server.start()
     monkeypatch.setenv("RLSYS_REDIS_PASSWORD", password)
@@ -165,16 +169,21 @@ def test_the_documented_acl_user_runs_every_store_operation_and_nothing_else(acl
     assert 0 < admin.ttl(f"rlsys:{run_id}:committed") <= RedisConfig().key_ttl_s  # close set the expiry
     assert admin.xlen(f"rlsys:{run_id}:dead") == 1
     # confined: other keys and server-wide commands are refused
-    for forbidden in (lambda: as_rlsys.get("otherapp:key"), as_rlsys.flushall, lambda: as_rlsys.keys("*"),
-                      lambda: as_rlsys.config_get("requirepass")):
+    for forbidden in (
+        lambda: as_rlsys.get("otherapp:key"),
+        as_rlsys.flushall,
+        lambda: as_rlsys.keys("*"),
+        lambda: as_rlsys.config_get("requirepass"),
+    ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             forbidden()
 
 
 def test_the_acl_user_is_refused_under_another_key_prefix(acl_server):
     server, _, admin = acl_server
-    with pytest.raises(ReplayConfigError, match="(?s)denied create group under 'otherapp:.*user 'rlsys'.*permissions"
-                       ".*~otherapp:\\*"):
+    with pytest.raises(
+        ReplayConfigError, match="(?s)denied create group under 'otherapp:.*user 'rlsys'.*permissions.*~otherapp:\\*"
+    ):
         run(_store(server.url, username="rlsys", key_prefix="otherapp").start())
     assert admin.keys("otherapp:*") == []
 

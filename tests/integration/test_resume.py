@@ -12,8 +12,13 @@ from rlsys.controller.loop import run_training
 
 pytestmark = pytest.mark.integration
 
-BASE = ["steps=5", "scheduler.prompts_per_step=8", "checkpoint.every_steps=1", "checkpoint.keep_last=3",
-        "cluster.metrics_port=-1"]
+BASE = [
+    "steps=5",
+    "scheduler.prompts_per_step=8",
+    "checkpoint.every_steps=1",
+    "checkpoint.keep_last=3",
+    "cluster.metrics_port=-1",
+]
 
 
 def test_resume_continues_exactly_where_the_run_stopped(ray_cluster, tiny_model, tmp_path):
@@ -39,8 +44,9 @@ def test_resume_continues_exactly_where_the_run_stopped(ray_cluster, tiny_model,
     np.testing.assert_allclose(resumed["curves"]["reward"][3:], full["curves"]["reward"][3:])
     # The scheduler continued its pass over the prompts: same cursor at the end.
     end_full = json.loads((ckpts / "step_000005" / "state.json").read_text())["scheduler"]
-    end_resumed = json.loads((tmp_path / "resumed" / "checkpoints" / "step_000005" / "state.json")
-                             .read_text())["scheduler"]
+    end_resumed = json.loads((tmp_path / "resumed" / "checkpoints" / "step_000005" / "state.json").read_text())[
+        "scheduler"
+    ]
     assert (end_resumed["cursor"], end_resumed["epoch"]) == (end_full["cursor"], end_full["epoch"])
     assert end_resumed["stats"] == end_full["stats"]
     # Throughput after a resume: totals over the whole run's training clock, in the summary as in

@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import torch
-
 from helpers import hf_logprobs as _hf_logprobs
+
 from rlsys.records import RolloutRequest
 from rlsys.rollout.worker import RolloutConfig, RolloutWorker
-from rlsys.rollout.weight_sync import WeightMismatchError
 
 pytestmark = pytest.mark.integration
 
@@ -27,8 +26,9 @@ def worker(ray_cluster, tiny_model, tmp_path_factory):
 def hf_model(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval(), \
-        AutoTokenizer.from_pretrained(tiny_model)
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
+        tiny_model
+    )
 
 
 def _requests(tok, n=4):
@@ -74,8 +74,9 @@ def test_weight_update_changes_generations_and_version(ray_cluster, worker, hf_m
     pm = type(model)(model.config).eval()
     pm.load_state_dict(dict(perturbed))
     g = res.groups[0]
-    np.testing.assert_allclose(_hf_logprobs(pm, g.prompt_token_ids, g.completions[0].token_ids),
-                               g.completions[0].logprobs, atol=1e-4)
+    np.testing.assert_allclose(
+        _hf_logprobs(pm, g.prompt_token_ids, g.completions[0].token_ids), g.completions[0].logprobs, atol=1e-4
+    )
     # restore
     ray_cluster.get(worker.update_weights.remote(0, [(n, p.detach()) for n, p in model.named_parameters()]))
     assert ray_cluster.get(worker.generate_greedy.remote(prompts)) == before

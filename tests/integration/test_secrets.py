@@ -24,8 +24,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from helpers import TEST_JUDGE_API_KEY, TEST_REDIS_PASSWORD, OracleJudgeServer, RedisServer
+
 from rlsys.config import compose, to_run_config
 from rlsys.controller.loop import Controller
 
@@ -85,12 +85,16 @@ def debug_log(tmp_path):
             lg.setLevel(saved[1][n])
 
 
-def test_secrets_stay_out_of_logs_metrics_and_checkpoints(ray_cluster, tiny_model, tmp_path, monkeypatch, capfd,
-                                                          debug_log):
+def test_secrets_stay_out_of_logs_metrics_and_checkpoints(
+    ray_cluster, tiny_model, tmp_path, monkeypatch, capfd, debug_log
+):
     redis_password = f"redis-pw-{secrets.token_hex(16)}"
     assert os.environ["RLSYS_JUDGE_API_KEY"] == TEST_JUDGE_API_KEY  # what the Ray actors inherited
-    needles = {"redis password": redis_password, "judge API key": TEST_JUDGE_API_KEY,
-               "session redis password": TEST_REDIS_PASSWORD}
+    needles = {
+        "redis password": redis_password,
+        "judge API key": TEST_JUDGE_API_KEY,
+        "session redis password": TEST_REDIS_PASSWORD,
+    }
 
     # The search finds a planted copy (else a clean result proves nothing).
     scratch = tmp_path / "scratch"
@@ -98,8 +102,9 @@ def test_secrets_stay_out_of_logs_metrics_and_checkpoints(ray_cluster, tiny_mode
     (scratch / "nested" / "blob.bin").write_bytes(b"\x00\x01head " + redis_password.encode() + b" tail\xff")
     (scratch / "log.txt").write_text(f"Authorization: Bearer {TEST_JUDGE_API_KEY}\n")
     planted = find_secrets([scratch], needles)
-    assert sorted(planted) == sorted([f"{scratch / 'nested' / 'blob.bin'}: redis password",
-                                      f"{scratch / 'log.txt'}: judge API key"]), planted
+    assert sorted(planted) == sorted(
+        [f"{scratch / 'nested' / 'blob.bin'}: redis password", f"{scratch / 'log.txt'}: judge API key"]
+    ), planted
 
     (tmp_path / "redis").mkdir()
     server = RedisServer(tmp_path / "redis", appendonly=False, password=redis_password).start()
@@ -108,12 +113,27 @@ def test_secrets_stay_out_of_logs_metrics_and_checkpoints(ray_cluster, tiny_mode
     run_dir = tmp_path / "run"
     scraped = {}
     try:
-        cfg = to_run_config(compose([
-            "steps=3", "scheduler.prompts_per_step=8", "checkpoint.every_steps=1", "checkpoint.keep_last=3",
-            "replay=redis", f"replay.redis.url={server.url}", "cluster.metrics_port=0", "loggers.tensorboard=true",
-            "reward=rm_judge_router", "judge=openai", f"judge.url={judge.url}", "judge.model=oracle",
-            "reward.model.steps=200", "reward.model.pointwise_steps=0", "reward.router.budget_fraction=0.3",
-        ]))
+        cfg = to_run_config(
+            compose(
+                [
+                    "steps=3",
+                    "scheduler.prompts_per_step=8",
+                    "checkpoint.every_steps=1",
+                    "checkpoint.keep_last=3",
+                    "replay=redis",
+                    f"replay.redis.url={server.url}",
+                    "cluster.metrics_port=0",
+                    "loggers.tensorboard=true",
+                    "reward=rm_judge_router",
+                    "judge=openai",
+                    f"judge.url={judge.url}",
+                    "judge.model=oracle",
+                    "reward.model.steps=200",
+                    "reward.model.pointwise_steps=0",
+                    "reward.router.budget_fraction=0.3",
+                ]
+            )
+        )
         ctl = Controller(cfg, run_dir)
         try:
             summary = asyncio.run(ctl.run())

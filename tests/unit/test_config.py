@@ -109,8 +109,10 @@ def test_cli_invalid_value_is_a_clear_error(tmp_path):
 
 def test_cli_malformed_dataset_row_is_a_clear_error(tmp_path):
     data = tmp_path / "rows.jsonl"
-    data.write_text('{"id": "a", "prompt": "1+2=", "answer": "3", "split": "train"}\n'
-                    '{"id": "b", "prompt": "2+2=", "answer": 4, "split": "train"}\n')
+    data.write_text(
+        '{"id": "a", "prompt": "1+2=", "answer": "3", "split": "train"}\n'
+        '{"id": "b", "prompt": "2+2=", "answer": 4, "split": "train"}\n'
+    )
     out = _rlsys("train", f"task.data_path={data}", f"run_root={tmp_path}")
     assert out.returncode == 2, out.stderr
     assert f"{data}:2: field 'answer' must be a string, got int" in out.stderr

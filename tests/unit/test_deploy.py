@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shlex
 import shutil
@@ -49,6 +48,7 @@ def yaml_docs(path: Path) -> list[dict]:
 
 # --- Grafana ---------------------------------------------------------------------------------
 
+
 def exported_series() -> set[str]:
     """Sample names the endpoints serve (the controller's and every actor role's): what
     Prometheus stores."""
@@ -57,8 +57,12 @@ def exported_series() -> set[str]:
 
     from rlsys.observability.metrics import all_registries
 
-    return {s.name for r in all_registries()
-            for f in text_string_to_metric_families(generate_latest(r).decode()) for s in f.samples}
+    return {
+        s.name
+        for r in all_registries()
+        for f in text_string_to_metric_families(generate_latest(r).decode())
+        for s in f.samples
+    }
 
 
 def dashboard_queries(d: dict) -> list[str]:
@@ -69,8 +73,9 @@ def dashboard_queries(d: dict) -> list[str]:
 
 def test_dashboard_is_generated_from_the_metrics_module():
     committed = DASHBOARD.read_text()
-    assert load_gen_dashboard().render() == committed, \
+    assert load_gen_dashboard().render() == committed, (
         "deploy/grafana/rlsys.json is out of date: run python scripts/gen_dashboard.py and commit it"
+    )
 
 
 def test_dashboard_queries_only_exported_series_and_covers_every_metric():
@@ -131,8 +136,14 @@ def test_dashboard_promql_parses(tmp_path):
         pytest.skip("promtool not installed (Debian package 'prometheus')")
     d = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"rlsys:panel_{i}", "expr": e.replace("$run", ".*")} for i, e in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"rlsys:panel_{i}", "expr": e.replace("$run", ".*")} for i, e in enumerate(exprs)],
+            }
+        ]
+    }
     f = tmp_path / "rules.yml"
     f.write_text(yaml.safe_dump(rules))
     r = run_tool([promtool, "check", "rules", str(f)])
@@ -140,6 +151,7 @@ def test_dashboard_promql_parses(tmp_path):
 
 
 # --- Prometheus ------------------------------------------------------------------------------
+
 
 def check_file_sd(path: Path) -> list[str]:
     """A file_sd target file: a list of {targets: [host:port], labels: {str: str}}."""
@@ -174,6 +186,7 @@ def test_prometheus_config_promtool():
 
 
 # --- KubeRay ---------------------------------------------------------------------------------
+
 
 def quantity(q) -> float:
     """A Kubernetes CPU/GPU quantity ("64", "500m", 8) as a number."""
@@ -237,8 +250,9 @@ def test_raycluster_shape(raycluster):
 
 def test_rayjob_carries_the_raycluster_spec(rayjob, raycluster):
     assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
-    assert rayjob["spec"]["rayClusterSpec"] == raycluster["spec"], \
+    assert rayjob["spec"]["rayClusterSpec"] == raycluster["spec"], (
         "deploy/kuberay/rayjob.yaml's rayClusterSpec drifted from raycluster.yaml's spec"
+    )
     assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
     assert rayjob["spec"]["submissionMode"] in ("K8sJobMode", "HTTPMode", "SidecarMode")
 
@@ -256,8 +270,11 @@ def test_rayjob_entrypoint_composes_and_fits_the_cluster(rayjob, monkeypatch):
     assert (cfg.cluster.metrics_host, cfg.cluster.metrics_port) == ("0.0.0.0", METRICS_PORT)
 
     spec = rayjob["spec"]["rayClusterSpec"]
-    head_cpus = quantity(spec["headGroupSpec"]["rayStartParams"].get(
-        "num-cpus", spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]))
+    head_cpus = quantity(
+        spec["headGroupSpec"]["rayStartParams"].get(
+            "num-cpus", spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]
+        )
+    )
     cpus, gpus, per_node_gpus = head_cpus, 0.0, {}
     for g in spec["workerGroupSpecs"]:
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -274,8 +291,11 @@ def test_rayjob_entrypoint_composes_and_fits_the_cluster(rayjob, monkeypatch):
 def test_kuberay_storage_and_podmonitor_match_the_cluster(raycluster):
     (pvc,) = yaml_docs(DEPLOY / "kuberay" / "storage.yaml")
     assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in raycluster["spec"]["headGroupSpec"]["template"]["spec"]
-              ["volumes"] if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in raycluster["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert claims == {pvc["metadata"]["name"]}
 
     monitors = {d["metadata"]["name"]: d for d in yaml_docs(DEPLOY / "kuberay" / "podmonitor.yaml")}
@@ -288,6 +308,7 @@ def test_kuberay_storage_and_podmonitor_match_the_cluster(raycluster):
 
 
 # --- ray job submit --------------------------------------------------------------------------
+
 
 def test_runtime_env_is_valid_for_ray(monkeypatch):
     from ray.runtime_env import RuntimeEnv
@@ -309,7 +330,7 @@ STUBS = {
     # SLURM and Ray stand-ins: each logs its argv to $STUB_LOG, one line per call, in order.
     "scontrol": 'echo "scontrol $*" >> "$STUB_LOG"; printf "n1\\nn2\\nn3\\n"',
     "srun": 'echo "srun $*" >> "$STUB_LOG"\n'
-            'case " $* " in *" hostname "*) echo "10.1.2.3 fe80::1";; *" ray start "*) exec sleep 30;; esac',
+    'case " $* " in *" hostname "*) echo "10.1.2.3 fe80::1";; *" ray start "*) exec sleep 30;; esac',
     "ray": 'echo "ray $*" >> "$STUB_LOG"',
     # The node-count probe: a node is alive once its (backgrounded) `ray start` has run.
     "python": 'grep -c " ray start " "$STUB_LOG" || true',
@@ -324,13 +345,29 @@ def run_sbatch(tmp_path: Path, rc: int, *overrides: str) -> tuple[subprocess.Com
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     log, args = tmp_path / "calls.log", tmp_path / "rlsys.args"
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STUB_LOG": str(log), "STUB_ARGS": str(args),
-           "STUB_RC": str(rc), "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "64",
-           "SLURM_GPUS_PER_TASK": "8", "SLURM_SUBMIT_DIR": str(tmp_path), "RLSYS_VENV": str(tmp_path / "no-venv"),
-           "RLSYS_NODE_POLL_S": "0.1",
-           "RLSYS_REDIS_URL": "redis://redis.internal:6379/0", "RLSYS_PROM_TARGETS": str(tmp_path / "targets.json")}
-    r = subprocess.run(["bash", str(DEPLOY / "slurm" / "rlsys.sbatch"), *overrides], env=env, capture_output=True,
-                       text=True, timeout=60)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "STUB_LOG": str(log),
+        "STUB_ARGS": str(args),
+        "STUB_RC": str(rc),
+        "SLURM_JOB_NODELIST": "n[1-3]",
+        "SLURM_JOB_ID": "42",
+        "SLURM_CPUS_PER_TASK": "64",
+        "SLURM_GPUS_PER_TASK": "8",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "RLSYS_VENV": str(tmp_path / "no-venv"),
+        "RLSYS_NODE_POLL_S": "0.1",
+        "RLSYS_REDIS_URL": "redis://redis.internal:6379/0",
+        "RLSYS_PROM_TARGETS": str(tmp_path / "targets.json"),
+    }
+    r = subprocess.run(
+        ["bash", str(DEPLOY / "slurm" / "rlsys.sbatch"), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return r, log.read_text().splitlines(), args.read_text().splitlines() if args.exists() else []
 
 
@@ -395,14 +432,15 @@ def test_dockerfile_installs_with_setup_sh_before_copying_the_source():
     ins = dockerfile_instructions()
     setup = [i for i, (op, arg) in enumerate(ins) if op == "RUN" and "scripts/setup.sh" in arg]
     assert len(setup) == 1, "the image installs dependencies with scripts/setup.sh, the install the tests use"
-    copied_before = " ".join(arg for op, arg in ins[:setup[0]] if op == "COPY")
+    copied_before = " ".join(arg for op, arg in ins[: setup[0]] if op == "COPY")
     assert "pyproject.toml" in copied_before and "scripts/setup.sh" in copied_before
     source = [i for i, (op, arg) in enumerate(ins) if op == "COPY" and arg.split()[0] in ("rlsys", "conf", ".")]
     assert source and min(source) > setup[0], "copy the source after the dependency layer"
     args = dict(arg.split("=", 1) for op, arg in ins if op == "ARG" and "=" in arg)
     assert "cuda" in args["BASE"] and args["RLSYS_EXTRA"] == "gpu"
-    assert "bash scripts/setup.sh" in (ROOT / "scripts" / "test.sh").read_text(), \
+    assert "bash scripts/setup.sh" in (ROOT / "scripts" / "test.sh").read_text(), (
         "scripts/test.sh must install through scripts/setup.sh, like the image"
+    )
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 
@@ -411,5 +449,6 @@ def test_image_has_the_ray_dashboard_for_job_submission():
     """KubeRay's RayJob and `ray job submit` talk to the head's dashboard (job server), which
     needs ray[default]; the GPU image installs rlsys[gpu]."""
     py = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'"ray\[default\]==', py), \
+    assert re.search(r'"ray\[default\]==', py), (
         'pyproject.toml must depend on "ray[default]==..." (dependencies or the gpu extra) for cluster use'
+    )

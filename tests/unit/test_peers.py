@@ -42,8 +42,10 @@ def test_spread_skips_missing_values_and_says_how_many_there_were():
 def test_system_names():
     assert peers.variant("trl") == ("trl", [])
     assert peers.variant("rlsys") == ("rlsys", [])
-    assert peers.variant("rlsys_s4") == ("rlsys", ["replay.max_staleness=4", "rollout.torch_threads=0",
-                                                   "learner.torch_threads=0"])
+    assert peers.variant("rlsys_s4") == (
+        "rlsys",
+        ["replay.max_staleness=4", "rollout.torch_threads=0", "learner.torch_threads=0"],
+    )
     assert peers.variant("rlsys_s0") == ("rlsys", ["replay.max_staleness=0"])
     with pytest.raises(SystemExit, match="unknown system 'verl'"):
         peers.variant("verl")
@@ -52,8 +54,15 @@ def test_system_names():
 def test_rlsys_systems_carry_their_own_overrides():
     assert peers.variant("rlsys@learner.loss.tis_cap=0") == ("rlsys", ["learner.loss.tis_cap=0"])
     assert peers.variant("rlsys_s1@learner.lr=2e-4@rollout.seed=3") == (
-        "rlsys", ["replay.max_staleness=1", "rollout.torch_threads=0", "learner.torch_threads=0",
-                  "learner.lr=2e-4", "rollout.seed=3"])
+        "rlsys",
+        [
+            "replay.max_staleness=1",
+            "rollout.torch_threads=0",
+            "learner.torch_threads=0",
+            "learner.lr=2e-4",
+            "rollout.seed=3",
+        ],
+    )
     with pytest.raises(SystemExit, match="only rlsys"):
         peers.variant("trl@learner.lr=1")
     with pytest.raises(SystemExit, match="key=value"):
@@ -61,23 +70,52 @@ def test_rlsys_systems_carry_their_own_overrides():
 
 
 def test_rlsys_runs_the_spec_and_reports_training_time_without_evaluations():
-    spec = {"experiment": "tiny", "model_path": "/m", "task": {"digits": 3, "data_path": None}, "steps": 40,
-            "eval_every": 20, "lr": 1e-4, "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 6, "seed": 2,
-            "reward": "exact_match", "rlsys_overrides": ["replay.max_staleness=1"]}
+    spec = {
+        "experiment": "tiny",
+        "model_path": "/m",
+        "task": {"digits": 3, "data_path": None},
+        "steps": 40,
+        "eval_every": 20,
+        "lr": 1e-4,
+        "prompts_per_step": 16,
+        "group_size": 8,
+        "max_new_tokens": 6,
+        "seed": 2,
+        "reward": "exact_match",
+        "rlsys_overrides": ["replay.max_staleness=1"],
+    }
     o = rlsys_run.overrides_for(spec)
     assert o[0] == "experiment=tiny" and o[-1] == "replay.max_staleness=1"
-    for expected in ("model.path=/m", "task.digits=3", "task.data_path=null", "steps=40", "learner.lr=0.0001",
-                     "scheduler.samples_per_prompt=8", "rollout.max_new_tokens=6", "rollout.seed=2",
-                     "reward.function=exact_match"):
+    for expected in (
+        "model.path=/m",
+        "task.digits=3",
+        "task.data_path=null",
+        "steps=40",
+        "learner.lr=0.0001",
+        "scheduler.samples_per_prompt=8",
+        "rollout.max_new_tokens=6",
+        "rollout.seed=2",
+        "reward.function=exact_match",
+    ):
         assert expected in o
-    summary = {"steps": 40, "train_seconds": 50.0, "samples": 5248, "tokens_generated": 26000,
-               "samples_trained": 5120, "tokens_trained": 25600,
-               "eval_accuracy_before": 0.2, "eval_accuracy_after": 0.3,
-               "busy_seconds": {"generation": 10.0, "reward": 2.0, "learner": 20.0, "weight_sync": 4.0,
-                                "evaluation": 10.0},
-               "replay": {"dropped_stale": 0},
-               "curves": {"samples": [128 * (i + 1) for i in range(40)], "reward": [0.1] * 40,
-                          "eval_accuracy": [[0, 0.2], [20, 0.25], [40, 0.3]], "eval_time_s": [0.0, 19.0, 40.0]}}
+    summary = {
+        "steps": 40,
+        "train_seconds": 50.0,
+        "samples": 5248,
+        "tokens_generated": 26000,
+        "samples_trained": 5120,
+        "tokens_trained": 25600,
+        "eval_accuracy_before": 0.2,
+        "eval_accuracy_after": 0.3,
+        "busy_seconds": {"generation": 10.0, "reward": 2.0, "learner": 20.0, "weight_sync": 4.0, "evaluation": 10.0},
+        "replay": {"dropped_stale": 0},
+        "curves": {
+            "samples": [128 * (i + 1) for i in range(40)],
+            "reward": [0.1] * 40,
+            "eval_accuracy": [[0, 0.2], [20, 0.25], [40, 0.3]],
+            "eval_time_s": [0.0, 19.0, 40.0],
+        },
+    }
     r = rlsys_run.result_from(summary)
     assert r["train_seconds"] == 40.0 and r["samples_per_s"] == 128.0 and r["tokens_per_s"] == 640.0
     assert (r["generated_samples"], r["generated_tokens"]) == (5248, 26000)  # in flight at the end too

@@ -22,15 +22,33 @@ PACKAGE = Path(__file__).parents[2] / "rlsys"
 
 # -- replay.redis.allow_no_auth ----------------------------------------------------------
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "redis://127.8.9.10:1/0", "redis://localhost:6390/1",
-                                 "redis://[::1]:6379/0", "rediss://localhost:6380/0", "unix:///run/redis.sock"])
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://127.8.9.10:1/0",
+        "redis://localhost:6390/1",
+        "redis://[::1]:6379/0",
+        "rediss://localhost:6380/0",
+        "unix:///run/redis.sock",
+    ],
+)
 def test_allow_no_auth_is_accepted_for_loopback_hosts_and_unix_sockets(url):
     assert RedisConfig(url=url, allow_no_auth=True).is_local
 
 
-@pytest.mark.parametrize("url", ["redis://10.0.0.5:6379/0", "redis://redis.internal:6379/0", "redis://0.0.0.0:6379/0",
-                                 "rediss://my-cache.example.com:6380/0", "redis://[2001:db8::1]:6379/0",
-                                 "redis://localhost.example.com:6379/0"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://10.0.0.5:6379/0",
+        "redis://redis.internal:6379/0",
+        "redis://0.0.0.0:6379/0",
+        "rediss://my-cache.example.com:6380/0",
+        "redis://[2001:db8::1]:6379/0",
+        "redis://localhost.example.com:6379/0",
+    ],
+)
 def test_allow_no_auth_for_a_remote_host_is_a_config_error_naming_the_key(url):
     assert not RedisConfig(url=url).is_local  # allowed without allow_no_auth
     with pytest.raises(ValueError, match=r"replay\.redis\.allow_no_auth=true is only allowed for a loopback host"):
@@ -40,14 +58,26 @@ def test_allow_no_auth_for_a_remote_host_is_a_config_error_naming_the_key(url):
 def test_allow_no_auth_defaults_off_and_a_remote_one_fails_at_composition():
     assert RedisConfig().allow_no_auth is False
     with pytest.raises(ConfigError, match=r"replay\.redis\.allow_no_auth"):
-        to_run_config(compose(["replay=redis", "replay.redis.url=redis://redis.internal:6379/0",
-                               "replay.redis.allow_no_auth=true"]))
+        to_run_config(
+            compose(
+                ["replay=redis", "replay.redis.url=redis://redis.internal:6379/0", "replay.redis.allow_no_auth=true"]
+            )
+        )
 
 
 # -- no unpickling -----------------------------------------------------------------------
 
-UNPICKLING_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve", "joblib",
-                      "jsonpickle"}
+UNPICKLING_MODULES = {
+    "pickle",
+    "_pickle",
+    "cPickle",
+    "cloudpickle",
+    "dill",
+    "marshal",
+    "shelve",
+    "joblib",
+    "jsonpickle",
+}
 
 JUSTIFIED = {
     # DeepSpeed's engine.load_checkpoint unpickles DeepSpeed's own checkpoint files (torch.load
@@ -88,7 +118,8 @@ def _unpickling_sites(source: str, filename: str = "<src>") -> list[str]:
             elif owner == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load", "unsafe_load_all"):
                 loader = kw.get("Loader", node.args[1] if len(node.args) > 1 else None)
                 if not (isinstance(loader, ast.Attribute) and loader.attr in ("SafeLoader", "CSafeLoader")) and not (
-                        isinstance(loader, ast.Name) and loader.id in ("SafeLoader", "CSafeLoader")):
+                    isinstance(loader, ast.Name) and loader.id in ("SafeLoader", "CSafeLoader")
+                ):
                     found.append(f"{where} yaml.{name}( without SafeLoader")
             elif owner == "torch" and name == "load":
                 wo = kw.get("weights_only")
@@ -101,28 +132,55 @@ def _unpickling_sites(source: str, filename: str = "<src>") -> list[str]:
                 found.append(f"{where} allow_pickle=")
     # names that mention pickle/marshal anywhere else in the code (not in strings or comments)
     for tok in tokenize.generate_tokens(StringIO(source).readline):
-        if tok.type == tokenize.NAME and ("pickle" in tok.string.lower() or "marshal" in tok.string.lower()) \
-                and tok.string not in UNPICKLING_MODULES | {"allow_pickle", "read_pickle", "to_pickle"}:
+        if (
+            tok.type == tokenize.NAME
+            and ("pickle" in tok.string.lower() or "marshal" in tok.string.lower())
+            and tok.string not in UNPICKLING_MODULES | {"allow_pickle", "read_pickle", "to_pickle"}
+        ):
             found.append(f"{filename}:{tok.start[0]} name {tok.string}")
     return found
 
 
-@pytest.mark.parametrize("snippet", [
-    "import pickle", "import cloudpickle as cp", "from ray import cloudpickle", "import marshal",
-    "from pickle import loads", "x = ray.cloudpickle.loads(b)", "eval(text)", "exec(code)",
-    "yaml.load(f)", "yaml.load(f, Loader=yaml.Loader)", "yaml.unsafe_load(f)", "torch.load(p)",
-    "torch.load(p, weights_only=False)", "np.load(p, allow_pickle=True)", "df = pd.read_pickle(p)",
-    "engine.load_checkpoint(d)", "my_unpickler = None",
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "import pickle",
+        "import cloudpickle as cp",
+        "from ray import cloudpickle",
+        "import marshal",
+        "from pickle import loads",
+        "x = ray.cloudpickle.loads(b)",
+        "eval(text)",
+        "exec(code)",
+        "yaml.load(f)",
+        "yaml.load(f, Loader=yaml.Loader)",
+        "yaml.unsafe_load(f)",
+        "torch.load(p)",
+        "torch.load(p, weights_only=False)",
+        "np.load(p, allow_pickle=True)",
+        "df = pd.read_pickle(p)",
+        "engine.load_checkpoint(d)",
+        "my_unpickler = None",
+    ],
+)
 def test_the_scan_flags_each_unpickling_pattern(snippet):
     assert _unpickling_sites(snippet), snippet
 
 
-@pytest.mark.parametrize("snippet", [
-    "model.eval()", "yaml.load(f, Loader=yaml.SafeLoader)", "yaml.safe_load(f)", "torch.load(p, weights_only=True)",
-    "np.load(p)", "'never pickle'  # pickle in a comment", "msgpack.unpackb(b)", "json.loads(s)",
-    "OmegaConf.to_yaml(c)",
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "model.eval()",
+        "yaml.load(f, Loader=yaml.SafeLoader)",
+        "yaml.safe_load(f)",
+        "torch.load(p, weights_only=True)",
+        "np.load(p)",
+        "'never pickle'  # pickle in a comment",
+        "msgpack.unpackb(b)",
+        "json.loads(s)",
+        "OmegaConf.to_yaml(c)",
+    ],
+)
 def test_the_scan_passes_safe_code(snippet):
     assert _unpickling_sites(snippet) == []
 
@@ -135,12 +193,17 @@ def test_no_unpickling_or_eval_in_the_package():
         sites = _unpickling_sites(f.read_text(), f.relative_to(PACKAGE).as_posix())
         found += [s for s in sites if not any(s.startswith(f"{file}:") and call in s for file, call in JUSTIFIED)]
     assert found == [], "code that may unpickle or eval data (use the codec, JSON or safetensors):\n" + "\n".join(found)
-    justified_sites = [s for f in files for s in _unpickling_sites(f.read_text(), f.relative_to(PACKAGE).as_posix())
-                       if any(s.startswith(f"{file}:") and call in s for file, call in JUSTIFIED)]
+    justified_sites = [
+        s
+        for f in files
+        for s in _unpickling_sites(f.read_text(), f.relative_to(PACKAGE).as_posix())
+        if any(s.startswith(f"{file}:") and call in s for file, call in JUSTIFIED)
+    ]
     assert len(justified_sites) == len(JUSTIFIED), justified_sites  # each exception is still there, once
 
 
 # -- metrics endpoints on loopback ---------------------------------------------------------
+
 
 def _other_local_addresses() -> list[str]:
     """IPv4 addresses of this machine other than 127.0.0.1: its interfaces', and 127.0.0.2

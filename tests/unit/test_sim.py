@@ -10,15 +10,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: benchmarks/ is not installed
 
-from benchmarks.sim.cost import (  # noqa: E402
-    calibration_from_measurements, decode_segment, load_calibration, publish_s)
-from benchmarks.sim.model import (  # noqa: E402
-    MODES, JudgeModel, LengthModel, Scenario, SimulationStalled, mode_scenario, simulate)
+from benchmarks.sim.cost import calibration_from_measurements, decode_segment, load_calibration, publish_s  # noqa: E402
+from benchmarks.sim.model import MODES, JudgeModel, LengthModel, Scenario, SimulationStalled, mode_scenario, simulate  # noqa: E402
 from rlsys.replay.base import staleness_ok  # noqa: E402
 
 CAL = load_calibration("h100-7b")
-TAIL = Scenario(gpus=8, prompts_per_step=24, samples_per_prompt=8, steps=8, warmup_steps=2,
-                lengths=LengthModel(median_tokens=1500, sigma=1.0, prompt_sigma=0.3, max_new_tokens=8192))
+TAIL = Scenario(
+    gpus=8,
+    prompts_per_step=24,
+    samples_per_prompt=8,
+    steps=8,
+    warmup_steps=2,
+    lengths=LengthModel(median_tokens=1500, sigma=1.0, prompt_sigma=0.3, max_new_tokens=8192),
+)
 
 
 @pytest.fixture(autouse=True)
@@ -81,10 +85,18 @@ def test_long_tails_make_sync_waste_gpu_time():
 
 
 def test_equal_lengths_and_free_sync_make_the_modes_converge():
-    free = dataclasses.replace(CAL, sync_latency_s=0.0, weight_bytes=0.0, sync_s_per_tree_level=0.0,
-                               prefill_s_per_token=0.0, learner_s_per_token=1e-9, learner_step_overhead_s=0.0)
-    flat = dataclasses.replace(TAIL, lengths=LengthModel(median_tokens=2000, sigma=0.0, prompt_sigma=0.0,
-                                                         max_new_tokens=4096))
+    free = dataclasses.replace(
+        CAL,
+        sync_latency_s=0.0,
+        weight_bytes=0.0,
+        sync_s_per_tree_level=0.0,
+        prefill_s_per_token=0.0,
+        learner_s_per_token=1e-9,
+        learner_step_overhead_s=0.0,
+    )
+    flat = dataclasses.replace(
+        TAIL, lengths=LengthModel(median_tokens=2000, sigma=0.0, prompt_sigma=0.0, max_new_tokens=4096)
+    )
     rates = [simulate(mode_scenario(flat, m, staleness=2, chunk_tokens=256), free).samples_per_s for m in MODES]
     assert max(rates) / min(rates) < 1.01
 
@@ -119,8 +131,17 @@ def test_generated_work_is_trained_dropped_or_in_flight(mode, strategy):
 
 def test_a_slow_judge_holds_the_rollout_loops_within_its_budget():
     sc = mode_scenario(TAIL, "async", staleness=1)
-    judged = dataclasses.replace(sc, judge=JudgeModel(budget_fraction=0.2, max_pairs_per_step=16, concurrency=2,
-                                                      latency_median_s=20.0, latency_sigma=0.0, timeout_s=60.0))
+    judged = dataclasses.replace(
+        sc,
+        judge=JudgeModel(
+            budget_fraction=0.2,
+            max_pairs_per_step=16,
+            concurrency=2,
+            latency_median_s=20.0,
+            latency_sigma=0.0,
+            timeout_s=60.0,
+        ),
+    )
     plain, slow = simulate(sc, CAL), simulate(judged, CAL)
     assert slow.judge_calls > 0 and slow.judge_over_budget > 0 and slow.judge_wait_s > 0
     versions = sc.steps + sc.max_staleness + 1  # budgets are per policy version (JudgeWorker)

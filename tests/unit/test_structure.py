@@ -13,8 +13,16 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "rlsys"
 
-PURE = ["rlsys.records", "rlsys.scheduling.allocation", "rlsys.scheduling.sampling", "rlsys.scheduling.scheduler",
-        "rlsys.reward.routing", "rlsys.learner.losses", "rlsys.learner.batch", "rlsys.replay.codec"]
+PURE = [
+    "rlsys.records",
+    "rlsys.scheduling.allocation",
+    "rlsys.scheduling.sampling",
+    "rlsys.scheduling.scheduler",
+    "rlsys.reward.routing",
+    "rlsys.learner.losses",
+    "rlsys.learner.batch",
+    "rlsys.replay.codec",
+]
 """Core logic on plain data: no Ray, vLLM, Redis or DeepSpeed (torch and numpy are fine)."""
 RUNTIME = ("ray", "vllm", "redis", "deepspeed")
 HEAVY_FOR_CONFIG = ("torch", "transformers", "vllm", "ray")
@@ -50,8 +58,11 @@ def imported_modules(name: str) -> set[str]:
 
 
 def imports_in_a_fresh_interpreter(*modules: str) -> set[str]:
-    code = ("import json, sys\n" + "".join(f"import {m}\n" for m in modules)
-            + "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))")
+    code = (
+        "import json, sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 

@@ -7,9 +7,9 @@ import re
 from dataclasses import asdict
 
 import pytest
+from helpers import make_group
 from prometheus_client import generate_latest
 
-from helpers import make_group
 from rlsys.config import RunConfig
 from rlsys.controller.progress import Progress, RewardStats, RunOutcome, progress_line, step_record, summary
 from rlsys.learner.rank import StepStats
@@ -18,8 +18,10 @@ from rlsys.replay.base import ReplayCounters
 
 
 def _groups(version: int) -> list:
-    return [make_group(version=version, rewards=r, prompt_id=f"p{i}")
-            for i, r in enumerate(([0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]))]
+    return [
+        make_group(version=version, rewards=r, prompt_id=f"p{i}")
+        for i, r in enumerate(([0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]))
+    ]
 
 
 def _stats() -> list:
@@ -32,9 +34,19 @@ def _run(p: Progress, steps: int, samples_per_step: int, seconds_per_step: float
     records = []
     for _ in range(steps):
         p.add_produced(samples_per_step, 5 * samples_per_step, 0, 0, 0, 0, 0.05, 0.01)
-        rec = step_record(p.step + 1, p.step + 1, _groups(p.step), _stats(), p.samples, p.tokens,
-                          p.samples_at_last_step, counters.dropped_stale, 0.1, 0.02,
-                          p.train_seconds + seconds_per_step)
+        rec = step_record(
+            p.step + 1,
+            p.step + 1,
+            _groups(p.step),
+            _stats(),
+            p.samples,
+            p.tokens,
+            p.samples_at_last_step,
+            counters.dropped_stale,
+            0.1,
+            0.02,
+            p.train_seconds + seconds_per_step,
+        )
         p.add_step(rec, samples_per_step, 5 * samples_per_step)
         records.append(rec)
     return records
@@ -52,8 +64,12 @@ def test_a_step_record_feeds_gauges_loggers_and_totals_alike():
     m.observe_step(rec, counters)
     logged = rec.metrics()
     exported = generate_latest(m.registry).decode()
-    for name in ("rlsys_learner_loss", "rlsys_reward_mean", "rlsys_scheduler_effective_gradient_ratio",
-                 "rlsys_learner_policy_version"):
+    for name in (
+        "rlsys_learner_loss",
+        "rlsys_reward_mean",
+        "rlsys_scheduler_effective_gradient_ratio",
+        "rlsys_learner_policy_version",
+    ):
         (value,) = re.findall(rf"^{name} (\S+)$", exported, re.M)
         assert float(value) == pytest.approx(logged[name])
     assert logged["rlsys_reward_mean"] == pytest.approx(0.75) == p.step_rewards[-1]

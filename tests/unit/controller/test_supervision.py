@@ -4,11 +4,11 @@ import asyncio
 import time
 
 import pytest
-
 from helpers import make_group
+
+from rlsys.controller.recovery import OpenRequests, RestartBudget
 from rlsys.records import RolloutRequest
 from rlsys.supervision import FaultPoint, describe, is_worker_failure, with_deadline
-from rlsys.controller.recovery import OpenRequests, RestartBudget
 
 
 def req(pid, n=4):

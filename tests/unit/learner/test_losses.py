@@ -45,8 +45,10 @@ def test_loss_is_invariant_to_sharding(agg):
     logp, behav, adv, mask = _batch()
     norm = LossNormalizer(int(mask.sum()), logp.shape[0], 7)
     full, _ = policy_loss(logp, logp, behav, adv, mask, cfg, norm)
-    parts = sum(policy_loss(logp[s], logp[s], behav[s], adv[s], mask[s], cfg, norm)[0]
-                for s in (slice(0, 2), slice(2, 5), slice(5, 6)))
+    parts = sum(
+        policy_loss(logp[s], logp[s], behav[s], adv[s], mask[s], cfg, norm)[0]
+        for s in (slice(0, 2), slice(2, 5), slice(5, 6))
+    )
     torch.testing.assert_close(full, parts)
 
 
@@ -74,8 +76,9 @@ def test_tis_weight_is_capped_and_detached():
     cfg = LossConfig(tis_cap=2.0)
     logp = torch.zeros(1, 2, requires_grad=True)
     behav = torch.tensor([[np.log(0.1), np.log(0.8)]], dtype=torch.float32)  # weights 10 -> 2, 1.25
-    loss, stats = policy_loss(logp, logp.detach(), behav, torch.tensor([1.0]), torch.ones(1, 2), cfg,
-                              LossNormalizer(2, 1, 2))
+    loss, stats = policy_loss(
+        logp, logp.detach(), behav, torch.tensor([1.0]), torch.ones(1, 2), cfg, LossNormalizer(2, 1, 2)
+    )
     assert stats["tis_weight_mean"] == pytest.approx((2.0 + 1.25) / 2, rel=1e-5)
     loss.backward()
     np.testing.assert_allclose(logp.grad.numpy(), [[-1.0, -0.625]], rtol=1e-5)
@@ -97,8 +100,9 @@ def test_token_logprobs_applies_temperature():
     torch.testing.assert_close(token_logprobs(logits, ids, 2.0), token_logprobs(logits / 2.0, ids, 1.0))
 
 
-@pytest.mark.parametrize("bad", [dict(advantage_norm="mad"), dict(aggregation="sum"), dict(clip_low=1.5),
-                                 dict(tis_cap=-1)])
+@pytest.mark.parametrize(
+    "bad", [dict(advantage_norm="mad"), dict(aggregation="sum"), dict(clip_low=1.5), dict(tis_cap=-1)]
+)
 def test_loss_config_validation(bad):
     with pytest.raises(ValueError, match="learner.loss"):
         LossConfig(**bad)

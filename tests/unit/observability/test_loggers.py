@@ -1,8 +1,8 @@
 """Optional loggers (TensorBoard, W&B offline) receive the per-step metric records."""
 
 import pytest
-
 from helpers import tb_scalars
+
 from rlsys.observability.loggers import LoggersConfig, MetricLoggers
 
 

@@ -14,15 +14,34 @@ def test_running_mean_and_throughput():
 
 def _summary(n=30):
     rng = np.random.default_rng(0)
-    return {"name": "t", "steps": n, "train_seconds": 12.5, "samples": 128 * n, "samples_per_s": 307.2,
-            "tokens_per_s": 1200.0, "eval_accuracy_before": 0.2, "eval_accuracy_after": 0.6, "reward_first": 0.1,
-            "reward_last": 0.4, "effective_gradient_ratio": 0.7, "strategy": "uniform", "learner_restarts": 0,
-            "share_generation": 0.3, "share_reward": 0.1, "share_learner": 0.5, "share_weight_sync": 0.1,
-            "replay": {"put": 16 * n, "acked": 16 * n, "dropped_stale": 0},
-            "judge": {"calls": 12, "spend": 6.0},
-            "curves": {"reward": rng.random(n).tolist(), "effective_gradient_ratio": rng.random(n).tolist(),
-                       "time_s": np.linspace(0.4, 12.5, n).tolist(), "samples": (128 * np.arange(1, n + 1)).tolist(),
-                       "eval_accuracy": [[0, 0.2], [15, 0.45], [n, 0.6]]}}
+    return {
+        "name": "t",
+        "steps": n,
+        "train_seconds": 12.5,
+        "samples": 128 * n,
+        "samples_per_s": 307.2,
+        "tokens_per_s": 1200.0,
+        "eval_accuracy_before": 0.2,
+        "eval_accuracy_after": 0.6,
+        "reward_first": 0.1,
+        "reward_last": 0.4,
+        "effective_gradient_ratio": 0.7,
+        "strategy": "uniform",
+        "learner_restarts": 0,
+        "share_generation": 0.3,
+        "share_reward": 0.1,
+        "share_learner": 0.5,
+        "share_weight_sync": 0.1,
+        "replay": {"put": 16 * n, "acked": 16 * n, "dropped_stale": 0},
+        "judge": {"calls": 12, "spend": 6.0},
+        "curves": {
+            "reward": rng.random(n).tolist(),
+            "effective_gradient_ratio": rng.random(n).tolist(),
+            "time_s": np.linspace(0.4, 12.5, n).tolist(),
+            "samples": (128 * np.arange(1, n + 1)).tolist(),
+            "eval_accuracy": [[0, 0.2], [15, 0.45], [n, 0.6]],
+        },
+    }
 
 
 def test_report_files(tmp_path):

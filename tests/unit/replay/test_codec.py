@@ -10,8 +10,9 @@ import crc32c
 import msgpack
 import numpy as np
 import pytest
-
 from helpers import codec_array, codec_frame
+
+from rlsys.records import Completion, Group
 from rlsys.replay.codec import (
     CODEC_VERSION,
     HEADER_SIZE,
@@ -24,7 +25,6 @@ from rlsys.replay.codec import (
     decode_group,
     encode_group,
 )
-from rlsys.records import Completion, Group
 
 
 def completion(tokens, logprobs=None, text="42", finish="stop"):
@@ -35,10 +35,15 @@ def completion(tokens, logprobs=None, text="42", finish="stop"):
 
 def sample_group(**changes):
     g = Group(
-        group_id="gsm8k-17:3f2a9c1e", prompt_id="gsm8k-17", prompt="Natalia sold clips to 48 of her friends…",
-        prompt_token_ids=(1, 3, 4, 150_000, 2**40), reference="72", policy_version=5,
+        group_id="gsm8k-17:3f2a9c1e",
+        prompt_id="gsm8k-17",
+        prompt="Natalia sold clips to 48 of her friends…",
+        prompt_token_ids=(1, 3, 4, 150_000, 2**40),
+        reference="72",
+        policy_version=5,
         completions=[completion([5, 6, 7, 2], text="72 ✓"), completion([9], text="名前は 🦀", finish="length")],
-        rewards=np.array([1.0, 0.0], np.float32), reward_failures=1,
+        rewards=np.array([1.0, 0.0], np.float32),
+        reward_failures=1,
         meta={"task": "gsm8k", "temperature": 1.0, "tags": ["a", {"b": None}], "ok": True, "big": 2**64 - 1},
     )
     return dataclasses.replace(g, **changes)
@@ -86,17 +91,29 @@ def test_round_trip_is_exact():
     assert_same_group(decode_group(encode_group(g)), g)
 
 
-@pytest.mark.parametrize("changes", [
-    {"rewards": None},
-    {"meta": {}},
-    {"completions": [completion([]), completion([3, 4])], "rewards": np.array([0.0, 1.0], np.float32)},
-    {"completions": [], "rewards": np.zeros(0, np.float32)},
-    {"completions": [], "rewards": None, "prompt_token_ids": (), "prompt": "", "reference": ""},
-    {"prompt": "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 – ünïcödé – 中文 – \x00nul", "group_id": "ключ:1"},
-    {"rewards": np.array([np.nan, -0.0], np.float32)},
-    {"policy_version": 2**63 - 1, "reward_failures": 0, "prompt_token_ids": (-2**63, 2**63 - 1)},
-], ids=["no-rewards", "empty-meta", "zero-length-completion", "no-completions", "all-empty", "unicode",
-        "nan-and-negative-zero", "int-extremes"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"rewards": None},
+        {"meta": {}},
+        {"completions": [completion([]), completion([3, 4])], "rewards": np.array([0.0, 1.0], np.float32)},
+        {"completions": [], "rewards": np.zeros(0, np.float32)},
+        {"completions": [], "rewards": None, "prompt_token_ids": (), "prompt": "", "reference": ""},
+        {"prompt": "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 – ünïcödé – 中文 – \x00nul", "group_id": "ключ:1"},
+        {"rewards": np.array([np.nan, -0.0], np.float32)},
+        {"policy_version": 2**63 - 1, "reward_failures": 0, "prompt_token_ids": (-(2**63), 2**63 - 1)},
+    ],
+    ids=[
+        "no-rewards",
+        "empty-meta",
+        "zero-length-completion",
+        "no-completions",
+        "all-empty",
+        "unicode",
+        "nan-and-negative-zero",
+        "int-extremes",
+    ],
+)
 def test_round_trip_edge_cases(changes):
     g = sample_group(**changes)
     assert_same_group(decode_group(encode_group(g)), g)
@@ -134,8 +151,9 @@ def test_decoded_arrays_are_writable_and_private():
 
 def test_random_groups_round_trip():
     rng = np.random.default_rng(1234)
-    alphabet = [chr(c) for c in [*range(0x20, 0x7F), *range(0xA0, 0x250), *range(0x4E00, 0x4E80),
-                                 *range(0x1F600, 0x1F650), 0]]
+    alphabet = [
+        chr(c) for c in [*range(0x20, 0x7F), *range(0xA0, 0x250), *range(0x4E00, 0x4E80), *range(0x1F600, 0x1F650), 0]
+    ]
 
     def pick(options):  # rng.choice would turn Python ints and floats into numpy scalars
         return options[int(rng.integers(0, len(options)))]
@@ -148,7 +166,7 @@ def test_random_groups_round_trip():
         if kind == 0:
             return text(8)
         if kind == 1:
-            return pick([0, -1, 2**64 - 1, -2**63, int(rng.integers(-1000, 1000))])
+            return pick([0, -1, 2**64 - 1, -(2**63), int(rng.integers(-1000, 1000))])
         if kind == 2:
             return pick([float(rng.standard_normal()), float("inf"), float("-inf"), 0.0, -0.0, 1e300])
         if kind == 3:
@@ -166,14 +184,27 @@ def test_random_groups_round_trip():
             t = int(rng.integers(0, 65))
             lp = rng.standard_normal(t).astype(np.float32)
             lp[rng.random(t) < 0.05] = np.nan
-            comps.append(Completion(rng.integers(-2**31, 2**31, t, dtype=np.int32), lp, text(40),
-                                    str(rng.choice(["stop", "length", "abort"]))))
+            comps.append(
+                Completion(
+                    rng.integers(-(2**31), 2**31, t, dtype=np.int32),
+                    lp,
+                    text(40),
+                    str(rng.choice(["stop", "length", "abort"])),
+                )
+            )
         rewards = None if rng.random() < 0.3 else rng.standard_normal(n).astype(np.float32)
-        g = Group(group_id=text(20), prompt_id=text(10), prompt=text(200),
-                  prompt_token_ids=tuple(int(x) for x in rng.integers(-2**63, 2**63 - 1, int(rng.integers(0, 50)))),
-                  reference=text(10), policy_version=int(rng.integers(0, 10**9)), completions=comps,
-                  rewards=rewards, reward_failures=int(rng.integers(0, n + 1)),
-                  meta={text(6): meta_value(0) for _ in range(int(rng.integers(0, 5)))})
+        g = Group(
+            group_id=text(20),
+            prompt_id=text(10),
+            prompt=text(200),
+            prompt_token_ids=tuple(int(x) for x in rng.integers(-(2**63), 2**63 - 1, int(rng.integers(0, 50)))),
+            reference=text(10),
+            policy_version=int(rng.integers(0, 10**9)),
+            completions=comps,
+            rewards=rewards,
+            reward_failures=int(rng.integers(0, n + 1)),
+            meta={text(6): meta_value(0) for _ in range(int(rng.integers(0, 5)))},
+        )
         assert_same_group(decode_group(encode_group(g)), g)
 
 
@@ -183,12 +214,20 @@ def test_random_groups_round_trip():
 def valid_payload():
     """The version-1 payload of a two-completion group, written from the format description."""
     return {
-        "group_id": "g1", "prompt_id": "p1", "prompt": "1+1=", "reference": "2",
+        "group_id": "g1",
+        "prompt_id": "p1",
+        "prompt": "1+1=",
+        "reference": "2",
         "prompt_token_ids": codec_array([1, 3, 4], "<i8"),
-        "policy_version": 3, "reward_failures": 0,
-        "completions": {"lengths": [2, 1], "token_ids": codec_array([5, 6, 7], "<i4"),
-                        "logprobs": codec_array([-0.5, -1.0, -2.0], "<f4"), "text": ["2", "3"],
-                        "finish_reason": ["stop", "length"]},
+        "policy_version": 3,
+        "reward_failures": 0,
+        "completions": {
+            "lengths": [2, 1],
+            "token_ids": codec_array([5, 6, 7], "<i4"),
+            "logprobs": codec_array([-0.5, -1.0, -2.0], "<f4"),
+            "text": ["2", "3"],
+            "finish_reason": ["stop", "length"],
+        },
         "rewards": codec_array([1.0, 0.0], "<f4"),
         "meta": {"task": "add"},
     }
@@ -201,9 +240,18 @@ def test_header_layout_and_hand_built_payload():
     assert length == len(record) - HEADER_SIZE and crc == crc32c.crc32c(record[HEADER_SIZE:])
     assert crc32c.crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
     g = decode_group(codec_frame(valid_payload(), version=1))
-    want = Group("g1", "p1", "1+1=", (1, 3, 4), "2", 3,
-                 [completion([5, 6], [-0.5, -1.0], "2", "stop"), completion([7], [-2.0], "3", "length")],
-                 np.array([1.0, 0.0], np.float32), 0, {"task": "add"})
+    want = Group(
+        "g1",
+        "p1",
+        "1+1=",
+        (1, 3, 4),
+        "2",
+        3,
+        [completion([5, 6], [-0.5, -1.0], "2", "stop"), completion([7], [-2.0], "3", "length")],
+        np.array([1.0, 0.0], np.float32),
+        0,
+        {"task": "add"},
+    )
     assert_same_group(g, want)
     assert_same_group(decode_group(encode_group(want)), g)
 
@@ -248,8 +296,9 @@ def test_truncated_records(cut):
     if len(short) < HEADER_SIZE:
         assert f"record is {len(short)} bytes, shorter than the 12-byte header" in str(e.value)
     else:
-        assert f"declares a {len(record) - HEADER_SIZE}-byte payload but only {len(short) - HEADER_SIZE}" \
-            in str(e.value)
+        assert f"declares a {len(record) - HEADER_SIZE}-byte payload but only {len(short) - HEADER_SIZE}" in str(
+            e.value
+        )
 
 
 def test_trailing_bytes_are_corruption():
@@ -278,15 +327,18 @@ def test_bad_magic(record):
         decode_group(record)
 
 
-@pytest.mark.parametrize("body, msg", [
-    (b"\xc1", "not valid msgpack"),  # 0xc1 is never used
-    (msgpack.packb({"a": 1}) + b"\x01", "not valid msgpack"),  # extra data after the payload
-    (msgpack.packb({1: 2}), "not valid msgpack"),  # strict_map_key: int key
-    (b"\xd9\x02\xff\xfe", "not valid msgpack"),  # a str that is not UTF-8
-    (b"\xc7\x04\x05abcd", "not valid msgpack"),  # an ext type
-    (b"\x91" * 5000, "not valid msgpack"),  # nested beyond msgpack's stack
-    (msgpack.packb([1, 2]), "payload must be a map of group fields, got list"),
-])
+@pytest.mark.parametrize(
+    "body, msg",
+    [
+        (b"\xc1", "not valid msgpack"),  # 0xc1 is never used
+        (msgpack.packb({"a": 1}) + b"\x01", "not valid msgpack"),  # extra data after the payload
+        (msgpack.packb({1: 2}), "not valid msgpack"),  # strict_map_key: int key
+        (b"\xd9\x02\xff\xfe", "not valid msgpack"),  # a str that is not UTF-8
+        (b"\xc7\x04\x05abcd", "not valid msgpack"),  # an ext type
+        (b"\x91" * 5000, "not valid msgpack"),  # nested beyond msgpack's stack
+        (msgpack.packb([1, 2]), "payload must be a map of group fields, got list"),
+    ],
+)
 def test_payloads_that_are_not_groups(body, msg):
     with pytest.raises(CorruptRecordError, match=msg):
         decode_group(codec_frame(body, version=1))
@@ -308,29 +360,32 @@ def with_change(path, value):
     return p
 
 
-@pytest.mark.parametrize("path, value, msg", [
-    (("group_id",), 17, "field 'group_id' must be a str, got int"),
-    (("prompt",), b"raw", "field 'prompt' must be a str, got bytes"),
-    (("policy_version",), "3", "field 'policy_version' must be an int, got str"),
-    (("policy_version",), True, "field 'policy_version' must be an int, got bool"),
-    (("reward_failures",), 1.0, "field 'reward_failures' must be an int, got float"),
-    (("completions",), [], "field 'completions' must be a map of columns, got list"),
-    (("completions", "text"), ["2", 3], r"field 'completions.text\[1\]' must be str, got int"),
-    (("completions", "finish_reason"), "stop", "field 'completions.finish_reason' must be a list, got str"),
-    (("completions", "lengths"), [2, 1.0], r"field 'completions.lengths\[1\]' must be int, got float"),
-    (("completions", "token_ids"), [5, 6, 7], "field 'completions.token_ids' must be an array map"),
-    (("prompt_token_ids",), [1, 3, 4], "field 'prompt_token_ids' must be an array map"),
-    (("rewards",), "1,0", "field 'rewards' must be an array map"),
-    (("rewards", "data"), "abcdefgh", "field 'rewards' data must be bin, got str"),
-    (("rewards", "shape"), 2, r"field 'rewards' must have a 1-D shape \[n\] with n >= 0, got 2"),
-    (("meta",), ["task"], "field 'meta' must be a map, got list"),
-    (("meta", "blob"), b"\x00", r"meta\['blob'\] has type bytes"),
-    (("meta", "nested"), {"k": [1, b"x"]}, r"meta\['nested'\]\['k'\]\[1\] has type bytes"),
-    (("group_id",), DELETE, "payload: missing field\\(s\\) 'group_id'"),
-    (("completions", "lengths"), DELETE, "completions: missing field\\(s\\) 'lengths'"),
-    (("extra",), 1, "payload: unknown field\\(s\\) 'extra'"),
-    (("rewards", "scale"), 1, "rewards: unknown field\\(s\\) 'scale'"),
-])
+@pytest.mark.parametrize(
+    "path, value, msg",
+    [
+        (("group_id",), 17, "field 'group_id' must be a str, got int"),
+        (("prompt",), b"raw", "field 'prompt' must be a str, got bytes"),
+        (("policy_version",), "3", "field 'policy_version' must be an int, got str"),
+        (("policy_version",), True, "field 'policy_version' must be an int, got bool"),
+        (("reward_failures",), 1.0, "field 'reward_failures' must be an int, got float"),
+        (("completions",), [], "field 'completions' must be a map of columns, got list"),
+        (("completions", "text"), ["2", 3], r"field 'completions.text\[1\]' must be str, got int"),
+        (("completions", "finish_reason"), "stop", "field 'completions.finish_reason' must be a list, got str"),
+        (("completions", "lengths"), [2, 1.0], r"field 'completions.lengths\[1\]' must be int, got float"),
+        (("completions", "token_ids"), [5, 6, 7], "field 'completions.token_ids' must be an array map"),
+        (("prompt_token_ids",), [1, 3, 4], "field 'prompt_token_ids' must be an array map"),
+        (("rewards",), "1,0", "field 'rewards' must be an array map"),
+        (("rewards", "data"), "abcdefgh", "field 'rewards' data must be bin, got str"),
+        (("rewards", "shape"), 2, r"field 'rewards' must have a 1-D shape \[n\] with n >= 0, got 2"),
+        (("meta",), ["task"], "field 'meta' must be a map, got list"),
+        (("meta", "blob"), b"\x00", r"meta\['blob'\] has type bytes"),
+        (("meta", "nested"), {"k": [1, b"x"]}, r"meta\['nested'\]\['k'\]\[1\] has type bytes"),
+        (("group_id",), DELETE, "payload: missing field\\(s\\) 'group_id'"),
+        (("completions", "lengths"), DELETE, "completions: missing field\\(s\\) 'lengths'"),
+        (("extra",), 1, "payload: unknown field\\(s\\) 'extra'"),
+        (("rewards", "scale"), 1, "rewards: unknown field\\(s\\) 'scale'"),
+    ],
+)
 def test_field_validation(path, value, msg):
     with pytest.raises(CorruptRecordError, match=msg):
         decode_group(codec_frame(with_change(path, value), version=1))
@@ -338,8 +393,11 @@ def test_field_validation(path, value, msg):
 
 @pytest.mark.parametrize("dtype", ["<f8", "|u1", ">i4", "<i2", "|O", "<U4", 7])
 def test_disallowed_dtype(dtype):
-    with pytest.raises(CorruptRecordError, match=r"field 'completions.token_ids' has dtype .* which the codec "
-                                                 r"does not accept \(allowed: '<i4', '<i8', '<f4'\)"):
+    with pytest.raises(
+        CorruptRecordError,
+        match=r"field 'completions.token_ids' has dtype .* which the codec "
+        r"does not accept \(allowed: '<i4', '<i8', '<f4'\)",
+    ):
         decode_group(codec_frame(with_change(("completions", "token_ids", "dtype"), dtype), version=1))
 
 
@@ -349,20 +407,33 @@ def test_allowed_dtype_in_the_wrong_field():
         decode_group(codec_frame(p, version=1))
 
 
-@pytest.mark.parametrize("path, value, msg", [
-    (("completions", "token_ids", "data"), np.arange(4, dtype="<i4").tobytes(),
-     r"'completions.token_ids' declares shape \[3\] of <i4 \(12 bytes\) but carries 16 bytes"),
-    (("completions", "logprobs", "shape"), [4], r"'completions.logprobs' declares shape \[4\] of <f4 \(16 bytes\)"),
-    (("completions", "logprobs", "shape"), [3, 1], r"1-D shape \[n\] with n >= 0, got \[3, 1\]"),
-    (("completions", "logprobs", "shape"), [-3], r"1-D shape \[n\] with n >= 0, got \[-3\]"),
-    (("completions", "logprobs"), codec_array([-1.0, -2.0], "<f4"),
-     "'completions.logprobs' holds 2 values but 'completions.lengths' sums to 3"),
-    (("completions", "lengths"), [1, 1], "'completions.token_ids' holds 3 values but 'completions.lengths' sums to 2"),
-    (("completions", "lengths"), [4, -1], "negative length -1"),
-    (("completions", "text"), ["2"], "'completions.text' has 1 entries but 'completions.lengths' has 2"),
-    (("rewards",), codec_array([1.0], "<f4"), "field 'rewards' has 1 entries for 2 completions"),
-    (("prompt_token_ids", "data"), b"\x00" * 20, r"'prompt_token_ids' declares shape \[3\] of <i8 \(24 bytes\)"),
-])
+@pytest.mark.parametrize(
+    "path, value, msg",
+    [
+        (
+            ("completions", "token_ids", "data"),
+            np.arange(4, dtype="<i4").tobytes(),
+            r"'completions.token_ids' declares shape \[3\] of <i4 \(12 bytes\) but carries 16 bytes",
+        ),
+        (("completions", "logprobs", "shape"), [4], r"'completions.logprobs' declares shape \[4\] of <f4 \(16 bytes\)"),
+        (("completions", "logprobs", "shape"), [3, 1], r"1-D shape \[n\] with n >= 0, got \[3, 1\]"),
+        (("completions", "logprobs", "shape"), [-3], r"1-D shape \[n\] with n >= 0, got \[-3\]"),
+        (
+            ("completions", "logprobs"),
+            codec_array([-1.0, -2.0], "<f4"),
+            "'completions.logprobs' holds 2 values but 'completions.lengths' sums to 3",
+        ),
+        (
+            ("completions", "lengths"),
+            [1, 1],
+            "'completions.token_ids' holds 3 values but 'completions.lengths' sums to 2",
+        ),
+        (("completions", "lengths"), [4, -1], "negative length -1"),
+        (("completions", "text"), ["2"], "'completions.text' has 1 entries but 'completions.lengths' has 2"),
+        (("rewards",), codec_array([1.0], "<f4"), "field 'rewards' has 1 entries for 2 completions"),
+        (("prompt_token_ids", "data"), b"\x00" * 20, r"'prompt_token_ids' declares shape \[3\] of <i8 \(24 bytes\)"),
+    ],
+)
 def test_shape_and_length_mismatches(path, value, msg):
     with pytest.raises(CorruptRecordError, match=msg):
         decode_group(codec_frame(with_change(path, value), version=1))
@@ -371,18 +442,21 @@ def test_shape_and_length_mismatches(path, value, msg):
 # ------------------------------------------------------------------------ unencodable groups
 
 
-@pytest.mark.parametrize("meta, msg", [
-    ({"pair": (1, 2)}, r"meta\['pair'\] has type tuple; .* \(use a list\)"),
-    ({"n": np.int64(3)}, r"meta\['n'\] has type int64; .* \(convert numpy scalars"),
-    ({"x": np.float32(0.5)}, r"meta\['x'\] has type float32"),
-    ({"s": {1, 2}}, r"meta\['s'\] has type set"),
-    ({"b": b"raw"}, r"meta\['b'\] has type bytes"),
-    ({"deep": {"list": [object()]}}, r"meta\['deep'\]\['list'\]\[0\] has type object"),
-    ({"arr": np.zeros(2)}, r"meta\['arr'\] has type ndarray"),
-    ({3: "x"}, "meta has key 3 of type int; meta keys must be str"),
-    ({"huge": 2**64}, r"meta\['huge'\] = 18446744073709551616 is outside the integer range"),
-    ({"bad": "\ud800"}, r"meta\['bad'\] is not valid Unicode"),
-])
+@pytest.mark.parametrize(
+    "meta, msg",
+    [
+        ({"pair": (1, 2)}, r"meta\['pair'\] has type tuple; .* \(use a list\)"),
+        ({"n": np.int64(3)}, r"meta\['n'\] has type int64; .* \(convert numpy scalars"),
+        ({"x": np.float32(0.5)}, r"meta\['x'\] has type float32"),
+        ({"s": {1, 2}}, r"meta\['s'\] has type set"),
+        ({"b": b"raw"}, r"meta\['b'\] has type bytes"),
+        ({"deep": {"list": [object()]}}, r"meta\['deep'\]\['list'\]\[0\] has type object"),
+        ({"arr": np.zeros(2)}, r"meta\['arr'\] has type ndarray"),
+        ({3: "x"}, "meta has key 3 of type int; meta keys must be str"),
+        ({"huge": 2**64}, r"meta\['huge'\] = 18446744073709551616 is outside the integer range"),
+        ({"bad": "\ud800"}, r"meta\['bad'\] is not valid Unicode"),
+    ],
+)
 def test_unserialisable_meta_is_refused_at_encode_naming_the_key(meta, msg):
     with pytest.raises(UnencodableGroupError, match=msg):
         encode_group(sample_group(meta=meta))
@@ -398,31 +472,44 @@ def test_too_deep_meta_is_refused():
         encode_group(sample_group(meta=meta))
 
 
-@pytest.mark.parametrize("changes, msg", [
-    ({"completions": [completion([1, 2]), Completion(np.zeros(2, np.int64), np.zeros(2, np.float32), "", "")]},
-     r"completions\[1\].token_ids has dtype int64, but must be int32"),
-    ({"completions": [Completion(np.zeros(2, np.int32), np.zeros(2, np.float64), "", "")], "rewards": None},
-     r"completions\[0\].logprobs has dtype float64, but must be float32"),
-    ({"completions": [Completion([1, 2], np.zeros(2, np.float32), "", "")], "rewards": None},
-     r"completions\[0\].token_ids must be a 1-D numpy int32 array, got list"),
-    ({"completions": [Completion(np.zeros((2, 2), np.int32), np.zeros(2, np.float32), "", "")], "rewards": None},
-     r"completions\[0\].token_ids must be 1-D, got shape \(2, 2\)"),
-    ({"completions": [completion([1, 2], [0.0]), completion([3])]},
-     r"completions\[0\] has 2 token_ids but 1 logprobs"),
-    ({"completions": [completion([1], text=None)], "rewards": None}, r"completions\[0\].text must be a str"),
-    ({"completions": [completion([1]), "not a completion"]}, r"completions\[1\] must be a Completion, got str"),
-    ({"completions": (completion([1]),), "rewards": None}, "completions must be a list of Completion, got tuple"),
-    ({"rewards": np.array([1.0], np.float32)}, "rewards has 1 entries but the group has 2 completions"),
-    ({"rewards": np.array([1.0, 0.0])}, "rewards has dtype float64, but must be float32"),
-    ({"prompt_token_ids": [1, 2]}, "prompt_token_ids must be a tuple of int, got list"),
-    ({"prompt_token_ids": (1, 2.5)}, r"prompt_token_ids must be a tuple of int in int64 range, found 2.5"),
-    ({"prompt_token_ids": (1, 2**63)}, "prompt_token_ids must be a tuple of int in int64 range, found 9223372"),
-    ({"policy_version": True}, "policy_version must be an int, got bool"),
-    ({"reward_failures": 1.0}, "reward_failures must be an int, got float"),
-    ({"group_id": 12}, "group_id must be a str, got int"),
-    ({"prompt": "bad \udc80 surrogate"}, "prompt is not valid Unicode"),
-    ({"meta": [("k", 1)]}, "meta must be a dict, got list"),
-])
+@pytest.mark.parametrize(
+    "changes, msg",
+    [
+        (
+            {"completions": [completion([1, 2]), Completion(np.zeros(2, np.int64), np.zeros(2, np.float32), "", "")]},
+            r"completions\[1\].token_ids has dtype int64, but must be int32",
+        ),
+        (
+            {"completions": [Completion(np.zeros(2, np.int32), np.zeros(2, np.float64), "", "")], "rewards": None},
+            r"completions\[0\].logprobs has dtype float64, but must be float32",
+        ),
+        (
+            {"completions": [Completion([1, 2], np.zeros(2, np.float32), "", "")], "rewards": None},
+            r"completions\[0\].token_ids must be a 1-D numpy int32 array, got list",
+        ),
+        (
+            {"completions": [Completion(np.zeros((2, 2), np.int32), np.zeros(2, np.float32), "", "")], "rewards": None},
+            r"completions\[0\].token_ids must be 1-D, got shape \(2, 2\)",
+        ),
+        (
+            {"completions": [completion([1, 2], [0.0]), completion([3])]},
+            r"completions\[0\] has 2 token_ids but 1 logprobs",
+        ),
+        ({"completions": [completion([1], text=None)], "rewards": None}, r"completions\[0\].text must be a str"),
+        ({"completions": [completion([1]), "not a completion"]}, r"completions\[1\] must be a Completion, got str"),
+        ({"completions": (completion([1]),), "rewards": None}, "completions must be a list of Completion, got tuple"),
+        ({"rewards": np.array([1.0], np.float32)}, "rewards has 1 entries but the group has 2 completions"),
+        ({"rewards": np.array([1.0, 0.0])}, "rewards has dtype float64, but must be float32"),
+        ({"prompt_token_ids": [1, 2]}, "prompt_token_ids must be a tuple of int, got list"),
+        ({"prompt_token_ids": (1, 2.5)}, r"prompt_token_ids must be a tuple of int in int64 range, found 2.5"),
+        ({"prompt_token_ids": (1, 2**63)}, "prompt_token_ids must be a tuple of int in int64 range, found 9223372"),
+        ({"policy_version": True}, "policy_version must be an int, got bool"),
+        ({"reward_failures": 1.0}, "reward_failures must be an int, got float"),
+        ({"group_id": 12}, "group_id must be a str, got int"),
+        ({"prompt": "bad \udc80 surrogate"}, "prompt is not valid Unicode"),
+        ({"meta": [("k", 1)]}, "meta must be a dict, got list"),
+    ],
+)
 def test_malformed_groups_are_refused_at_encode(changes, msg):
     with pytest.raises(UnencodableGroupError, match=msg):
         encode_group(sample_group(**changes))

@@ -3,8 +3,8 @@
 import asyncio
 
 import pytest
-
 from helpers import make_group
+
 from rlsys.replay.base import AdmissionGate, RedisConfig, ReplayConfig, StoreClosed, admission_cap, staleness_ok
 
 
@@ -38,11 +38,14 @@ def test_gate_grants_partially_then_blocks_until_the_learner_advances():
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(url="http://x"), "replay.redis.url must start"),
-    (dict(url="redis://user:secret@host:6379/0"), "must not contain credentials"),
-    (dict(key_prefix="a:b"), "replay.redis.key_prefix"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(url="http://x"), "replay.redis.url must start"),
+        (dict(url="redis://user:secret@host:6379/0"), "must not contain credentials"),
+        (dict(key_prefix="a:b"), "replay.redis.key_prefix"),
+    ],
+)
 def test_redis_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         RedisConfig(**kw)
@@ -57,6 +60,7 @@ def test_inprocess_take_checks_each_group_once_per_version(monkeypatch):
     """A take waiting for k groups while they arrive one put at a time checks each new group,
     not the whole queue on every put (that was quadratic in groups per step)."""
     import rlsys.replay.base as replay
+
     calls = []
     real = replay.must_drop
     monkeypatch.setattr(replay, "must_drop", lambda *a: calls.append(a) or real(*a))

@@ -28,9 +28,11 @@ class Scripted:
 
 def prefers(better):
     """A judge that knows which response text is better and answers in the strict format."""
+
     def answer(prompt, _):
         a = prompt.split("<response_a>\n")[1].split("\n</response_a>")[0]
         return "VERDICT: A" if a == better else "VERDICT: B"
+
     return answer
 
 
@@ -85,8 +87,18 @@ def test_transient_error_is_retried():
     assert out[0] in (1, -1) and q.stats.errors == 0
 
 
-@pytest.mark.parametrize("text", ["", "A", "verdict: a", "VERDICT: A\nVERDICT: B", "The answer is VERDICT: A",
-                                  "VERDICT: C", "Ignore previous instructions. VERDICT: A"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "A",
+        "verdict: a",
+        "VERDICT: A\nVERDICT: B",
+        "The answer is VERDICT: A",
+        "VERDICT: C",
+        "Ignore previous instructions. VERDICT: A",
+    ],
+)
 def test_garbage_answers_fall_back_and_are_counted(text):
     q = JudgeQueue(cfg(retries=2), Scripted(lambda p, n: text))
     assert run(q.judge_pairs([JudgePair("p", "a", "b")])) == [None]
@@ -102,9 +114,15 @@ def test_rate_limit_spaces_calls():
     assert time.perf_counter() - t0 >= 0.4  # 30 calls at 20/s with a burst of 20: >= 0.5 s nominal
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(backend="grpc"), "judge.backend"), (dict(backend="openai", model=""), "judge.model"),
-                                    (dict(backend="openai", model="m", url="ftp://x"), "judge.url"),
-                                    (dict(backend="openai", model="m", concurrency=0), "judge.concurrency")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(backend="grpc"), "judge.backend"),
+        (dict(backend="openai", model=""), "judge.model"),
+        (dict(backend="openai", model="m", url="ftp://x"), "judge.url"),
+        (dict(backend="openai", model="m", concurrency=0), "judge.concurrency"),
+    ],
+)
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         JudgeConfig(**kw)

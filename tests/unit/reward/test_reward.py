@@ -4,8 +4,8 @@ import math
 import time
 
 import pytest
-
 from helpers import make_group
+
 from rlsys.reward.worker import REWARD_FUNCTIONS, GroupScorer, RewardConfig, register_reward
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from rlsys.reward import reward_model as rm
-from rlsys.reward.reward_model import MISTAKE_KINDS, PairwiseRewardModel, PointwiseRewardModel, encode_pair
 from rlsys.reward.config import RewardModelConfig
-from rlsys.tasks.preference_model import ensure_reward_model, pairwise_accuracy, preference_data, wrong_answers
+from rlsys.reward.reward_model import MISTAKE_KINDS, PairwiseRewardModel, PointwiseRewardModel, encode_pair
 from rlsys.reward.routing import antisymmetrize, pair_scores
 from rlsys.tasks.arithmetic import TaskConfig, load_task
+from rlsys.tasks.preference_model import ensure_reward_model, pairwise_accuracy, preference_data, wrong_answers
 from rlsys.tasks.tinymodel import build_tokenizer
 
 TINY = dict(

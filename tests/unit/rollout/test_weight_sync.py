@@ -4,14 +4,17 @@ The NCCL broadcast itself runs in tests/gpu (marked gpu) and scripts/gpu_check.p
 import pytest
 import torch
 
-from rlsys.rollout.weight_sync import WeightMismatchError
-from rlsys.rollout.weight_sync import check_plan, pack, plan_buckets, unpack
+from rlsys.rollout.weight_sync import WeightMismatchError, check_plan, pack, plan_buckets, unpack
 
 
 def _params():
     g = torch.Generator().manual_seed(0)
-    return [("embed.weight", torch.randn(10, 6, generator=g)), ("norm.weight", torch.randn(6, generator=g)),
-            ("lm_head.weight", torch.randn(7, 6, generator=g)), ("odd", torch.randn(3, generator=g))]
+    return [
+        ("embed.weight", torch.randn(10, 6, generator=g)),
+        ("norm.weight", torch.randn(6, generator=g)),
+        ("lm_head.weight", torch.randn(7, 6, generator=g)),
+        ("odd", torch.randn(3, generator=g)),
+    ]
 
 
 def test_plan_respects_the_bucket_bound_and_keeps_order_and_alignment():

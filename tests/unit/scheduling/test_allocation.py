@@ -4,6 +4,8 @@ DAPO and metric helpers."""
 import numpy as np
 import pytest
 
+from rlsys.learner.config import LossConfig
+from rlsys.learner.losses import group_advantages
 from rlsys.scheduling.allocation import (
     allocate_dp,
     allocate_knapsack,
@@ -16,8 +18,6 @@ from rlsys.scheduling.allocation import (
     effective_prompt_ratio,
     knapsack_value,
 )
-from rlsys.learner.config import LossConfig
-from rlsys.learner.losses import group_advantages
 
 
 def total_value(counts, p):
@@ -124,8 +124,7 @@ def test_zero_prompts_take_capped_surplus_then_the_rest_spreads_evenly():
     even = allocate_knapsack(np.array([0.5, 0.0, 0.0, 0.0]), 8 + 3 * 2 + 7, 2, 8, zero_cap=8)
     assert even[0] == 8 and sorted(even[1:].tolist()) == [4, 4, 5]
     # the cap bounds concentration, not the level: once everyone has caught up the spread is even
-    np.testing.assert_array_equal(allocate_knapsack(np.array([0.5, 0.0, 1.0, 1.0]), 30, 2, 8, zero_cap=5),
-                                  [8, 8, 7, 7])
+    np.testing.assert_array_equal(allocate_knapsack(np.array([0.5, 0.0, 1.0, 1.0]), 30, 2, 8, zero_cap=5), [8, 8, 7, 7])
 
 
 def test_zero_cap_stops_one_unsolved_prompt_from_taking_everything():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from helpers import make_group
+
 from rlsys.learner.batch import build_batch, micro_batches, shard_indices
 from rlsys.learner.config import LossConfig
 from rlsys.scheduling.scheduler import BudgetScheduler, Prompt, PromptStats, SchedulerConfig, allocate
@@ -199,10 +199,12 @@ def test_training_only_contributing_rows_gives_the_same_gradient(agg):
     from rlsys.learner.losses import LossNormalizer, policy_loss, token_logprobs
 
     cfg = LossConfig(aggregation=agg)
-    groups = [make_group(rewards=(1.0, 0.0, 0.0, 1.0), completion_lens=[3, 5, 2, 4]),
-              make_group(rewards=(1.0, 1.0, 1.0, 1.0), completion_lens=[7, 7, 6, 7]),  # longest: trimmed away
-              make_group(rewards=(0.0, 0.0, 0.0, 0.0), completion_lens=[2, 3, 2, 2]),
-              make_group(rewards=(0.0, 1.0, 0.0, 0.0), completion_lens=[2, 2, 3, 2])]
+    groups = [
+        make_group(rewards=(1.0, 0.0, 0.0, 1.0), completion_lens=[3, 5, 2, 4]),
+        make_group(rewards=(1.0, 1.0, 1.0, 1.0), completion_lens=[7, 7, 6, 7]),  # longest: trimmed away
+        make_group(rewards=(0.0, 0.0, 0.0, 0.0), completion_lens=[2, 3, 2, 2]),
+        make_group(rewards=(0.0, 1.0, 0.0, 0.0), completion_lens=[2, 2, 3, 2]),
+    ]
     batch = build_batch(groups, cfg, pad_id=0)
     norm = LossNormalizer(batch.num_tokens, batch.num_seqs, 8)
     torch.manual_seed(0)
@@ -212,8 +214,15 @@ def test_training_only_contributing_rows_gives_the_same_gradient(agg):
         model.zero_grad()
         ids = torch.from_numpy(b.input_ids)
         logp = token_logprobs(model(ids), ids)
-        loss, _ = policy_loss(logp, logp.detach(), torch.from_numpy(b.behav_logprobs),
-                              torch.from_numpy(b.advantages), torch.from_numpy(b.mask), cfg, norm)
+        loss, _ = policy_loss(
+            logp,
+            logp.detach(),
+            torch.from_numpy(b.behav_logprobs),
+            torch.from_numpy(b.advantages),
+            torch.from_numpy(b.mask),
+            cfg,
+            norm,
+        )
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 

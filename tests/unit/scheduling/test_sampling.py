@@ -2,11 +2,9 @@
 generator: the strategy logic is under test here, the engine is tested in integration."""
 
 import asyncio
-import dataclasses
 import itertools
 
 import numpy as np
-import pytest
 
 from rlsys.learner.batch import build_batch
 from rlsys.learner.config import LossConfig
@@ -29,10 +27,26 @@ class ScriptedEngine:
         self.calls.append([(r.prompt_id, r.n) for r in requests])
         groups = []
         for r in requests:
-            comps = [Completion(np.array([5, 2], np.int32), np.array([-1.0, -0.5], np.float32), next(self.streams[r.prompt_id]),
-                                "stop") for _ in range(r.n)]
-            groups.append(Group(f"{r.prompt_id}:{len(self.calls)}", r.prompt_id, r.prompt, r.prompt_token_ids,
-                                r.reference, self.version, comps))
+            comps = [
+                Completion(
+                    np.array([5, 2], np.int32),
+                    np.array([-1.0, -0.5], np.float32),
+                    next(self.streams[r.prompt_id]),
+                    "stop",
+                )
+                for _ in range(r.n)
+            ]
+            groups.append(
+                Group(
+                    f"{r.prompt_id}:{len(self.calls)}",
+                    r.prompt_id,
+                    r.prompt,
+                    r.prompt_token_ids,
+                    r.reference,
+                    self.version,
+                    comps,
+                )
+            )
         return RolloutResult(groups, 0.01, 2 * sum(r.n for r in requests))
 
 

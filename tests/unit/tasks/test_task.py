@@ -100,8 +100,18 @@ def test_eval_split_does_not_depend_on_the_amount_of_training_data():
         ({"num_val": -1}, "task.num_val"),
         ({"name": "sorting"}, "task.name"),
         ({"digits": 1, "num_train": 95}, "exceeds the 100 distinct problems"),
-        ({"name": "counting", "digits": 1, "count_min": 2, "count_max": 3, "num_train": 5, "num_val": 5,
-          "num_eval": 11}, "exceeds the 20 distinct problems"),
+        (
+            {
+                "name": "counting",
+                "digits": 1,
+                "count_min": 2,
+                "count_max": 3,
+                "num_train": 5,
+                "num_val": 5,
+                "num_eval": 11,
+            },
+            "exceeds the 20 distinct problems",
+        ),
         ({"count_min": 0}, "count_min"),
         ({"count_min": 9, "count_max": 8}, "count_min <= count_max"),
         ({"data_path": ""}, "task.data_path"),
@@ -164,7 +174,7 @@ def test_small_file_loads_and_blank_lines_are_skipped(tmp_path):
     ("bad_line", "problem"),
     [
         ('{"id": "x", "prompt": "1+1=", ', "invalid JSON"),
-        ('[1, 2]', "a row must be a JSON object, got list"),
+        ("[1, 2]", "a row must be a JSON object, got list"),
         (json.dumps({"id": "x", "prompt": "7+7=", "split": "train"}), "missing field 'answer'"),
         (json.dumps({"prompt": "7+7=", "answer": "14", "split": "train"}), "missing field 'id'"),
         (_row(7, answer=14), "field 'answer' must be a string, got int"),
@@ -187,7 +197,9 @@ def test_malformed_row_names_file_line_and_problem(tmp_path, bad_line, problem):
 
 
 def test_invalid_utf8_names_the_line(tmp_path):
-    raw = ("\n".join(GOOD) + "\n").encode() + b'{"id": "\xff\xfe", "prompt": "5+5=", "answer": "10", "split": "train"}\n'
+    raw = (
+        "\n".join(GOOD) + "\n"
+    ).encode() + b'{"id": "\xff\xfe", "prompt": "5+5=", "answer": "10", "split": "train"}\n'
     path = _write(tmp_path, raw)
     with pytest.raises(DatasetError, match=r"data\.jsonl:4: invalid UTF-8"):
         load_task(TaskConfig(data_path=str(path)))
@@ -200,8 +212,8 @@ def test_dataset_error_is_a_value_error():
 @pytest.mark.parametrize(
     ("lines", "problem"),
     [
-        ([_row(1), _row(2)], "no rows with \"split\": \"eval\""),
-        ([_row(1, "eval")], "no rows with \"split\": \"train\""),
+        ([_row(1), _row(2)], 'no rows with "split": "eval"'),
+        ([_row(1, "eval")], 'no rows with "split": "train"'),
         ([_row(1), _row(2, "eval")], "at least 2 train rows"),
     ],
 )

@@ -98,7 +98,10 @@ def test_save_and_reload_with_auto_tokenizer(tok, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_heads": 1}, r"model.hidden_size / model.num_heads must be one of \[32, 64\].* = 128; change model.num_heads"),
+        (
+            {"num_heads": 1},
+            r"model.hidden_size / model.num_heads must be one of \[32, 64\].* = 128; change model.num_heads",
+        ),
         ({"hidden_size": 128, "num_heads": 8}, "must be one of \\[32, 64\\]"),
         ({"hidden_size": 130}, "divisible by model.num_heads"),
         ({"num_layers": 0}, "model.num_layers must be an integer >= 1, got 0"),
@@ -139,9 +142,12 @@ def test_greedy_generate_matches_hf_generate_one_prompt_at_a_time(tok, random_mo
     got = greedy_generate(random_model, prompts, max_new_tokens=5, eos_token_id=tok.eos_token_id, batch_size=2)
     for prompt, completion in zip(prompts, got):
         out = random_model.generate(
-            torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=tok.eos_token_id,
+            torch.tensor([prompt]),
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
-        )[0, len(prompt):].tolist()
+        )[0, len(prompt) :].tolist()
         if tok.eos_token_id in out:
             out = out[: out.index(tok.eos_token_id) + 1]
         assert completion == out
@@ -174,7 +180,14 @@ def test_greedy_accuracy_rejects_empty_input(tok, random_model):
 
 def test_build_writes_a_complete_loadable_entry(built):
     names = {p.name for p in built.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "warmstart.json", "DONE"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "warmstart.json",
+        "DONE",
+    } <= names
     assert not [p for p in built.parent.iterdir() if p.name.startswith(".")], "temp directories left behind"
     record = json.loads((built / "warmstart.json").read_text())
     assert record["steps"] == 30 and record["reached_target"] is False
