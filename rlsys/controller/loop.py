@@ -39,15 +39,17 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from rlsys import checkpoint
 from rlsys.config import RunConfig
 from rlsys.controller.actors import Fleet
+from rlsys.controller.checkpointing import Checkpointer, PendingCheckpoint, ResumePoint, resume_point
 from rlsys.controller.cluster import check_resources, start_ray
 from rlsys.controller.elastic import ControlLoop
+from rlsys.controller.evaluation import greedy_accuracy
 from rlsys.controller.progress import (
     Progress,
     RecentErrors,
@@ -66,11 +68,11 @@ from rlsys.observability.loggers import MetricLoggers
 from rlsys.observability.metrics import Metrics, MetricsServer, serve
 from rlsys.records import Group, StepRecord
 from rlsys.replay import make_store
-from rlsys.replay.base import ReplayStore, StoreClosed
+from rlsys.replay.base import ReplayStore, StoreClosed, reserve_or_stop
 from rlsys.scheduling.sampling import Sampler
 from rlsys.scheduling.scheduler import Prompt
-from rlsys.supervision import describe, is_worker_failure, with_deadline
-from rlsys.tasks.arithmetic import load_task, verify_answer
+from rlsys.supervision import is_worker_failure, with_deadline
+from rlsys.tasks.arithmetic import TaskData, load_task
 from rlsys.tasks.preference_model import ensure_reward_model
 from rlsys.tasks.tinymodel import ensure_model, tokenize_prompts
 
@@ -83,18 +85,6 @@ class RolloutLoop:
 
     task: asyncio.Task
     stop: asyncio.Event
-
-
-@dataclass
-class ResumePoint:
-    """The checkpoint a resumed run continues from."""
-
-    path: Path
-    state: dict
-
-    @property
-    def version(self) -> int:
-        return self.state["version"]
 
 
 class Controller:
@@ -123,6 +113,7 @@ class Controller:
         self.fleet: Optional[Fleet] = None
         self.weights: Optional[WeightPublisher] = None
         self.store: Optional[ReplayStore] = None
+        self.checkpoints: Optional[Checkpointer] = None
         self.recovery: Optional[Recovery] = None
         self.reward_stats = RewardStats(cfg, self.metrics)
         self.sampler = Sampler(cfg.scheduler)
@@ -141,18 +132,9 @@ class Controller:
         """Everything that can fail on bad input first (resume point, data, Redis), then the model,
         the prompts, the Ray cluster, the actors and the replay store."""
         import ray
-        from transformers import AutoTokenizer
 
         cfg, t0 = self.cfg, time.perf_counter()
-        if cfg.resume:
-            path = checkpoint.resolve(cfg.resume)
-            self.resume = ResumePoint(path, checkpoint.read_state(path))
-            if self.resume.state["step"] >= cfg.steps:
-                raise checkpoint.CheckpointError(
-                    f"{checkpoint.describe(path, self.resume.state)} is already at "
-                    f"steps={cfg.steps}; raise steps to train further"
-                )
-            log.info("resuming from %s", checkpoint.describe(path, self.resume.state))
+        self.resume = resume_point(cfg)
         data = load_task(cfg.task)  # bad rows fail here, before anything is built
         if cfg.replay.backend == "redis":  # so does an unauthenticated or unreachable Redis
             from concurrent.futures import ThreadPoolExecutor
@@ -161,13 +143,7 @@ class Controller:
 
             with ThreadPoolExecutor(1) as pool:  # its own event loop: setup() may run inside one
                 pool.submit(asyncio.run, check_auth(cfg.replay)).result()
-        self.model_path = str(ensure_model(cfg.model, cfg.task))
-        tok = AutoTokenizer.from_pretrained(self.model_path)
-        self.pad_id = tok.pad_token_id
-        hf = json.loads((Path(self.model_path) / "config.json").read_text())
-        limit = (cfg.rollout.max_model_len or int(hf.get("max_position_embeddings", 2048))) - cfg.rollout.max_new_tokens
-        self.train_prompts = tokenize_prompts(tok, list(data.train), limit)
-        self.eval_prompts = tokenize_prompts(tok, list(data.eval), limit)
+        self.model_path, self.pad_id, self.train_prompts, self.eval_prompts = prompts_for(cfg, data)
         log.info(
             "model %s; %d train / %d eval prompts (%.1fs)",
             self.model_path,
@@ -200,9 +176,12 @@ class Controller:
         self.store = make_store(cfg.replay, cfg.scheduler.prompts_per_step, run_id=self.run_id)
         self.weights = WeightPublisher(cfg, self.run_dir, version0)
         self.weights.pick_transport(self.fleet)
-        self.recovery = Recovery(cfg, self.fleet, self.weights, self.store, self.metrics, self.reward_stats)
+        self.checkpoints = Checkpointer(cfg, self.run_dir, self.model_path)
+        self.recovery = Recovery(
+            cfg, self.fleet, self.weights, self.store, self.metrics, self.reward_stats, self.checkpoints
+        )
         if res:
-            self.recovery.last_checkpoint = (str(res.path), version0)
+            self.checkpoints.last = (str(res.path), version0)
         self.control = ControlLoop(
             cfg,
             self.run_dir.name,
@@ -369,14 +348,14 @@ class Controller:
         steps = asyncio.gather(*[r.train_step.remote(s, norm) for r, s in zip(ranks, shards)])
         return await with_deadline(steps, cfg.learner.step_timeout_s), trained
 
-    async def _commit(self, groups: list[Group], version: int) -> Optional[tuple]:
+    async def _commit(self, groups: list[Group], version: int) -> Optional[PendingCheckpoint]:
         """The step is committed: a checkpoint when due (producers are still parked at the admission
         gate), then the learner version advances (unblocking them) and the groups are acknowledged.
         Returns the checkpoint to finish once the step is recorded, if one is due."""
         ckpt = None
         step = self.progress.step + 1
-        if checkpoint.is_due(self.cfg.checkpoint, step, self.cfg.steps):
-            ckpt = await self._write_checkpoint(step)
+        if self.checkpoints.due(step):
+            ckpt = await self.checkpoints.write(step, self.fleet)
         await self.store.set_learner_version(version)
         await self.store.ack([g.group_id for g in groups])  # committed: weights are published
         self.metrics.replay_depth.set(await self.store.depth())
@@ -390,7 +369,7 @@ class Controller:
         version: int,
         step_s: float,
         sync_s: float,
-        ckpt: Optional[tuple],
+        ckpt: Optional[PendingCheckpoint],
     ) -> None:
         """One record of the committed step feeds the gauges, the loggers, the progress line, the
         totals (and the checkpoint written for it), and the ``on_step`` hooks."""
@@ -415,32 +394,9 @@ class Controller:
         if rec.step % self.cfg.log_every == 0 or rec.step == self.cfg.steps:
             log.info("%s", progress_line(rec, self.cfg.steps))
         if ckpt is not None:
-            self._commit_checkpoint(*ckpt, version)
+            self.checkpoints.commit(ckpt, version, p, self.run_id)
         for hook in self.on_step:
             hook(rec)
-
-    async def _write_checkpoint(self, step: int) -> tuple:
-        """Everything but the commit: learner state (collective) and the scheduler's state. Returns
-        what ``_commit_checkpoint`` needs."""
-        t0 = time.perf_counter()
-        tmp = checkpoint.begin(checkpoint.root_for(self.cfg.checkpoint, self.run_dir), step)
-        await asyncio.gather(*[r.save_checkpoint.remote(str(tmp)) for r in self.fleet.ranks])
-        sched = await self.fleet.scheduler.state_dict.remote()
-        return tmp, sched, t0
-
-    def _commit_checkpoint(self, tmp: Path, sched: dict, t0: float, version: int) -> None:
-        p = self.progress
-        state = {
-            "step": p.step,
-            "version": version,
-            "run_id": self.run_id,
-            "scheduler": sched,
-            "progress": asdict(p),
-            "config_name": self.cfg.name,
-        }
-        final = checkpoint.commit(tmp, state, Path(self.model_path), self.cfg.checkpoint.keep_last)
-        self.recovery.last_checkpoint = (str(final), version)  # a learner restart at this version restores from it
-        log.info("checkpoint %s written in %.1fs", final, time.perf_counter() - t0)
 
     # -- the rollout loops ---------------------------------------------------------------
     def _start_loop(self, index: int) -> None:
@@ -476,7 +432,7 @@ class Controller:
             try:
                 # A worker holding carried groups must not wait for room: those groups hold the
                 # slots, and may be what the learner waits for. No room -> continue them instead.
-                k = await self._reserve_or_stop(per_call, stop, patience=0.05 if held else None)
+                k = await reserve_or_stop(self.store, per_call, stop, patience=0.05 if held else None)
             except StoreClosed:
                 return
             if k is None and not stop.is_set():
@@ -503,31 +459,6 @@ class Controller:
             and rc.partial_carry_fraction > 0
             and self.cfg.scheduler.strategy in ("uniform", "knapsack")
         )
-
-    async def _reserve_or_stop(self, k: int, stop: asyncio.Event, patience: Optional[float] = None) -> Optional[int]:
-        """Admission slots, or None once ``stop`` is set or ``patience`` seconds have passed
-        without room (slots granted meanwhile are returned)."""
-        if stop.is_set():
-            return None
-        reserve = asyncio.ensure_future(self.store.reserve(k))
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({reserve, stopper}, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            reserve.cancel()
-            raise
-        finally:
-            stopper.cancel()
-        if not reserve.done():
-            reserve.cancel()
-            await asyncio.wait({reserve})  # a cancel of this task propagates; reserve's own does not
-            if reserve.cancelled():
-                return None
-        granted = reserve.result()  # StoreClosed propagates
-        if stop.is_set():
-            await self.store.release(granted)
-            return None
-        return granted
 
     async def _produce(self, index: int, requests: list, carry: bool = False, drain: bool = False) -> Optional[int]:
         """One generate + score round into the store. Returns the number of groups the worker
@@ -574,29 +505,8 @@ class Controller:
         log.info("step %d: eval accuracy %.3f", p.step, acc)
 
     async def evaluate(self) -> float:
-        """Greedy accuracy on the held-out prompts, split over the rollout workers (the shards of a
-        worker that is dead or past rollout.call_timeout_s go to one that answered)."""
-        prompts, workers = self.eval_prompts, self.fleet.workers
-        shards = [prompts[i :: len(workers)] for i in range(len(workers))]
-
-        def greedy(w, shard):
-            return with_deadline(
-                w.generate_greedy.remote([list(p.prompt_token_ids) for p in shard]), self.cfg.rollout.call_timeout_s
-            )
-
-        outs = await asyncio.gather(*[greedy(w, s) for w, s in zip(workers, shards)], return_exceptions=True)
-        for o in outs:
-            if isinstance(o, BaseException) and not is_worker_failure(o):
-                raise o
-        healthy = [w for w, o in zip(workers, outs) if not isinstance(o, BaseException)]
-        for i, o in enumerate(outs):
-            if isinstance(o, BaseException):
-                if not healthy:
-                    raise RuntimeError("no rollout worker answered the evaluation") from o
-                log.warning("evaluation: a rollout worker %s; its shard goes to another worker", describe(o))
-                outs[i] = await greedy(healthy[0], shards[i])
-        correct = sum(verify_answer(text, p.reference) for s, o in zip(shards, outs) for p, text in zip(s, o))
-        acc = correct / max(len(prompts), 1)
+        """Greedy accuracy on the held-out prompts (rlsys/controller/evaluation.py)."""
+        acc = await greedy_accuracy(self.fleet.workers, self.eval_prompts, self.cfg.rollout.call_timeout_s)
         self.metrics.eval_accuracy.set(acc)
         return acc
 
@@ -616,6 +526,23 @@ class Controller:
             "worker_restarts": dict(self.recovery.restarts.counts),
             "last_errors": list(self.recent_errors.lines),
         }
+
+
+def prompts_for(cfg: RunConfig, data: TaskData) -> tuple[str, Optional[int], list[Prompt], list[Prompt]]:
+    """The policy model (built and cached when ``model.path`` is unset), its pad id, and the task's
+    train and eval prompts tokenized for it (refused when one leaves no room for the completion)."""
+    from transformers import AutoTokenizer
+
+    model_path = str(ensure_model(cfg.model, cfg.task))
+    tok = AutoTokenizer.from_pretrained(model_path)
+    hf = json.loads((Path(model_path) / "config.json").read_text())
+    limit = (cfg.rollout.max_model_len or int(hf.get("max_position_embeddings", 2048))) - cfg.rollout.max_new_tokens
+    return (
+        model_path,
+        tok.pad_token_id,
+        tokenize_prompts(tok, list(data.train), limit),
+        tokenize_prompts(tok, list(data.eval), limit),
+    )
 
 
 def run_training(cfg: RunConfig, run_dir: Path) -> dict:

@@ -38,10 +38,10 @@ import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
 
 from rlsys.config import RunConfig
 from rlsys.controller.actors import Fleet
+from rlsys.controller.checkpointing import Checkpointer
 from rlsys.controller.progress import Progress, RewardStats
 from rlsys.controller.weights import WeightPublisher
 from rlsys.observability.metrics import Metrics
@@ -116,6 +116,7 @@ class Recovery:
         store: ReplayStore,
         metrics: Metrics,
         reward_stats: RewardStats,
+        checkpoints: Checkpointer,
     ):
         self.cfg = cfg
         self.fleet = fleet
@@ -123,14 +124,12 @@ class Recovery:
         self.store = store
         self.metrics = metrics
         self.reward_stats = reward_stats
+        self.checkpoints = checkpoints
         self.restarts = RestartBudget(cfg.cluster.max_worker_restarts)
         """Dead or hung rollout / reward / judge workers replaced, per role."""
         self.learner_restarts = 0
         self.nonfinite_run = 0
         """Non-finite learner steps in a row."""
-        self.last_checkpoint: Optional[tuple[str, int]] = None
-        """(checkpoint dir, policy version) of the newest checkpoint: ranks restarted at that
-        version restore its optimizer state too."""
         self._open: dict[int, OpenRequests] = {}
         self._reward_lock = asyncio.Lock()
 
@@ -296,7 +295,7 @@ class Recovery:
 
         for r in self.fleet.ranks:
             ray.kill(r)
-        ckpt = self.last_checkpoint
+        ckpt = self.checkpoints.last  # ranks restarted at its version restore its optimizer state too
         if ckpt is not None and ckpt[1] == self.store.learner_version:
             log.info("learner ranks restart from checkpoint %s (policy version %d, optimizer state included)", *ckpt)
             self.fleet.ranks = self.fleet.start_ranks(None, resume_dir=ckpt[0])

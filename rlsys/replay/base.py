@@ -412,3 +412,31 @@ class InProcessReplayStore:
 
     async def close(self) -> None:
         await self.stop()
+
+
+async def reserve_or_stop(
+    store: ReplayStore, k: int, stop: asyncio.Event, patience: Optional[float] = None
+) -> Optional[int]:
+    """Admission slots, or None once ``stop`` is set or ``patience`` seconds have passed
+    without room (slots granted meanwhile are returned)."""
+    if stop.is_set():
+        return None
+    reserve = asyncio.ensure_future(store.reserve(k))
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({reserve, stopper}, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        reserve.cancel()
+        raise
+    finally:
+        stopper.cancel()
+    if not reserve.done():
+        reserve.cancel()
+        await asyncio.wait({reserve})  # a cancel of this task propagates; reserve's own does not
+        if reserve.cancelled():
+            return None
+    granted = reserve.result()  # StoreClosed propagates
+    if stop.is_set():
+        await store.release(granted)
+        return None
+    return granted

@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
-from rlsys.cli import find_control
 from rlsys.config import compose, to_run_config
+from rlsys.controller.client import find_control
 from rlsys.controller.elastic import CONTROL_NAME
 from rlsys.controller.loop import Controller
 

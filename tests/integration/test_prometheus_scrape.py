@@ -13,9 +13,9 @@ import urllib.request
 import pytest
 from helpers import OracleJudgeServer
 
-from rlsys.cli import find_control
 from rlsys.config import compose, to_run_config
 from rlsys.controller.actors import free_port
+from rlsys.controller.client import find_control
 from rlsys.controller.loop import Controller
 
 pytestmark = pytest.mark.integration

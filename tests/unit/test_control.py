@@ -12,6 +12,7 @@ import pytest
 from rlsys import cli
 from rlsys.cli import main, parse_scale_args
 from rlsys.config import ClusterConfig
+from rlsys.controller import client
 from rlsys.controller.elastic import RunControl
 
 COMMANDS = ["train", "build-model", "scale", "status", "stop", "report"]
@@ -156,49 +157,49 @@ def test_a_local_cluster_is_found_by_its_temp_dir_only(processes, tmp_path):
         _raylet(1, "127.0.0.1:1111", "/tmp/rlsys-test", 10.0),  # another cluster (tests, users)
         _raylet(2, "127.0.0.1:2222", str(tmp_path), 20.0),
         _raylet(3, "127.0.0.1:3333", str(tmp_path) + "/", 30.0),  # same dir, newer: tried first
-        _raylet(4, "10.1.2.3:4444", cli.ray_default_temp_dir(), 40.0, node_ip="10.1.2.3"),
+        _raylet(4, "10.1.2.3:4444", client.ray_default_temp_dir(), 40.0, node_ip="10.1.2.3"),
     ]
-    assert [c.gcs_address for c in cli.local_clusters(str(tmp_path))] == ["127.0.0.1:3333", "127.0.0.1:2222"]
-    targets = cli.cluster_targets(None, str(tmp_path))
+    assert [c.gcs_address for c in client.local_clusters(str(tmp_path))] == ["127.0.0.1:3333", "127.0.0.1:2222"]
+    targets = client.cluster_targets(None, str(tmp_path))
     assert [(t.address, t.loopback, t.local) for t in targets] == [
         ("127.0.0.1:3333", True, True),
         ("127.0.0.1:2222", True, True),
     ]
     # No --temp-dir: the embedded default's dir first, then Ray's default (ray start), never any other.
-    assert cli.DEFAULT_TEMP_DIR == ClusterConfig().temp_dir
-    assert [(t.address, t.loopback, t.local) for t in cli.cluster_targets(None, None)] == [
+    assert client.DEFAULT_TEMP_DIR == ClusterConfig().temp_dir
+    assert [(t.address, t.loopback, t.local) for t in client.cluster_targets(None, None)] == [
         ("10.1.2.3:4444", False, True)
     ]  # this machine's, on its external address: the local token, not loopback
-    processes.append(_raylet(5, "127.0.0.1:5555", cli.DEFAULT_TEMP_DIR, 1.0))
-    assert [t.address for t in cli.cluster_targets(None, None)] == ["127.0.0.1:5555"]
+    processes.append(_raylet(5, "127.0.0.1:5555", client.DEFAULT_TEMP_DIR, 1.0))
+    assert [t.address for t in client.cluster_targets(None, None)] == ["127.0.0.1:5555"]
 
 
 def test_no_local_cluster_is_a_clear_error(processes, tmp_path):
     processes.append(_raylet(1, "127.0.0.1:1111", "/tmp/rlsys-test", 10.0))
     with pytest.raises(ConnectionError, match=r"no Ray cluster found \(is a run going\? start one with 'rlsys train"):
-        cli.cluster_targets(None, str(tmp_path))
+        client.cluster_targets(None, str(tmp_path))
 
 
 def test_an_explicit_address_wins_and_only_loopback_joins_as_local(processes, monkeypatch):
-    processes.append(_raylet(1, "127.0.0.1:1111", cli.DEFAULT_TEMP_DIR, 10.0))
-    assert [(t.address, t.loopback, t.local, t.where) for t in cli.cluster_targets("127.0.0.1:6379", None)] == [
+    processes.append(_raylet(1, "127.0.0.1:1111", client.DEFAULT_TEMP_DIR, 10.0))
+    assert [(t.address, t.loopback, t.local, t.where) for t in client.cluster_targets("127.0.0.1:6379", None)] == [
         ("127.0.0.1:6379", True, True, "--address")
     ]
-    assert cli.cluster_targets("localhost:6379", None)[0].loopback
-    assert not cli.cluster_targets("10.0.0.1:6379", None)[0].loopback
-    assert not cli.cluster_targets("10.0.0.1:6379", None)[0].local  # never send this machine's token elsewhere
-    assert not cli.cluster_targets("ray://127.0.0.1:10001", None)[0].loopback  # Ray Client: no local raylet
-    assert not cli.cluster_targets("auto", None)[0].loopback  # Ray's own discovery, as asked
+    assert client.cluster_targets("localhost:6379", None)[0].loopback
+    assert not client.cluster_targets("10.0.0.1:6379", None)[0].loopback
+    assert not client.cluster_targets("10.0.0.1:6379", None)[0].local  # never send this machine's token elsewhere
+    assert not client.cluster_targets("ray://127.0.0.1:10001", None)[0].loopback  # Ray Client: no local raylet
+    assert not client.cluster_targets("auto", None)[0].loopback  # Ray's own discovery, as asked
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")  # before the default dirs, after --address / --temp-dir
-    assert [(t.address, t.where) for t in cli.cluster_targets(None, None)] == [("10.0.0.2:6379", "$RAY_ADDRESS")]
-    assert cli.cluster_targets("10.0.0.1:6379", None)[0].address == "10.0.0.1:6379"
-    assert cli.cluster_targets(None, cli.DEFAULT_TEMP_DIR)[0].address == "127.0.0.1:1111"
+    assert [(t.address, t.where) for t in client.cluster_targets(None, None)] == [("10.0.0.2:6379", "$RAY_ADDRESS")]
+    assert client.cluster_targets("10.0.0.1:6379", None)[0].address == "10.0.0.1:6379"
+    assert client.cluster_targets(None, client.DEFAULT_TEMP_DIR)[0].address == "127.0.0.1:1111"
 
 
 def test_a_local_cluster_is_joined_on_loopback_with_the_local_token(monkeypatch, tmp_path):
     import os
 
-    # _prepare_local writes os.environ (and Ray's constant, if Ray is imported): on copies here
+    # prepare_local writes os.environ (and Ray's constant, if Ray is imported): on copies here
     monkeypatch.setattr(
         os,
         "environ",
@@ -213,33 +214,35 @@ def test_a_local_cluster_is_joined_on_loopback_with_the_local_token(monkeypatch,
         monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", constants.ENABLE_RAY_CLUSTER)
     monkeypatch.setenv("HOME", str(tmp_path))
 
-    cli._prepare_local(cli.Target("10.0.0.1:6379", "--address"))  # remote: nothing changes
+    client.prepare_local(client.Target("10.0.0.1:6379", "--address"))  # remote: nothing changes
     assert "RAY_AUTH_MODE" not in os.environ and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
-    cli._prepare_local(cli.Target("127.0.0.1:6379", "--address", loopback=True, local=True))  # no token: Ray's call
+    client.prepare_local(
+        client.Target("127.0.0.1:6379", "--address", loopback=True, local=True)
+    )  # no token: Ray's call
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and "RAY_AUTH_MODE" not in os.environ
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("t" * 32)  # what a local cluster writes when it starts
-    cli._prepare_local(cli.Target("127.0.0.1:6379", "--address", loopback=True, local=True))
+    client.prepare_local(client.Target("127.0.0.1:6379", "--address", loopback=True, local=True))
     assert os.environ["RAY_AUTH_MODE"] == "token"
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # said by the user: kept
-    cli._prepare_local(cli.Target("127.0.0.1:6379", "--address", loopback=True, local=True))
+    client.prepare_local(client.Target("127.0.0.1:6379", "--address", loopback=True, local=True))
     assert os.environ["RAY_AUTH_MODE"] == "disabled"
     monkeypatch.delenv("RAY_AUTH_MODE")
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    cli._prepare_local(cli.Target("10.1.2.3:6379", "under /tmp/ray", local=True))  # this machine's, not loopback
+    client.prepare_local(client.Target("10.1.2.3:6379", "under /tmp/ray", local=True))  # this machine's, not loopback
     assert os.environ["RAY_AUTH_MODE"] == "token" and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
 
 
 def test_a_call_that_does_not_return_fails_at_the_deadline_naming_what_it_waited_for():
-    deadline = cli._Deadline(0.3)
+    deadline = client.Deadline(0.3)
     deadline.stage = "connecting to the Ray cluster at 127.0.0.1:1 (--address)"
     t = time.monotonic()
     with pytest.raises(TimeoutError, match=r"no answer within 0.3s while connecting to the Ray cluster at 127.0.0.1:1"):
-        cli.run_with_deadline(lambda: time.sleep(30), deadline)
+        client.run_with_deadline(lambda: time.sleep(30), deadline)
     assert time.monotonic() - t < 2
-    assert cli.run_with_deadline(lambda: 5, cli._Deadline(5)) == 5
+    assert client.run_with_deadline(lambda: 5, client.Deadline(5)) == 5
     with pytest.raises(LookupError, match="no running rlsys job"):
-        cli.run_with_deadline(lambda: (_ for _ in ()).throw(LookupError("no running rlsys job")), cli._Deadline(5))
+        client.run_with_deadline(lambda: (_ for _ in ()).throw(LookupError("no running rlsys job")), client.Deadline(5))
 
 
 def test_status_without_a_cluster_fails_at_once(processes, tmp_path, capsys):
