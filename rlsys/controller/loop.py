@@ -276,16 +276,16 @@ class Controller:
         p.add_eval(p.step, acc_after, p.train_seconds, took_seconds=None)
         log.info("eval accuracy after training: %.3f", acc_after)
         out = RunOutcome(
-            acc_before,
-            acc_after,
-            time.perf_counter() - t_wall,
-            p.step - step0,
-            self.recovery.learner_restarts,
-            dict(self.recovery.restarts.counts),
-            self.weights.transport,
-            list(self.fleet.records.values()),
-            self.reward_stats,
-            self._held_at_end,
+            acc_before=acc_before,
+            acc_after=acc_after,
+            wall_seconds=time.perf_counter() - t_wall,
+            steps_this_run=p.step - step0,
+            learner_restarts=self.recovery.learner_restarts,
+            worker_restarts=dict(self.recovery.restarts.counts),
+            weight_transport=self.weights.transport,
+            rollout_workers=list(self.fleet.records.values()),
+            reward_stats=self.reward_stats,
+            held_at_end=self._held_at_end,
         )
         return summary(self.cfg, p, out, self.store.counters, self.model_path, str(self.run_dir))
 
