@@ -12,6 +12,11 @@ import numpy as np
 
 from rlsys.records import Completion, Group
 
+PICKLE_LIKE_MODULES = frozenset(
+    {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve", "joblib", "jsonpickle"}
+)
+"""Modules that deserialise by running code: none may read a replay record or a peer's data."""
+
 
 def codec_array(values, dtype) -> dict:
     """A 1-D array field of a replay record, as the codec's format description lays it out."""

@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import codec_array, codec_frame
+from helpers import PICKLE_LIKE_MODULES, codec_array, codec_frame
 from hydra.errors import ConfigCompositionException
 
 import rlsys
@@ -881,19 +881,6 @@ def test_pickled_record_is_refused_and_never_unpickled(wrap):
     assert _UNPICKLED == []
 
 
-UNSAFE_DESERIALISERS = {
-    "pickle",
-    "_pickle",
-    "cPickle",
-    "cloudpickle",
-    "dill",
-    "marshal",
-    "shelve",
-    "joblib",
-    "jsonpickle",
-}
-
-
 @pytest.mark.parametrize("module", ["replay/codec.py", "replay/redis_store.py", "records.py"])
 def test_record_decoding_modules_import_no_pickle(module):
     source = (Path(rlsys.__file__).parent / module).read_text()
@@ -903,7 +890,7 @@ def test_record_decoding_modules_import_no_pickle(module):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert not imported & UNSAFE_DESERIALISERS
+    assert not imported & PICKLE_LIKE_MODULES
     assert "allow_pickle" not in source
 
 

@@ -12,6 +12,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from helpers import PICKLE_LIKE_MODULES
 
 from rlsys.config import ClusterConfig, ConfigError, compose, to_run_config
 from rlsys.observability.metrics import Metrics, serve, serve_actor
@@ -67,17 +68,6 @@ def test_allow_no_auth_defaults_off_and_a_remote_one_fails_at_composition():
 
 # -- no unpickling -----------------------------------------------------------------------
 
-UNPICKLING_MODULES = {
-    "pickle",
-    "_pickle",
-    "cPickle",
-    "cloudpickle",
-    "dill",
-    "marshal",
-    "shelve",
-    "joblib",
-    "jsonpickle",
-}
 
 JUSTIFIED = {
     # DeepSpeed's engine.load_checkpoint unpickles DeepSpeed's own checkpoint files (torch.load
@@ -101,12 +91,12 @@ def _unpickling_sites(source: str, filename: str = "<src>") -> list[str]:
     for node in ast.walk(tree):
         where = f"{filename}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Import):
-            found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[-1] in UNPICKLING_MODULES]
+            found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[-1] in PICKLE_LIKE_MODULES]
         elif isinstance(node, ast.ImportFrom):
             mod = node.module or ""
-            if mod.split(".")[-1] in UNPICKLING_MODULES or any(a.name in UNPICKLING_MODULES for a in node.names):
+            if mod.split(".")[-1] in PICKLE_LIKE_MODULES or any(a.name in PICKLE_LIKE_MODULES for a in node.names):
                 found.append(f"{where} from {mod} import {', '.join(a.name for a in node.names)}")
-        elif isinstance(node, ast.Attribute) and node.attr in UNPICKLING_MODULES | {"read_pickle", "to_pickle"}:
+        elif isinstance(node, ast.Attribute) and node.attr in PICKLE_LIKE_MODULES | {"read_pickle", "to_pickle"}:
             found.append(f"{where} .{node.attr}")
         elif isinstance(node, ast.Call):
             fn = node.func
@@ -135,7 +125,7 @@ def _unpickling_sites(source: str, filename: str = "<src>") -> list[str]:
         if (
             tok.type == tokenize.NAME
             and ("pickle" in tok.string.lower() or "marshal" in tok.string.lower())
-            and tok.string not in UNPICKLING_MODULES | {"allow_pickle", "read_pickle", "to_pickle"}
+            and tok.string not in PICKLE_LIKE_MODULES | {"allow_pickle", "read_pickle", "to_pickle"}
         ):
             found.append(f"{filename}:{tok.start[0]} name {tok.string}")
     return found
