@@ -108,6 +108,13 @@ class RunConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.max_train_seconds < 0 or self.eval_every < 0 or self.log_every < 1:
             raise ValueError("max_train_seconds and eval_every must be >= 0 and log_every >= 1")
+        if self.scheduler.samples_per_prompt < 2:
+            raise ValueError(
+                f"scheduler.samples_per_prompt={self.scheduler.samples_per_prompt} gives every group one completion, "
+                "and rlsys's advantages are relative to the group (a reward minus the group's mean, or pairwise "
+                "comparisons): every advantage would be 0 and the run would train on nothing; set "
+                "scheduler.samples_per_prompt >= 2"
+            )
 
 
 class ConfigError(ValueError):

@@ -67,6 +67,15 @@ def flaky_reward(completion: str, reference: str) -> float:
     return 1.0 if completion.strip() == reference.strip() else 0.0
 
 
+def reward_with_three_args(completion: str, reference: str, prompt: str) -> float:
+    """A user reward function rlsys cannot call: it needs a third positional argument."""
+    return float(completion == reference)
+
+
+ALPHABET_HINT = "0123456789+="
+"""Not a function: what a user might point reward.target at by mistake."""
+
+
 class RedisServer:
     """A private redis-server on a free loopback port (started and stopped by the tests).
 

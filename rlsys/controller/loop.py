@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rlsys import checkpoint
-from rlsys.config import RunConfig
+from rlsys.config import ConfigError, RunConfig
 from rlsys.controller.actors import Fleet
 from rlsys.controller.checkpointing import Checkpointer, PendingCheckpoint, ResumePoint, resume_point
 from rlsys.controller.cluster import check_resources, start_ray
@@ -69,6 +69,7 @@ from rlsys.observability.metrics import Metrics, MetricsServer, serve
 from rlsys.records import Group, StepRecord
 from rlsys.replay import make_store
 from rlsys.replay.base import ReplayStore, StoreClosed, reserve_or_stop
+from rlsys.reward.worker import check_reward_fn
 from rlsys.scheduling.sampling import Sampler
 from rlsys.scheduling.scheduler import Prompt
 from rlsys.supervision import is_worker_failure, with_deadline
@@ -135,6 +136,10 @@ class Controller:
 
         cfg, t0 = self.cfg, time.perf_counter()
         self.resume = resume_point(cfg)
+        try:  # a reward function that cannot run fails here, in seconds, not on every completion later
+            check_reward_fn(cfg.reward)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         data = load_task(cfg.task)  # bad rows fail here, before anything is built
         if cfg.replay.backend == "redis":  # so does an unauthenticated or unreachable Redis
             from concurrent.futures import ThreadPoolExecutor

@@ -118,6 +118,13 @@ async def check_auth(cfg: ReplayConfig) -> None:
         if "NOAUTH" not in str(e):
             raise
         open_server = False
+    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as e:  # after AuthenticationError, a subclass
+        raise ReplayUnavailable(
+            f"nothing answers at replay.redis.url={rc.url} ({type(e).__name__}: {e}). Start a Redis server "
+            f"there with a password (e.g. 'redis-server --port <port> --requirepass <password>', or with "
+            f"deploy/redis/redis.conf; the password goes in ${rc.password_env}), or point replay.redis.url at a "
+            f"running one; replay=inprocess needs no server"
+        ) from None
     finally:
         await probe.aclose()
     has_password = bool(os.environ.get(rc.password_env))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import math
 import numbers
@@ -153,13 +154,36 @@ class RewardFunctionError(RuntimeError):
 
 def resolve_reward_fn(cfg: RewardConfig) -> RewardFn:
     if cfg.target is not None:
-        from hydra.utils import get_method  # Hydra's own target resolution
+        from hydra.utils import get_object  # Hydra's own target resolution (callable: check_reward_fn)
 
         try:
-            return get_method(cfg.target)
+            return get_object(cfg.target)
         except Exception as e:  # ImportError / AttributeError wrapped by Hydra
             raise ValueError(f"reward.target {cfg.target!r} cannot be imported: {e}") from e
     return REWARD_FUNCTIONS[cfg.function]
+
+
+def check_reward_fn(cfg: RewardConfig) -> RewardFn:
+    """The reward function, checked where a run starts (before any actor): it imports, it is
+    callable, and it can be called as ``fn(completion, reference)``, the way reward workers call
+    it. Raises ValueError with what to change."""
+    fn = resolve_reward_fn(cfg)
+    name = f"reward.target={cfg.target}" if cfg.target else f"reward.function={cfg.function}"
+    if not callable(fn):
+        raise ValueError(f"{name} is a {type(fn).__name__}, not a function; point it at a function")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return fn
+    try:
+        signature.bind("completion", "reference")
+    except TypeError as e:
+        raise ValueError(
+            f"{name} has the signature {fn.__name__}{signature}, which rlsys cannot call with "
+            f"(completion, reference) ({e}); define it as def {fn.__name__}(completion: str, reference: str) "
+            f"-> float"
+        ) from None
+    return fn
 
 
 class CallThread:
@@ -229,7 +253,7 @@ class GroupScorer:
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self.fn = resolve_reward_fn(cfg)
+        self.fn = check_reward_fn(cfg)
         self.name = cfg.target or cfg.function
         self._reported: set[str] = set()
         self._thread = CallThread()

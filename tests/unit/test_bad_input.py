@@ -514,14 +514,40 @@ def test_reward_hanging_past_the_timeout_scores_failure_reward_and_is_counted():
 
 
 @pytest.mark.parametrize(
-    "target",
-    ["no_such_package_rlsys.reward_fn", f"{__name__}.no_such_function", "math.pi", "exact_match"],
+    "target, message",
+    [
+        ("no_such_package_rlsys.reward_fn", "reward.target 'no_such_package_rlsys.reward_fn' cannot be imported: "),
+        (f"{__name__}.no_such_function", f"reward.target '{__name__}.no_such_function' cannot be imported: "),
+        ("math.pi", "reward.target=math.pi is a float, not a function; point it at a function"),
+        ("exact_match", "reward.target 'exact_match' cannot be imported: "),
+    ],
     ids=["missing-module", "missing-function", "not-callable", "registry-name-as-path"],
 )
-def test_reward_target_that_cannot_be_imported(target):
+def test_reward_target_that_cannot_be_imported(target, message):
     with pytest.raises(ValueError) as e:
         GroupScorer(RewardConfig(target=target))
-    assert str(e.value).startswith(f"reward.target {target!r} cannot be imported: ")
+    assert str(e.value).startswith(message)
+
+
+def _three_positional(completion, reference, prompt):
+    return 1.0
+
+
+def _one_positional(completion):
+    return 1.0
+
+
+def _keyword_extras(completion, reference, *, prompt="", meta=None):
+    return 1.0
+
+
+def test_reward_signature_is_checked_before_any_call():
+    """A function rlsys cannot call as fn(completion, reference) is refused when the scorer (or the
+    run) starts, instead of failing, counted, on every completion."""
+    for fn in ("_three_positional", "_one_positional"):
+        with pytest.raises(ValueError, match=r"which rlsys cannot call with \(completion, reference\)"):
+            GroupScorer(RewardConfig(target=f"{__name__}.{fn}"))
+    assert GroupScorer(RewardConfig(target=f"{__name__}._keyword_extras")).fn is _keyword_extras
 
 
 def test_reward_function_name_not_registered():
@@ -1107,3 +1133,26 @@ def test_damaged_checkpoint_state(tmp_path, content, message):
     with pytest.raises(CheckpointError) as e:
         read_state(tmp_path)
     assert str(e.value).startswith(f"{tmp_path / STATE_FILE} ") and message in str(e.value)
+
+
+def test_a_redis_url_where_nothing_answers_names_the_url_and_how_to_start_one():
+    import asyncio
+    import socket
+
+    from rlsys.replay.base import RedisConfig, ReplayConfig
+    from rlsys.replay.redis_store import ReplayUnavailable, check_auth
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ReplayConfig(backend="redis", redis=RedisConfig(url=f"redis://127.0.0.1:{port}/0"))
+    with pytest.raises(ReplayUnavailable) as e:
+        asyncio.run(check_auth(cfg))
+    msg = str(e.value)
+    assert msg.startswith(f"nothing answers at replay.redis.url=redis://127.0.0.1:{port}/0 (ConnectionError")
+    assert "redis-server --port <port> --requirepass <password>" in msg and "replay=inprocess" in msg
+
+
+def test_one_sample_per_prompt_is_refused_at_composition():
+    with pytest.raises(ConfigError, match=r"scheduler.samples_per_prompt=1 gives every group one completion.*>= 2"):
+        to_run_config(compose(["scheduler.samples_per_prompt=1"]))
