@@ -106,7 +106,7 @@ class Controller:
         # -- by setup()
         self.resume: Optional[ResumePoint] = None
         self.model_path = ""
-        self.pad_id: Optional[int] = None
+        self.pad_id = 0
         self.train_prompts: list[Prompt] = []
         self.eval_prompts: list[Prompt] = []
         self.run_id = self.run_dir.name
@@ -533,18 +533,23 @@ class Controller:
         }
 
 
-def prompts_for(cfg: RunConfig, data: TaskData) -> tuple[str, Optional[int], list[Prompt], list[Prompt]]:
-    """The policy model (built and cached when ``model.path`` is unset), its pad id, and the task's
-    train and eval prompts tokenized for it (refused when one leaves no room for the completion)."""
+def prompts_for(cfg: RunConfig, data: TaskData) -> tuple[str, int, list[Prompt], list[Prompt]]:
+    """The policy model (built and cached when ``model.path`` is unset), the id that pads its
+    batches (the pad token, else eos: Llama-3-style tokenizers have no pad token, and padded
+    positions are masked anyway), and the task's train and eval prompts tokenized for it (refused
+    when one leaves no room for the completion)."""
     from transformers import AutoTokenizer
 
     model_path = str(ensure_model(cfg.model, cfg.task))
     tok = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad_id is None:
+        raise ConfigError(f"the tokenizer of {model_path} has neither a pad nor an eos token; give it one of them")
     hf = json.loads((Path(model_path) / "config.json").read_text())
     limit = (cfg.rollout.max_model_len or int(hf.get("max_position_embeddings", 2048))) - cfg.rollout.max_new_tokens
     return (
         model_path,
-        tok.pad_token_id,
+        pad_id,
         tokenize_prompts(tok, list(data.train), limit),
         tokenize_prompts(tok, list(data.eval), limit),
     )
