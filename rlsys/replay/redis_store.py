@@ -119,6 +119,11 @@ async def check_auth(cfg: ReplayConfig) -> None:
             raise
         open_server = False
     except (rexc.ConnectionError, rexc.TimeoutError, OSError) as e:  # after AuthenticationError, a subclass
+        if "certificate verify failed" in str(e).lower():  # TLS: the server answers, its certificate does not verify
+            raise ReplayConfigError(
+                f"TLS to Redis at {rc.url} failed: {e}; set replay.redis.tls_ca_cert to the CA that signed the "
+                "server's certificate, and use a host name the certificate names"
+            ) from e
         raise ReplayUnavailable(
             f"nothing answers at replay.redis.url={rc.url} ({type(e).__name__}: {e}). Start a Redis server "
             f"there with a password (e.g. 'redis-server --port <port> --requirepass <password>', or with "
