@@ -49,7 +49,7 @@ from rlsys.controller.actors import Fleet
 from rlsys.controller.checkpointing import Checkpointer, PendingCheckpoint, ResumePoint, resume_point
 from rlsys.controller.cluster import check_resources, start_ray
 from rlsys.controller.elastic import ControlLoop
-from rlsys.controller.evaluation import greedy_accuracy
+from rlsys.controller.evaluation import EvalScorer, greedy_accuracy
 from rlsys.controller.progress import (
     Progress,
     RecentErrors,
@@ -69,7 +69,6 @@ from rlsys.observability.metrics import Metrics, MetricsServer, serve
 from rlsys.records import Group, StepRecord
 from rlsys.replay import make_store
 from rlsys.replay.base import ReplayStore, StoreClosed, reserve_or_stop
-from rlsys.reward.worker import check_reward_fn
 from rlsys.scheduling.sampling import Sampler
 from rlsys.scheduling.scheduler import Prompt
 from rlsys.supervision import is_worker_failure, with_deadline
@@ -116,6 +115,7 @@ class Controller:
         self.store: Optional[ReplayStore] = None
         self.checkpoints: Optional[Checkpointer] = None
         self.recovery: Optional[Recovery] = None
+        self.scorer: Optional[EvalScorer] = None
         self.reward_stats = RewardStats(cfg, self.metrics)
         self.sampler = Sampler(cfg.scheduler)
         self.loggers: Optional[MetricLoggers] = None
@@ -137,7 +137,7 @@ class Controller:
         cfg, t0 = self.cfg, time.perf_counter()
         self.resume = resume_point(cfg)
         try:  # a reward function that cannot run fails here, in seconds, not on every completion later
-            check_reward_fn(cfg.reward)
+            self.scorer = EvalScorer(cfg.reward)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         data = load_task(cfg.task)  # bad rows fail here, before anything is built
@@ -510,8 +510,8 @@ class Controller:
         log.info("step %d: eval accuracy %.3f", p.step, acc)
 
     async def evaluate(self) -> float:
-        """Greedy accuracy on the held-out prompts (rlsys/controller/evaluation.py)."""
-        acc = await greedy_accuracy(self.fleet.workers, self.eval_prompts, self.cfg.rollout.call_timeout_s)
+        """Share of held-out prompts whose greedy completion gets the full reward (rlsys/controller/evaluation.py)."""
+        acc = await greedy_accuracy(self.fleet.workers, self.eval_prompts, self.cfg.rollout.call_timeout_s, self.scorer)
         self.metrics.eval_accuracy.set(acc)
         return acc
 

@@ -25,7 +25,7 @@ JSONL rows are::
     {"id": "a1", "prompt": "12+7=", "answer": "19", "split": "train"}
 
 A reward is :func:`verify_answer`: 1.0 when the stripped completion equals the answer (the
-held-out accuracy always uses it); :func:`scratchpad_credit` gives partial credit per correct
+``exact_match`` reward does the same); :func:`scratchpad_credit` gives partial credit per correct
 leading term of a scratchpad (``reward.function=scratchpad_credit``).
 """
 
