@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -135,7 +136,7 @@ class Fleet:
 
         lc, rc = self.cfg.learner, self.cfg.rollout
         pg = self._learner_group()
-        port = free_port()
+        port, rendezvous = free_port(), uuid.uuid4().hex
         return [
             ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(LearnerRank)
             .options(
@@ -155,6 +156,7 @@ class Fleet:
                 weights_ref,
                 resume_dir,
                 self.metrics_host,
+                rendezvous,
             )
             for r in range(lc.num_ranks)
         ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,10 @@ class LearnerRank:
         initial_weights: Optional[list] = None,
         resume_dir: Optional[str] = None,
         metrics_host: Optional[str] = None,
+        rendezvous: Optional[str] = None,
     ):
+        """``rendezvous``: a name the ranks of one group share (unique per group start); they meet
+        through a file of that name in the node's temp dir (default: named after master_port)."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.metrics = self.metrics_endpoint_ = None
         if metrics_host is not None:  # this rank's own Prometheus endpoint (rlsys.observability.metrics)
@@ -125,7 +129,17 @@ class LearnerRank:
         self._wg = self._wg_thread = self._wg_error = None
         self._exported: list = []
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+        # The ranks of a group share a node, so they meet through a file: torch's default env://
+        # rendezvous starts a TCPStore that listens on every interface of the node ('::'), where
+        # anyone who can reach the node could talk to it. gloo's own sockets bind MASTER_ADDR.
+        store = Path(tempfile.gettempdir()) / f"rlsys-learner-rdzv-{rendezvous or master_port}"
+        deepspeed.init_distributed(
+            dist_backend="nccl" if on_gpu else "gloo",
+            auto_mpi_discovery=False,
+            init_method=f"file://{store}",
+            rank=rank,
+            world_size=world_size,
+        )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         if initial_weights is not None:  # restart after a failure: the last committed policy

@@ -1,5 +1,7 @@
 """Two DeepSpeed ranks (CPU accelerator, gloo) as Ray actors stay identical step after step."""
 
+import os
+
 import numpy as np
 import pytest
 from helpers import make_group
@@ -67,6 +69,13 @@ def test_two_ranks_stay_identical(ray_cluster, tiny_model, zero_stage):
             h.update(n.encode())
             h.update(t.numpy().tobytes())
         assert h.hexdigest() == digests[0]
+        # The ranks' process group listens on loopback only: torch's default env:// rendezvous
+        # started a TCPStore on every interface ('::').
+        import psutil
+
+        pids = ray_cluster.get([r.__ray_call__.remote(lambda self: os.getpid()) for r in ranks])
+        listening = {c.laddr.ip for pid in pids for c in psutil.Process(pid).net_connections() if c.status == "LISTEN"}
+        assert listening and all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip in listening), listening
     finally:
         for r in ranks:
             ray_cluster.kill(r)
