@@ -96,6 +96,17 @@ def connect(cfg: ReplayConfig, credentials: bool = True) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, **kwargs)
 
 
+def _tls_refused(error: BaseException) -> bool:
+    return "certificate verify failed" in str(error).lower()
+
+
+def _tls_error(url: str, error: BaseException) -> ReplayConfigError:
+    return ReplayConfigError(
+        f"TLS to Redis at {url} failed: {error}; set replay.redis.tls_ca_cert to the CA that signed the server's "
+        "certificate, and use a host name the certificate names"
+    )
+
+
 async def check_auth(cfg: ReplayConfig) -> None:
     """Refuse a Redis server that serves clients without authentication (unless
     ``replay.redis.allow_no_auth``, which config validation limits to loopback hosts and unix
@@ -119,11 +130,8 @@ async def check_auth(cfg: ReplayConfig) -> None:
             raise
         open_server = False
     except (rexc.ConnectionError, rexc.TimeoutError, OSError) as e:  # after AuthenticationError, a subclass
-        if "certificate verify failed" in str(e).lower():  # TLS: the server answers, its certificate does not verify
-            raise ReplayConfigError(
-                f"TLS to Redis at {rc.url} failed: {e}; set replay.redis.tls_ca_cert to the CA that signed the "
-                "server's certificate, and use a host name the certificate names"
-            ) from e
+        if _tls_refused(e):  # the server answers, its certificate does not verify
+            raise _tls_error(rc.url, e) from e
         raise ReplayUnavailable(
             f"nothing answers at replay.redis.url={rc.url} ({type(e).__name__}: {e}). Start a Redis server "
             f"there with a password (e.g. 'redis-server --port <port> --requirepass <password>', or with "
@@ -231,12 +239,8 @@ class RedisReplayStore:
                     continue
                 raise
             except TRANSIENT as e:
-                if "certificate verify failed" in str(e).lower():  # TLS: retrying will not help
-                    raise ReplayConfigError(
-                        f"TLS to Redis at {self.rc.url} failed: {e}; set replay.redis.tls_ca_cert "
-                        "to the CA that signed the server's certificate, and use a host name "
-                        "the certificate names"
-                    ) from e
+                if _tls_refused(e):  # TLS: retrying will not help
+                    raise _tls_error(self.rc.url, e) from e
                 if self.gate.closed:
                     raise StoreClosed("replay store closed") from e
                 if time.monotonic() > deadline:

@@ -65,9 +65,7 @@ def test_status_without_a_cluster_fails_with_a_message(tmp_path):
 
 
 def test_an_address_where_nothing_answers_fails_at_the_deadline():
-    with socket.socket() as s:  # a loopback port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_loopback_port()  # nothing listens there
     out = rlsys("stop", "--address", f"127.0.0.1:{port}", "--timeout", "3", timeout=60)  # Ray alone retries for minutes
     assert out.returncode == 2, out
     assert f"rlsys stop: no answer within 3s while connecting to the Ray cluster at 127.0.0.1:{port}" in out.stderr
