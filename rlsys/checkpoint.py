@@ -43,7 +43,19 @@ log = logging.getLogger(__name__)
 STATE_FILE, LATEST_FILE = "state.json", "latest"
 HF_DIR, LEARNER_DIR, LEARNER_TAG = "hf", "learner", "learner"
 STATE_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+POLICY_DIR = "policy"
+"""The trained policy of a run, always written at its end: ``<run dir>/policy``."""
 
 
 @dataclass
@@ -77,7 +89,7 @@ def is_due(cfg: CheckpointConfig, step: int, last_step: int) -> bool:
     return cfg.every_steps > 0 and (step % cfg.every_steps == 0 or step == last_step)
 
 
-def resolve(path: str) -> Path:
+def resolve(path: str, key: str = "resume=") -> Path:
     """A checkpoint directory from ``resume=``: the directory itself, a checkpoints root or a
     run directory (its newest checkpoint, via ``latest``)."""
     p = Path(path).expanduser()
@@ -90,8 +102,8 @@ def resolve(path: str) -> Path:
             if (target / STATE_FILE).is_file():
                 return target
     raise CheckpointError(
-        f"resume={path!r}: no checkpoint there (expected {STATE_FILE}, or a '{LATEST_FILE}' file "
-        f"naming one, in it or in its checkpoints/ directory)"
+        f"{key}{path!r}: no checkpoint there (expected {STATE_FILE}, or a '{LATEST_FILE}' file "
+        f"naming one, in it or in its checkpoints/ directory{'' if key else ', or a policy/ directory'})"
     )
 
 
@@ -123,12 +135,10 @@ def begin(root: Path, step: int) -> Path:
     return tmp
 
 
-def commit(tmp: Path, state: dict, tokenizer_from: Path, keep_last: int) -> Path:
-    """Write state.json and the tokenizer, publish ``tmp`` under its final name, update
-    ``latest`` and prune old checkpoints. Returns the final directory."""
-    for name in TOKENIZER_FILES:
-        if (tokenizer_from / name).is_file():
-            shutil.copy2(tokenizer_from / name, tmp / HF_DIR / name)
+def commit(tmp: Path, state: dict, tokenizer_from: Path, keep_last: int, chat_template: Optional[str] = None) -> Path:
+    """Write state.json and the tokenizer (:func:`complete_policy`), publish ``tmp`` under its
+    final name, update ``latest`` and prune old checkpoints. Returns the final directory."""
+    complete_policy(tmp / HF_DIR, tokenizer_from, chat_template)
     (tmp / STATE_FILE).write_text(json.dumps({"state_version": STATE_VERSION, **state}, indent=1) + "\n")
     final = tmp.with_suffix("")
     if final.exists():
@@ -151,3 +161,51 @@ def describe(ckpt: Optional[Path], state: Optional[dict]) -> str:
     if ckpt is None or state is None:
         return "no checkpoint"
     return f"checkpoint {ckpt} (step {state['step']}, policy version {state['version']})"
+
+
+def complete_policy(directory: Path, model_path: Path, chat_template: Optional[str] = None) -> None:
+    """Make a directory of saved weights a model directory ``transformers`` and vLLM load as is:
+    the base model's tokenizer files and ``generation_config.json`` where missing, and the run's
+    chat template (``data.chat_template=PATH``) as ``chat_template.jinja``."""
+    directory, model_path = Path(directory), Path(model_path)
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (model_path / name).is_file() and not (directory / name).is_file():
+            shutil.copy2(model_path / name, directory / name)
+    if chat_template:
+        (directory / "chat_template.jinja").write_text(Path(chat_template).expanduser().read_text())
+        config_path = directory / "tokenizer_config.json"
+        if config_path.is_file():  # the file wins over a template inside tokenizer_config.json: keep one
+            config = json.loads(config_path.read_text())
+            if config.pop("chat_template", None) is not None:
+                config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export(path: str, out: Path) -> Path:
+    """``rlsys export``: copy the policy of a checkpoint (a checkpoint directory; a run directory:
+    its newest checkpoint, else its final ``policy/``; or a model directory) to ``out`` as a plain
+    Hugging Face model directory."""
+    src = Path(path).expanduser()
+    weights = ("model.safetensors", "model.safetensors.index.json")
+
+    def is_model(d: Path) -> bool:
+        return (d / "config.json").is_file() and any((d / w).is_file() for w in weights)
+
+    if is_model(src):
+        hf = src
+    else:
+        try:
+            hf = resolve(path, key="") / HF_DIR
+        except CheckpointError:
+            if not is_model(src / POLICY_DIR):  # a run without checkpoints: its final policy
+                raise
+            hf = src / POLICY_DIR
+        if not hf.is_dir():
+            raise CheckpointError(f"{hf.parent} is incomplete: no {HF_DIR}/ directory")
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose a new directory")
+    shutil.copytree(hf, out, dirs_exist_ok=True)
+    for need in ("config.json", "tokenizer_config.json"):
+        if not (out / need).is_file():
+            raise CheckpointError(f"{hf} has no {need}; it is not a complete policy")
+    return out

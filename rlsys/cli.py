@@ -225,6 +225,20 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     )
     report.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a run directory holding summary.json")
 
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint's policy as a Hugging Face model directory",
+        formatter_class=_Formatter,
+        description="Copy the policy of CHECKPOINT (a checkpoint directory, or a run directory: its newest "
+        "checkpoint) to OUT as a model directory transformers and vLLM load as is: safetensors weights, "
+        "config, generation_config, tokenizer and chat template. (Every run also writes its final policy to "
+        "<run dir>/policy.)",
+        epilog="examples:\n  rlsys export runs/20260101-120000-tiny my-policy\n"
+        "  rlsys export runs/20260101-120000-tiny/checkpoints/step_000040 policy-40",
+    )
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory or a run directory")
+    export.add_argument("out", metavar="OUT", type=Path, help="a new (or empty) directory to write")
+
     helps = sub.add_parser(
         "help",
         help="describe a command (the same as 'rlsys COMMAND --help')",
@@ -354,6 +368,11 @@ def _print_table(s: dict) -> None:
         ("eval accuracy (held-out, greedy)", f"{s['eval_accuracy_before']:.3f}", f"{s['eval_accuracy_after']:.3f}"),
         ("train reward (first/last steps)", _fmt(s["reward_first"]), _fmt(s["reward_last"])),
     ]
+    evals = s.get("curves", {}).get("evaluations") or []
+    if evals and evals[0].get("k"):
+        k = evals[0]["k"]
+        rows.append((f"eval mean@{k}", _fmt(evals[0]["mean_at_k"]), _fmt(evals[-1]["mean_at_k"])))
+        rows.append((f"eval pass@{k}", _fmt(evals[0]["pass_at_k"]), _fmt(evals[-1]["pass_at_k"])))
     print()
     print(f"{'':34s} {'before':>8s} {'after':>8s}")
     for name, a, b in rows:
@@ -363,6 +382,7 @@ def _print_table(s: dict) -> None:
         f"tokens/s {s['tokens_per_s']:.0f}  reward failures {s['reward_failures']}"
     )
     print(f"run directory: {s['run_dir']}")
+    print(f"trained policy: {Path(s['run_dir']) / 'policy'}  (rlsys export CHECKPOINT DIR for a checkpoint's)")
 
 
 def _fmt(x) -> str:
@@ -371,7 +391,7 @@ def _fmt(x) -> str:
 
 def _build_model_main(overrides: list[str]) -> int:
     from rlsys.config import compose, to_run_config
-    from rlsys.tasks.tinymodel import ensure_model
+    from rlsys.tasks.models import ensure_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = to_run_config(compose(overrides))
@@ -395,6 +415,18 @@ def _report_main(run: Path) -> int:
         return 2
     for p in write_report(json.loads((run / "summary.json").read_text()), run):
         print(f"wrote {p}")
+    return 0
+
+
+def _export_main(ckpt: str, out: Path) -> int:
+    from rlsys.checkpoint import CheckpointError, export
+
+    try:
+        path = export(ckpt, out)
+    except (CheckpointError, OSError) as e:
+        print(f"rlsys export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
     return 0
 
 
@@ -433,6 +465,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _build_model_main(args.overrides)
     if args.command == "report":
         return _report_main(args.run_dir)
+    if args.command == "export":
+        return _export_main(args.checkpoint, args.out)
     return _control_main(args.command, n, args)
 
 

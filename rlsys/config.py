@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from rlsys.checkpoint import CheckpointConfig
+from rlsys.data.config import DataConfig
 from rlsys.learner.config import LearnerConfig
 from rlsys.observability.loggers import LoggersConfig
 from rlsys.replay.base import ReplayConfig
@@ -70,6 +71,24 @@ class ClusterConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation (``eval_every`` says when; before and after training always)."""
+
+    samples: int = 0
+    """Also sample this many completions per held-out prompt for mean@k and pass@k (0: greedy only)."""
+    temperature: float = 1.0
+    """Sampling temperature of those completions."""
+    examples: int = 4
+    """Greedy completions kept per evaluation in <run dir>/eval_samples.jsonl and the report."""
+
+    def __post_init__(self) -> None:
+        if self.samples < 0 or self.examples < 0:
+            raise ValueError("eval.samples and eval.examples must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"eval.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
 class RunConfig:
     """A training run."""
 
@@ -90,6 +109,8 @@ class RunConfig:
     """Parent directory of run directories."""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -99,6 +120,9 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    requires: list[str] = field(default_factory=list)
+    """Keys an experiment needs the command to set (``experiment=hf``: ``model.path``,
+    ``data.train_files``); a run without them is refused naming them."""
     resume: Optional[str] = None
     """Continue a run from a checkpoint: a checkpoint directory, or a run directory (its newest
     checkpoint). ``steps`` stays the total: resuming at step 40 with steps=100 trains 60 more."""
@@ -143,6 +167,12 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"invalid configuration: {cause}") from e
     if not isinstance(obj, RunConfig):
         raise ConfigError("the composed config is not a RunConfig; is conf/config.yaml's schema 'rlsys_schema'?")
+    missing = [k for k in obj.requires if OmegaConf.select(cfg, k, default=None) is None]
+    if missing:
+        raise ConfigError(
+            f"experiment={obj.name} needs {', '.join(missing)}: add {' '.join(f'{k}=...' for k in missing)} "
+            "to the command"
+        )
     unknown = _unknown_keys(obj)
     if unknown:
         raise ConfigError(

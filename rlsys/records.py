@@ -31,6 +31,10 @@ class RolloutRequest:
     reference: str
     """The verifiable answer; passed through to the reward worker, never to the policy."""
     n: int
+    data: dict = field(default_factory=dict)
+    """What the reward function sees besides the completion and reference: ``{"prompt": the
+    prompt as the data gave it, "row": the row's other columns}`` (empty for the built-in task).
+    Copied into ``Group.meta``."""
 
 
 @dataclass

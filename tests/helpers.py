@@ -514,3 +514,17 @@ def run_recording(ctl):
     finally:
         ctl.shutdown()
     return summary, batches
+
+
+def prompt_aware_reward(completion: str, reference: str, *, prompt, meta) -> dict:
+    """A reward for random-weight fixtures (tests/integration/test_hf_models.py): varied rewards
+    (the parity of the completion's length) so steps carry gradient, and extra scores that say
+    whether the reward saw the row's original prompt and metadata."""
+    saw_prompt = (
+        isinstance(prompt, list) and prompt[-1]["role"] == "user" or isinstance(prompt, str) and "<|" not in prompt
+    )
+    return {
+        "reward": float(len(completion) % 2),
+        "saw_prompt": float(bool(saw_prompt)),
+        "saw_meta": float(meta.get("level") is not None),
+    }

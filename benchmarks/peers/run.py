@@ -74,7 +74,7 @@ METRICS = ("samples_per_s", "tokens_per_s", "peak_pss_mb", "final_accuracy")
 def build_spec(scale: str, steps: int | None, seed: int) -> dict:
     """The spec both systems run: the experiment's model (built here if missing) and task."""
     from rlsys.config import compose, to_run_config
-    from rlsys.tasks.tinymodel import ensure_model
+    from rlsys.tasks.models import ensure_model
 
     s = dict(SCALES[scale])
     cfg = to_run_config(compose([f"experiment={s['experiment']}"]))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +42,8 @@ class Checkpointer:
         self.cfg = cfg
         self.root = checkpoint.root_for(cfg.checkpoint, run_dir)
         self.model_path = Path(model_path)
+        self.template = cfg.data.chat_template if cfg.data.chat_template not in ("auto", "none") else None
+        """A chat template file the run used instead of the tokenizer's: saved with the policy."""
         self.last: Optional[tuple[str, int]] = None
         """(directory, policy version) of the newest committed checkpoint (or the resumed one)."""
 
@@ -52,6 +56,18 @@ class Checkpointer:
         await asyncio.gather(*[r.save_checkpoint.remote(str(tmp)) for r in fleet.ranks])
         return PendingCheckpoint(tmp, await fleet.scheduler.state_dict.remote(), t0)
 
+    async def save_policy(self, fleet: Fleet, run_dir: Path) -> Path:
+        """The trained policy as a Hugging Face model directory, ``<run dir>/policy`` (written aside
+        and renamed into place, so a directory by that name is whole)."""
+        final = Path(run_dir) / checkpoint.POLICY_DIR
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        await asyncio.gather(*[r.save_policy.remote(str(tmp)) for r in fleet.ranks])
+        checkpoint.complete_policy(tmp, self.model_path, self.template)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
     def commit(self, pending: PendingCheckpoint, version: int, progress: Progress, run_id: str) -> None:
         state = {
             "step": progress.step,
@@ -61,7 +77,7 @@ class Checkpointer:
             "progress": asdict(progress),
             "config_name": self.cfg.name,
         }
-        final = checkpoint.commit(pending.tmp, state, self.model_path, self.cfg.checkpoint.keep_last)
+        final = checkpoint.commit(pending.tmp, state, self.model_path, self.cfg.checkpoint.keep_last, self.template)
         self.last = (str(final), version)
         log.info("checkpoint %s written in %.1fs", final, time.perf_counter() - pending.started)
 

@@ -49,7 +49,8 @@ from rlsys.controller.actors import Fleet
 from rlsys.controller.checkpointing import Checkpointer, PendingCheckpoint, ResumePoint, resume_point
 from rlsys.controller.cluster import check_resources, start_ray
 from rlsys.controller.elastic import ControlLoop
-from rlsys.controller.evaluation import EvalScorer, greedy_accuracy
+from rlsys.controller.evaluation import EvalScorer, evaluate_prompts
+from rlsys.controller.inputs import log_prompts, prompts_for
 from rlsys.controller.progress import (
     Progress,
     RecentErrors,
@@ -62,6 +63,7 @@ from rlsys.controller.progress import (
 )
 from rlsys.controller.recovery import Recovery
 from rlsys.controller.weights import WeightPublisher
+from rlsys.data.loading import read_sources
 from rlsys.learner.batch import build_batch, contributing_rows, shard_indices
 from rlsys.learner.losses import LossNormalizer
 from rlsys.observability.loggers import MetricLoggers
@@ -72,9 +74,8 @@ from rlsys.replay.base import ReplayStore, StoreClosed, reserve_or_stop
 from rlsys.scheduling.sampling import Sampler
 from rlsys.scheduling.scheduler import Prompt
 from rlsys.supervision import is_worker_failure, with_deadline
-from rlsys.tasks.arithmetic import TaskData, load_task
+from rlsys.tasks.arithmetic import load_task
 from rlsys.tasks.preference_model import ensure_reward_model
-from rlsys.tasks.tinymodel import ensure_model, tokenize_prompts
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ class Controller:
             self.scorer = EvalScorer(cfg.reward)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        data = load_task(cfg.task)  # bad rows fail here, before anything is built
+        # bad rows fail here, before anything is built (the user's files are tokenized once the model is known)
+        sources = read_sources(cfg.data) if cfg.data.enabled else load_task(cfg.task)
         if cfg.replay.backend == "redis":  # so does an unauthenticated or unreachable Redis
             from concurrent.futures import ThreadPoolExecutor
 
@@ -148,14 +150,9 @@ class Controller:
 
             with ThreadPoolExecutor(1) as pool:  # its own event loop: setup() may run inside one
                 pool.submit(asyncio.run, check_auth(cfg.replay)).result()
-        self.model_path, self.pad_id, self.train_prompts, self.eval_prompts = prompts_for(cfg, data)
-        log.info(
-            "model %s; %d train / %d eval prompts (%.1fs)",
-            self.model_path,
-            len(self.train_prompts),
-            len(self.eval_prompts),
-            time.perf_counter() - t0,
-        )
+        self.model_path, self.pad_id, prompts = prompts_for(cfg, sources if cfg.data.enabled else None)
+        self.train_prompts, self.eval_prompts = prompts.train, prompts.eval
+        log_prompts(self.model_path, prompts, time.perf_counter() - t0)
         rm_path = None
         if cfg.reward.mode in ("rm_judge_router", "rm_pointwise"):
             rm_path = str(ensure_reward_model(cfg.reward.model, cfg.task))
@@ -280,6 +277,8 @@ class Controller:
         acc_after = await self.evaluate()
         p.add_eval(p.step, acc_after, p.train_seconds, took_seconds=None)
         log.info("eval accuracy after training: %.3f", acc_after)
+        policy = await self.checkpoints.save_policy(self.fleet, self.run_dir)
+        log.info("trained policy: %s (a Hugging Face model directory)", policy)
         out = RunOutcome(
             acc_before=acc_before,
             acc_after=acc_after,
@@ -510,10 +509,16 @@ class Controller:
         log.info("step %d: eval accuracy %.3f", p.step, acc)
 
     async def evaluate(self) -> float:
-        """Share of held-out prompts whose greedy completion gets the full reward (rlsys/controller/evaluation.py)."""
-        acc = await greedy_accuracy(self.fleet.workers, self.eval_prompts, self.cfg.rollout.call_timeout_s, self.scorer)
-        self.metrics.eval_accuracy.set(acc)
-        return acc
+        """Share of held-out prompts whose greedy completion gets the full reward (rlsys/controller/evaluation.py);
+        mean@k / pass@k and sample completions go into the progress record and eval_samples.jsonl."""
+        e = self.cfg.eval
+        res = await evaluate_prompts(
+            self.fleet.workers, self.eval_prompts, self.cfg.rollout.call_timeout_s, self.scorer, e.samples,
+            e.temperature, e.examples,
+        )  # fmt: skip
+        self.metrics.eval_accuracy.set(res.accuracy)
+        self.progress.add_eval_details(self.progress.step, res, self.run_dir)
+        return res.accuracy
 
     async def _status(self) -> dict:
         """What ``rlsys status`` shows (the control loop reports it every poll)."""
@@ -531,28 +536,6 @@ class Controller:
             "worker_restarts": dict(self.recovery.restarts.counts),
             "last_errors": list(self.recent_errors.lines),
         }
-
-
-def prompts_for(cfg: RunConfig, data: TaskData) -> tuple[str, int, list[Prompt], list[Prompt]]:
-    """The policy model (built and cached when ``model.path`` is unset), the id that pads its
-    batches (the pad token, else eos: Llama-3-style tokenizers have no pad token, and padded
-    positions are masked anyway), and the task's train and eval prompts tokenized for it (refused
-    when one leaves no room for the completion)."""
-    from transformers import AutoTokenizer
-
-    model_path = str(ensure_model(cfg.model, cfg.task))
-    tok = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad_id is None:
-        raise ConfigError(f"the tokenizer of {model_path} has neither a pad nor an eos token; give it one of them")
-    hf = json.loads((Path(model_path) / "config.json").read_text())
-    limit = (cfg.rollout.max_model_len or int(hf.get("max_position_embeddings", 2048))) - cfg.rollout.max_new_tokens
-    return (
-        model_path,
-        pad_id,
-        tokenize_prompts(tok, list(data.train), limit),
-        tokenize_prompts(tok, list(data.eval), limit),
-    )
 
 
 def run_training(cfg: RunConfig, run_dir: Path) -> dict:

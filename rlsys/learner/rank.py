@@ -402,6 +402,13 @@ class LearnerRank:
                 Path(directory) / HF_DIR, state_dict=dict(weights), safe_serialization=True
             )
 
+    def save_policy(self, directory: str) -> None:
+        """Collective (every rank): the policy's weights in Hugging Face format (safetensors,
+        config, generation_config) written by rank 0 into ``directory`` (gathered under ZeRO-3)."""
+        weights = self.gather_weights()
+        if self.rank == 0:
+            self.engine.module.save_pretrained(directory, state_dict=dict(weights), safe_serialization=True)
+
     def weights_digest(self) -> str:
         """sha256 over all (gathered) parameters: equal digests mean identical ranks."""
         import hashlib

@@ -51,6 +51,13 @@ def table(summary: dict) -> list[tuple[str, str]]:
         ("generated tokens/s", f"{s['tokens_per_s']:.0f}"),
         ("eval accuracy", f"{s['eval_accuracy_before']:.3f} -> {s['eval_accuracy_after']:.3f}"),
     ]
+    evals = s.get("curves", {}).get("evaluations") or []
+    if evals and evals[0].get("k"):
+        a, b, k = evals[0], evals[-1], evals[0]["k"]
+        rows.append((f"eval mean@{k}", f"{a['mean_at_k']:.3f} -> {b['mean_at_k']:.3f}"))
+        rows.append((f"eval pass@{k}", f"{a['pass_at_k']:.3f} -> {b['pass_at_k']:.3f}"))
+    for name, value in (evals[-1].get("extra_scores") or {}).items() if evals else ():
+        rows.append((f"eval {name} (mean, last)", f"{value:.3f}"))
     if s.get("reward_first") is not None:
         rows.append(("train reward (first -> last steps)", f"{s['reward_first']:.3f} -> {s['reward_last']:.3f}"))
     rows += [
@@ -75,6 +82,23 @@ def table(summary: dict) -> list[tuple[str, str]]:
     if s.get("judge"):
         rows.append(("judge calls / spend", f"{s['judge']['calls']} / {s['judge']['spend']:.2f}"))
     return rows
+
+
+def sample_completions(examples: list) -> list[str]:
+    """Markdown lines showing the last evaluation's sample completions."""
+    if not examples:
+        return []
+    out = ["", f"## Sample completions (held-out, greedy, step {examples[0].get('step', '?')})", ""]
+    for x in examples:
+        mark = "correct" if x["correct"] else "wrong"
+        out += [
+            f"**{x['prompt_id']}** ({mark}; reference `{x['reference']}`)",
+            "",
+            "```text",
+            x["prompt"] + x["completion"],
+        ]
+        out += ["```", ""]
+    return out
 
 
 def write_report(summary: dict, out_dir: Path, window: int = 10) -> list[Path]:
@@ -143,5 +167,6 @@ def write_report(summary: dict, out_dir: Path, window: int = 10) -> list[Path]:
     md = out_dir / "report.md"
     lines = [f"# {title}", "", "![report](report.png)", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in table(summary)]
+    lines += sample_completions(summary.get("eval_examples") or [])
     md.write_text("\n".join(lines) + "\n")
     return [png, md]

@@ -1,15 +1,21 @@
 """RewardWorker: scores whole groups with a rule verifier from a pluggable registry.
 
-A reward function is ``fn(completion: str, reference: str) -> float``. Register one with
-``@register_reward("name")`` and select it with ``reward.function=name``; or point
-``reward.target`` at ``package.module.function`` (Hydra-style target) to plug in your own
-without touching rlsys.
+A reward function is ``fn(completion: str, reference: str) -> float``; when its signature
+accepts them (``*, prompt, meta`` or ``**kwargs``) it also gets the keywords ``prompt=`` (the
+user's original prompt: a string or a list of ``{"role", "content"}`` messages,
+``Group.meta["prompt"]``) and ``meta=`` (the dataset row's other columns, ``Group.meta["row"]``).
+It returns a finite number, or a dict ``{"reward": float, "<name>": float, ...}`` whose other
+entries are extra scores, stored per completion in ``Group.meta["scores"]`` as
+``{name: [float or None per completion]}`` (None: the call failed or did not return that name).
+Register one with ``@register_reward("name")`` and select it with ``reward.function=name``; or
+point ``reward.target`` at ``package.module.function`` (Hydra-style target) to plug in your own
+without touching rlsys. Built in: exact_match, numeric_match, scratchpad_credit, math_verify.
 
 Failure rule: a reward function that raises, hangs past ``reward.timeout_s``, or returns
-something that is not a finite number scores that completion ``reward.failure_reward``
-and is counted in ``Group.reward_failures`` (and the ``rlsys_reward_failures_total``
-metric). It never kills the run. The first failure of each kind is logged with the
-exception, later ones only counted.
+something that is not a finite number (or such a dict) scores that completion
+``reward.failure_reward`` and is counted in ``Group.reward_failures`` (and the
+``rlsys_reward_failures_total`` metric). It never kills the run. The first failure of each kind
+is logged with the exception, later ones only counted.
 
 Pairwise stage (``reward.mode=rm_judge_router``, docs/algorithms.md §2, arXiv 2510.20369): after
 the rule verifier, every pair of a group that the verifier cannot separate is scored by the
@@ -36,13 +42,15 @@ import math
 import numbers
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
 from rlsys.records import Group
 from rlsys.reward.config import RewardModelConfig
+from rlsys.reward.math_verify import math_verify
 from rlsys.reward.routing import (
     RouterConfig,
     all_pairs,
@@ -61,7 +69,10 @@ log = logging.getLogger(__name__)
 JUDGE_REPLACEMENT_WAIT_S = 60.0
 """How long a reward worker waits for the controller to replace a dead judge worker."""
 
-RewardFn = Callable[[str, str], float]
+RewardFn = Callable[..., object]
+"""``fn(completion, reference[, prompt=..., meta=...]) -> float | {"reward": float, name: float}``."""
+REWARD_KEYWORDS = ("prompt", "meta")
+"""The keyword arguments a reward function gets when its signature accepts them."""
 MODES = ("rule", "rm_pointwise", "rm_judge_router")
 REWARD_FUNCTIONS: dict[str, RewardFn] = {}
 
@@ -83,6 +94,7 @@ def exact_match(completion: str, reference: str) -> float:
 
 
 register_reward("scratchpad_credit")(scratchpad_credit)  # dense reward of the counting task (rlsys.tasks.arithmetic)
+register_reward("math_verify")(math_verify)  # math answers by equivalence (rlsys.reward.math_verify)
 
 
 @register_reward("numeric_match")
@@ -163,27 +175,57 @@ def resolve_reward_fn(cfg: RewardConfig) -> RewardFn:
     return REWARD_FUNCTIONS[cfg.function]
 
 
-def check_reward_fn(cfg: RewardConfig) -> RewardFn:
+class CheckedReward(NamedTuple):
+    fn: RewardFn
+    keywords: tuple[str, ...]
+    """Which of REWARD_KEYWORDS it is called with (decided once, from its signature)."""
+
+
+def check_reward_fn(cfg: RewardConfig) -> CheckedReward:
     """The reward function, checked where a run starts (before any actor): it imports, it is
-    callable, and it can be called as ``fn(completion, reference)``, the way reward workers call
-    it. Raises ValueError with what to change."""
+    callable, and it can be called as ``fn(completion, reference)`` plus the keywords ``prompt=``
+    / ``meta=`` its signature accepts, the way reward workers call it. Raises ValueError with
+    what to change."""
     fn = resolve_reward_fn(cfg)
     name = f"reward.target={cfg.target}" if cfg.target else f"reward.function={cfg.function}"
     if not callable(fn):
         raise ValueError(f"{name} is a {type(fn).__name__}, not a function; point it at a function")
+    return CheckedReward(fn, reward_keywords(fn, name))
+
+
+def reward_keywords(fn: RewardFn, name: str = "the reward function") -> tuple[str, ...]:
+    """The keywords of REWARD_KEYWORDS that ``fn`` accepts (``**kwargs``, or a parameter of that
+    name other than the two positional ones that get completion and reference). Raises ValueError
+    unless ``fn(completion, reference, **those)`` binds with every other positional parameter
+    defaulted (a required third positional one is refused even when named prompt: make it
+    keyword-only)."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin without a signature: nothing to check
-        return fn
+        return ()
+    kinds = inspect.Parameter
+    params = list(signature.parameters.values())
+    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    by_keyword = {
+        p.name for p in params[len(positional[:2]) :] if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+    }
+    any_keyword = any(p.kind is kinds.VAR_KEYWORD for p in params)
+    keywords = tuple(k for k in REWARD_KEYWORDS if (any_keyword and k not in signature.parameters) or k in by_keyword)
     try:
-        signature.bind("completion", "reference")
+        extra = [p.name for p in positional[2:] if p.default is p.empty]
+        if extra:
+            raise TypeError(f"positional parameter {extra[0]!r} has no default")
+        signature.bind("completion", "reference", **dict.fromkeys(keywords))
     except TypeError as e:
+        fname = getattr(fn, "__name__", "fn")
         raise ValueError(
-            f"{name} has the signature {fn.__name__}{signature}, which rlsys cannot call with "
-            f"(completion, reference) ({e}); define it as def {fn.__name__}(completion: str, reference: str) "
-            f"-> float"
+            f"{name} has the signature {fname}{signature}, which rlsys cannot call with (completion, reference) "
+            f"({e}); rlsys passes those two positionally, plus prompt= and meta= (the original prompt, the "
+            f"dataset row) as keywords when the signature takes them: define it as def {fname}(completion: str, "
+            f"reference: str) -> float, def {fname}(completion, reference, *, prompt, meta) or "
+            f"def {fname}(completion, reference, **kwargs) (any other parameter needs a default)"
         ) from None
-    return fn
+    return keywords
 
 
 class CallThread:
@@ -202,14 +244,14 @@ class CallThread:
 
     def _serve(self, inbox) -> None:
         while True:
-            fn, args, box, done = inbox.get()
+            fn, args, kwargs, box, done = inbox.get()
             try:
-                box["value"] = fn(*args)
+                box["value"] = fn(*args, **kwargs)
             except BaseException as e:  # noqa: BLE001 - reported to the caller, never swallowed
                 box["error"] = e
             done.set()
 
-    def call(self, fn: Callable, args: tuple, timeout_s: float) -> dict:
+    def call(self, fn: Callable, args: tuple, timeout_s: float, kwargs: Optional[dict] = None) -> dict:
         """``{"value": ...}`` or ``{"error": exception}``; raises TimeoutError past the deadline."""
         import queue
 
@@ -217,34 +259,66 @@ class CallThread:
             self._inbox = queue.SimpleQueue()
             threading.Thread(target=self._serve, args=(self._inbox,), daemon=True, name=self.name).start()
         box, done = {}, threading.Event()
-        self._inbox.put((fn, args, box, done))
+        self._inbox.put((fn, args, kwargs or {}, box, done))
         if not done.wait(timeout_s):
             self._inbox = None  # the thread is stuck in fn: leave it behind
             raise TimeoutError
         return box
 
 
+class RewardValue(NamedTuple):
+    """One reward call's result: the reward and the extra named scores (empty for a plain number)."""
+
+    reward: float
+    extras: dict[str, float]
+
+
 def call_with_timeout(
-    fn: RewardFn, completion: str, reference: str, timeout_s: float, thread: Optional[CallThread] = None
-) -> float:
-    """One reward call under ``timeout_s`` (on ``thread``, else a thread of its own); raise
-    RewardFunctionError on any failure: it raised, hung, or returned no finite number."""
+    fn: RewardFn,
+    completion: str,
+    reference: str,
+    timeout_s: float,
+    thread: Optional[CallThread] = None,
+    kwargs: Optional[dict] = None,
+) -> RewardValue:
+    """One reward call ``fn(completion, reference, **kwargs)`` under ``timeout_s`` (on ``thread``,
+    else a thread of its own); raise RewardFunctionError on any failure: it raised, hung, or
+    returned neither a finite number nor a dict of them with a "reward"."""
     try:
-        box = (thread or CallThread()).call(fn, (completion, reference), timeout_s)
+        box = (thread or CallThread()).call(fn, (completion, reference), timeout_s, kwargs)
     except TimeoutError:
         raise RewardFunctionError(f"timed out after {timeout_s}s") from None
     if "error" in box:
         e = box["error"]
         raise RewardFunctionError(f"raised {type(e).__name__}: {e}") from e
     value = box.get("value")
+    if not isinstance(value, Mapping):
+        return RewardValue(_finite(value, ""), {})
+    if "reward" not in value:
+        keys = sorted(map(str, value))[:8]
+        raise RewardFunctionError(f"returned a dict without a 'reward' key (keys: {keys}), expected a float")
+    extras = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise RewardFunctionError(f"returned a dict with the key {k!r} of type {type(k).__name__}, expected str")
+        extras[k] = _finite(v, f"a dict whose {k!r} is ")
+    return RewardValue(extras.pop("reward"), extras)
+
+
+def _finite(value: object, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise RewardFunctionError(f"returned {type(value).__name__} {value!r}, expected a float")
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise RewardFunctionError(
+            f"returned {where}{type(value).__name__} {shown}, expected a float "
+            '(or a dict {"reward": float, "<extra score>": float, ...})'
+        )
     try:
         finite = math.isfinite(float(value))
     except OverflowError:  # an int too large for a float
         finite = False
     if not finite:
-        raise RewardFunctionError(f"returned non-finite value {value if isinstance(value, float) else str(value)[:40]}")
+        shown = value if isinstance(value, float) else str(value)[:40]
+        raise RewardFunctionError(f"returned {where}non-finite value {shown}")
     return float(value)
 
 
@@ -253,17 +327,26 @@ class GroupScorer:
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self.fn = check_reward_fn(cfg)
+        self.fn, self.keywords = check_reward_fn(cfg)
         self.name = cfg.target or cfg.function
         self._reported: set[str] = set()
         self._thread = CallThread()
 
+    def call_kwargs(self, prompt: object, meta: dict) -> dict:
+        """The keyword arguments the reward function takes, of these values."""
+        values = {"prompt": prompt, "meta": meta}
+        return {k: values[k] for k in self.keywords}
+
     def score_group(self, group: Group) -> Group:
         rewards = np.empty(group.size, dtype=np.float32)
+        extras: list[dict[str, float]] = [{}] * group.size
         failures = 0
+        kwargs = self.call_kwargs(group.meta.get("prompt", group.prompt), group.meta.get("row", {}))
         for i, c in enumerate(group.completions):
             try:
-                rewards[i] = call_with_timeout(self.fn, c.text, group.reference, self.cfg.timeout_s, self._thread)
+                rewards[i], extras[i] = call_with_timeout(
+                    self.fn, c.text, group.reference, self.cfg.timeout_s, self._thread, kwargs
+                )
             except RewardFunctionError as e:
                 rewards[i] = self.cfg.failure_reward
                 failures += 1
@@ -278,7 +361,19 @@ class GroupScorer:
                         e,
                         self.cfg.failure_reward,
                     )
-        return group.with_rewards(rewards, failures)
+        scored = group.with_rewards(rewards, failures)
+        scores = aligned_scores(extras)
+        if scores or "scores" in group.meta:  # a group scored again keeps no stale scores
+            meta = {k: v for k, v in group.meta.items() if k != "scores"}
+            scored = dataclasses.replace(scored, meta={**meta, "scores": scores} if scores else meta)
+        return scored
+
+
+def aligned_scores(extras: list[dict[str, float]]) -> dict[str, list[Optional[float]]]:
+    """Per-completion extra scores as ``{name: [value or None per completion]}`` (None where a call
+    failed or returned no such name); empty when no call returned extras."""
+    names = dict.fromkeys(k for e in extras for k in e)
+    return {k: [e.get(k) for e in extras] for k in names}
 
 
 class PointwiseStage:

@@ -63,3 +63,23 @@ def on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def stop_token_ids(model_path: str, tokenizer) -> list[int]:
+    """Token ids that end a completion: ``eos_token_id`` of the model's ``generation_config.json``
+    (one id or a list: Llama-3 and Qwen2.5 instruct models list two) and of its ``config.json``,
+    plus the tokenizer's eos token; in that order, without repeats."""
+    import json
+
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_path) / name
+        if not path.is_file():
+            continue
+        value = json.loads(path.read_text()).get("eos_token_id")
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool) and i not in ids:
+                ids.append(i)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

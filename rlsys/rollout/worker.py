@@ -64,7 +64,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from rlsys.records import Completion, Group, RolloutRequest
-from rlsys.rollout.engine import engine_memory_kwargs, gpu_id, prepare_vllm_process
+from rlsys.rollout.engine import engine_memory_kwargs, gpu_id, prepare_vllm_process, stop_token_ids
 from rlsys.rollout.weight_sync import checkpoint_shapes, validate_weights
 from rlsys.supervision import FaultPoint
 
@@ -92,6 +92,9 @@ class RolloutConfig:
     """Nucleus sampling; 1.0 = plain temperature sampling (keeps the IS ratio exact)."""
     max_new_tokens: int = 8
     """Cap on completion length."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a completion (besides the model's eos ids, read from its
+    ``generation_config.json``); the completion keeps the stop string and the tokens that wrote it."""
     dtype: str = "float32"
     """Engine dtype; float32 gives logprob parity with the learner on CPU, bfloat16 on GPU."""
     kv_cache_bytes: int = 268435456
@@ -285,12 +288,14 @@ class RolloutWorker:
         self._repeats: dict[str, int] = {}  # prompt id -> requests seen at this version
         self.expected = checkpoint_shapes(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.eos_id = self.tokenizer.eos_token_id
+        self.stop_ids = stop_token_ids(model_path, self.tokenizer)
+        if not self.stop_ids:
+            raise ValueError(f"{model_path}: neither generation_config.json nor the tokenizer names an eos token")
         hf_cfg = json.loads((Path(model_path) / "config.json").read_text())
         max_len = cfg.max_model_len or int(hf_cfg.get("max_position_embeddings", 2048))
         kwargs = dict(
             model=model_path,
-            skip_tokenizer_init=True,
+            skip_tokenizer_init=not cfg.stop,  # vLLM detokenizes only to find stop strings
             dtype=cfg.dtype,
             enforce_eager=cfg.enforce_eager,
             seed=cfg.seed + worker_index,
@@ -318,8 +323,10 @@ class RolloutWorker:
             top_p=self.cfg.top_p if temperature > 0 else 1.0,
             max_tokens=max_tokens,
             logprobs=0,
-            stop_token_ids=[self.eos_id],
-            detokenize=False,
+            stop_token_ids=self.stop_ids,
+            stop=list(self.cfg.stop) or None,
+            include_stop_str_in_output=bool(self.cfg.stop),
+            detokenize=bool(self.cfg.stop),
             seed=seed,
         )
 
@@ -331,7 +338,10 @@ class RolloutWorker:
         return zlib.crc32(f"{self.cfg.seed}:{self.index}:{self.version}:{prompt_id}:{k}".encode())
 
     def _decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([t for t in token_ids if t != self.eos_id], skip_special_tokens=True)
+        ids = list(token_ids)
+        if ids and ids[-1] in self.stop_ids:
+            ids.pop()
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, requests: list[RolloutRequest], carry: bool = False, drain: bool = False) -> RolloutResult:
         self.faults.hang_here()
@@ -395,7 +405,7 @@ class RolloutWorker:
             reference=req.reference,
             policy_version=version,
             completions=comps,
-            meta=meta or {},
+            meta={**req.data, **(meta or {})},
         )
 
     def _generate_partial(self, requests: list[RolloutRequest], carry: bool, drain: bool) -> RolloutResult:
@@ -472,6 +482,17 @@ class RolloutWorker:
                 [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids], params, use_tqdm=False
             )
         return [self._decode(o.outputs[0].token_ids) for o in outs]
+
+    def generate_samples(self, prompt_token_ids: list[list[int]], n: int, temperature: float) -> list[list[str]]:
+        """``n`` sampled completions per prompt (evaluation's mean@k and pass@k)."""
+        from vllm.inputs import TokensPrompt
+
+        params = self._params(n, temperature, self.cfg.max_new_tokens)
+        with self.gate.segment():
+            outs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids], params, use_tqdm=False
+            )
+        return [[self._decode(c.token_ids) for c in o.outputs] for o in outs]
 
     def update_weights(self, version: int, named_tensors: list[tuple[str, object]]) -> int:
         """Load a new policy version; returns the version now served."""

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -227,6 +227,20 @@ class Prompt:
     prompt: str
     prompt_token_ids: tuple[int, ...]
     reference: str
+    raw_prompt: Any = field(default=None, hash=False)
+    """The prompt as the data gave it (a string, or a list of ``{"role", "content"}`` messages);
+    None: ``prompt``. The reward function sees it as ``prompt=``."""
+    meta: dict = field(default_factory=dict, hash=False)
+    """The data row's other columns (the reward function's ``meta=``)."""
+
+    def request_data(self) -> dict:
+        """``RolloutRequest.data``: empty unless the data gave more than the prompt text."""
+        data = {}
+        if self.raw_prompt is not None and self.raw_prompt != self.prompt:
+            data["prompt"] = self.raw_prompt
+        if self.meta:
+            data["row"] = self.meta
+        return data
 
 
 class BudgetScheduler:
@@ -272,7 +286,7 @@ class BudgetScheduler:
             ar3po_stage_size=self.cfg.ar3po_stage_size,
         )
         return [
-            RolloutRequest(p.prompt_id, p.prompt, p.prompt_token_ids, p.reference, int(n))
+            RolloutRequest(p.prompt_id, p.prompt, p.prompt_token_ids, p.reference, int(n), p.request_data())
             for p, n in zip(prompts, counts)
             if n > 0
         ]

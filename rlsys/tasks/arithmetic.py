@@ -54,7 +54,7 @@ ALPHABET = "0123456789+="
 
 MAX_DIGITS = 6
 _SPLITS = ("train", "eval")
-_BUILTIN_TASKS = ("addition", "counting")
+_BUILTIN_TASKS = ("addition", "counting", "word_problems")
 
 
 class DatasetError(ValueError):
@@ -110,9 +110,14 @@ class TaskConfig:
             )
         if self.data_path is None:
             total = self.num_train + self.num_val + self.num_eval
-            distinct = 10**self.digits * (
-                10**self.digits if self.name == "addition" else self.count_max - self.count_min + 1
-            )
+            if self.name == "word_problems":
+                from rlsys.tasks.wordproblems import num_distinct_problems
+
+                distinct = num_distinct_problems()
+            else:
+                distinct = 10**self.digits * (
+                    10**self.digits if self.name == "addition" else self.count_max - self.count_min + 1
+                )
             if total > distinct:
                 raise ValueError(
                     f"task.num_train + task.num_val + task.num_eval = {total} exceeds the "
@@ -175,6 +180,11 @@ def scratchpad_credit(completion_text: str, answer: str) -> float:
 
 
 def _generate(cfg: TaskConfig) -> TaskData:
+    if cfg.name == "word_problems":
+        from rlsys.tasks.wordproblems import generate_splits
+
+        splits = generate_splits(cfg.seed, cfg.num_train, cfg.num_val, cfg.num_eval, cfg.name)
+        return TaskData(*([Example(*row) for row in rows] for rows in splits))
     # Draw eval first, then val, then train, each without replacement from what is left: the
     # eval set depends only on (seed, digits, num_eval), not on how much training data is drawn.
     rng = random.Random(cfg.seed)

@@ -1,4 +1,4 @@
-"""The policy model's configuration (``model``): a model directory, or the tiny model built here."""
+"""The policy model's configuration (``model``): a model directory, or a tiny model built here."""
 
 from __future__ import annotations
 
@@ -7,14 +7,23 @@ from typing import Optional
 
 ALLOWED_HEAD_DIMS = (32, 64)
 """Head sizes vLLM's CPU attention supports."""
+MODEL_KINDS = ("char", "chat")
+"""Kinds of locally built policy models (``model.kind``)."""
 
 
 @dataclass
 class ModelConfig:
-    """The policy model: an existing checkpoint, or the tiny Llama built and warm-started here."""
+    """The policy model: an existing checkpoint, or a tiny model (``kind``) built and warm-started here."""
 
     path: Optional[str] = None
     """An existing Hugging Face model directory used as is; when set, nothing is built."""
+    kind: str = "char"
+    """What is built when ``path`` is unset: ``"char"``, the character-level Llama of the
+    arithmetic tasks (:mod:`rlsys.tasks.tinymodel`); ``"chat"``, a Qwen2 chat model with a
+    byte-level BPE tokenizer and a ChatML chat template, answering ``\\boxed{...}``
+    (:mod:`rlsys.tasks.chatmodel`, the ``chat_tiny`` experiment)."""
+    vocab_size: int = 512
+    """``kind="chat"`` only: size of the BPE vocabulary trained on the task's texts (specials included)."""
     num_layers: int = 4
     """Transformer layers of the tiny model."""
     hidden_size: int = 128
@@ -46,6 +55,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
             raise ValueError(f"model.path must be a non-empty path or null, got {self.path!r}")
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model.kind must be one of {list(MODEL_KINDS)}, got {self.kind!r}")
         for key in (
             "num_layers",
             "hidden_size",
@@ -55,6 +66,7 @@ class ModelConfig:
             "warmstart_batch_size",
             "warmstart_eval_every",
             "build_threads",
+            "vocab_size",
         ):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -69,6 +81,11 @@ class ModelConfig:
                 f"model.hidden_size / model.num_heads must be one of {list(ALLOWED_HEAD_DIMS)} "
                 f"(vLLM's CPU attention kernels), got {self.hidden_size}/{self.num_heads} = {head_dim}; "
                 "change model.num_heads"
+            )
+        if self.vocab_size < 300:
+            raise ValueError(
+                f"model.vocab_size must be >= 300 (the 256 byte tokens, the specials and some merges), "
+                f"got {self.vocab_size}"
             )
         if self.max_position < 8:
             raise ValueError(f"model.max_position must be >= 8, got {self.max_position}")

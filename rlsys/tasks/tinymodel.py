@@ -54,8 +54,7 @@ import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from rlsys.scheduling.scheduler import Prompt
-from rlsys.tasks.arithmetic import ALPHABET, DatasetError, Example, TaskConfig, load_task, verify_answer
+from rlsys.tasks.arithmetic import ALPHABET, Example, TaskConfig, load_task, verify_answer
 from rlsys.tasks.config import ModelConfig
 
 __all__ = [
@@ -210,13 +209,13 @@ def greedy_accuracy(
 
 def ensure_model(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Path:
     """Directory of the policy model: ``model_cfg.path`` if set, else the cached (or newly
-    built and warm-started) tiny model for these configs. See the module docstring."""
+    built and warm-started) tiny model for these configs. See the module docstring;
+    :func:`rlsys.tasks.models.ensure_model` also builds the ``model.kind="chat"`` model."""
     if model_cfg.path is not None:
         path = Path(model_cfg.path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.path={model_cfg.path!r} is not a model directory (no config.json)")
         return path
-
     return cached_build(
         Path(model_cfg.cache_dir).expanduser(),
         cache_key(model_cfg, task_cfg),
@@ -445,19 +444,3 @@ def _warm_start(
     bar.close()
     model.eval()
     return step, history
-
-
-def tokenize_prompts(tok, examples: list[Example], max_prompt_tokens: int) -> list[Prompt]:
-    """The scheduler's prompts: each example encoded by the tiny tokenizer, refused when it leaves no
-    room for the completion in the model's context."""
-    out = []
-    for ex in examples:
-        ids = encode_prompt(tok, ex.prompt)
-        if len(ids) > max_prompt_tokens:
-            raise DatasetError(
-                f"prompt {ex.id!r} has {len(ids)} tokens, more than the {max_prompt_tokens} that fit "
-                f"before rollout.max_new_tokens in the model's context; shorten it or raise "
-                f"rollout.max_model_len"
-            )
-        out.append(Prompt(ex.id, ex.prompt, tuple(ids), ex.answer))
-    return out

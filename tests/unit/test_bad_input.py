@@ -3,7 +3,8 @@ and asserts the specific error and a message that names what was wrong, or the d
 recovery (a failing reward function scores ``reward.failure_reward`` and is counted; an
 unusable judge answer falls back to the RM's score and is counted).
 
-1. dataset rows      ``task.load_task`` (JSONL rows, bytes, empty files), ``controller.tokenize_prompts``
+1. dataset rows      ``task.load_task`` (JSONL rows, bytes, empty files), ``data.prompts.build_prompts``
+                     (your files: formats, columns, messages, types, encodings, over-long prompts)
 2. config            ``config.compose`` + ``to_run_config``: unknown keys, ranges, cross-field
                      rules, wrong types, credentials in the Redis URL
 3. reward functions  ``reward.call_with_timeout``, ``GroupScorer``, ``resolve_reward_fn``
@@ -188,9 +189,12 @@ def test_dataset_path_that_is_a_directory(tmp_path):
 
 
 def tokenize(examples, limit):
-    from rlsys.controller.loop import tokenize_prompts  # the controller module imports every actor's module
+    from rlsys.data.config import DataConfig
+    from rlsys.data.prompts import build_prompts, task_sources
 
-    return tokenize_prompts(build_tokenizer(max_length=1024), examples, limit)
+    cfg = DataConfig(id_key="id", overlong_prompts="error")
+    held_out = task_sources([Example("held", "1+1=", "2")], "eval")
+    return build_prompts(cfg, build_tokenizer(max_length=1024), limit, task_sources(examples, "task"), held_out).train
 
 
 def test_prompt_over_the_token_limit_names_the_example():
@@ -201,13 +205,132 @@ def test_prompt_over_the_token_limit_names_the_example():
     with pytest.raises(DatasetError) as e:
         tokenize([fits, huge], limit)
     assert str(e.value).startswith(
-        f"prompt 'huge-7' has 83 tokens, more than the {limit} that fit before rollout.max_new_tokens"
+        f"task: row 2: prompt has 83 tokens, more than the {limit} that fit before rollout.max_new_tokens"
     )
 
 
 def test_prompt_with_characters_the_tokenizer_lacks():
-    with pytest.raises(ValueError, match=r"prompt '1 \+ 1 =' has characters the tokenizer cannot encode: ' '"):
+    with pytest.raises(
+        DatasetError, match=r"task: row 1: field 'prompt' has characters the tokenizer has no token for: ' '"
+    ):
         tokenize([Example("spaced", "1 + 1 =", "2")], 32)
+
+
+# -- 1b. your own data files (data.*): each refused naming the file, the row and the field
+
+
+def _bpe():
+    from rlsys.tasks.chatmodel import build_bpe_tokenizer
+
+    return build_bpe_tokenizer(["Ivan has 4 marbles. How many? system user assistant"] * 10, 300, "chatml")
+
+
+def data_error(tmp_path, content, name="d.jsonl", tok=None, **kw) -> str:
+    from rlsys.data.config import DataConfig
+    from rlsys.data.prompts import build_prompts
+
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, list):
+        path.write_text("".join(json.dumps(r) + "\n" for r in content))
+    else:
+        content(path)
+    with pytest.raises(DatasetError) as e:
+        build_prompts(DataConfig(train_files=str(path), eval_size=1, **kw), tok or _bpe(), 100)
+    return str(e.value).replace(str(tmp_path) + "/", "")
+
+
+GOOD = {"prompt": "Ivan has 4 marbles.", "answer": "4"}
+MSGS = {"prompt": [{"role": "user", "content": "How many?"}], "answer": "4"}
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        pytest.param(
+            [GOOD, {"answer": "1"}], "d.jsonl: row 2: field 'prompt' must be a string or a list", id="no-prompt"
+        ),
+        pytest.param(
+            [GOOD, {"prompt": "How?"}],
+            "d.jsonl: row 2: field 'answer' must be a string or a number, got null",
+            id="no-answer",
+        ),
+        pytest.param(
+            [MSGS, {"prompt": [{"role": "bot", "content": "hi"}], "answer": "1"}],
+            "d.jsonl: row 2: field 'prompt'[0] has role 'bot'; roles are system, user, assistant, tool",
+            id="unknown-role",
+        ),
+        pytest.param(
+            [MSGS, {"prompt": [{"role": "user", "content": ["hi"]}], "answer": "1"}],
+            "d.jsonl: row 2: field 'prompt'[0] content must be a string, got a list",
+            id="non-string-content",
+        ),
+        pytest.param([GOOD, {"prompt": "   ", "answer": "1"}], "d.jsonl: row 2: field 'prompt' is empty", id="blank"),
+        pytest.param(
+            [GOOD, {"prompt": "How?", "answer": True}],
+            "d.jsonl: row 2: field 'answer' must be a string or a number, got bool",
+            id="bool-answer",
+        ),
+    ],
+)
+def test_bad_data_rows(tmp_path, rows, expected):
+    assert data_error(tmp_path, rows).startswith(expected)
+
+
+def test_data_file_without_the_configured_column(tmp_path):
+    assert data_error(tmp_path, [GOOD], prompt_key="question") == (
+        "d.jsonl: no column 'question' (data.prompt_key); its columns are ['prompt', 'answer']: set data.prompt_key"
+    )
+
+
+def test_messages_for_a_tokenizer_without_a_chat_template(tmp_path):
+    assert data_error(tmp_path, [MSGS, MSGS], tok=build_tokenizer(max_length=64)).startswith(
+        "d.jsonl: row 1: field 'prompt' is a list of messages, but the tokenizer has no chat template; give a "
+        "template with data.chat_template=PATH"
+    )
+
+
+def test_data_file_with_invalid_json_or_utf8_names_the_line(tmp_path):
+    good = json.dumps(GOOD).encode()
+    assert data_error(tmp_path, good + b"\n{oops\n" + good) == (
+        "d.jsonl:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)"
+    )
+    bad = json.dumps({"prompt": "caf\u00e9", "answer": "1"}).encode().replace(b"\\u00e9", b"\xe9")
+    assert data_error(tmp_path, good + b"\n" + bad, name="u.jsonl") == "u.jsonl:2: invalid UTF-8 at byte 15 of the line"
+
+
+def test_data_column_changing_type_names_the_line(tmp_path):
+    assert data_error(tmp_path, [GOOD, {"prompt": "x", "answer": ["4"]}]) == (
+        "d.jsonl: row 2: field 'answer' must be a string or a number, got a list"
+    )
+
+
+def test_parquet_with_the_wrong_column_types(tmp_path):
+    import datasets
+
+    def write(path):
+        datasets.Dataset.from_dict({"prompt": [1, 2], "answer": ["a", "b"]}).to_parquet(str(path))
+
+    assert data_error(tmp_path, write, name="d.parquet") == (
+        "d.parquet: row 1: field 'prompt' must be a string or a list of messages, got int"
+    )
+
+
+def test_data_file_of_an_unknown_format_or_missing(tmp_path):
+    assert data_error(tmp_path, b"a,b", name="d.txt").startswith("d.txt: unknown format '.txt'")
+    from rlsys.data.config import DataConfig
+    from rlsys.data.loading import read_sources
+
+    with pytest.raises(DatasetError, match="nope.jsonl: no such file or directory \\(data.train_files\\)"):
+        read_sources(DataConfig(train_files=str(tmp_path / "nope.jsonl")))
+
+
+def test_bad_split_value(tmp_path):
+    rows = [dict(GOOD, split="train"), dict(GOOD, prompt="b", split="dev")]
+    assert "field 'split' must be 'train' or one of ['eval', 'test', 'validation'], got 'dev'" in data_error(
+        tmp_path, rows
+    )
 
 
 # ================================================================================== 2. config

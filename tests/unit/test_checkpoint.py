@@ -59,3 +59,47 @@ def test_resume_from_nothing_or_a_broken_checkpoint_is_a_clear_error(tmp_path):
     (ck / "learner").rmdir()
     with pytest.raises(CheckpointError, match="incomplete: no learner/"):
         checkpoint.read_state(ck)
+
+
+def _model_dir(d, with_template=False):
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x")
+    (d / "tokenizer.json").write_text("{}")
+    (d / "generation_config.json").write_text('{"eos_token_id": [1, 2]}')
+    config = {"eos_token": "<e>", **({"chat_template": "{{ old }}"} if with_template else {})}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_complete_policy_adds_tokenizer_generation_config_and_the_runs_template(tmp_path):
+    base = _model_dir(tmp_path / "base", with_template=True)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "config.json").write_text('{"trained": true}')
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ new }}")
+    checkpoint.complete_policy(saved, base, str(template))
+    assert json.loads((saved / "config.json").read_text()) == {"trained": True}  # never overwritten
+    assert (saved / "generation_config.json").read_text() == '{"eos_token_id": [1, 2]}'
+    assert (saved / "chat_template.jinja").read_text() == "{{ new }}"
+    assert "chat_template" not in json.loads((saved / "tokenizer_config.json").read_text())
+
+
+def test_export_takes_a_checkpoint_a_run_or_its_final_policy(tmp_path):
+    run = tmp_path / "run"
+    _model_dir(run / "policy")
+    out = checkpoint.export(str(run), tmp_path / "out1")  # no checkpoints: the final policy
+    assert (out / "model.safetensors").is_file() and (out / "generation_config.json").is_file()
+    ckpt = run / "checkpoints" / "step_000004"
+    _model_dir(ckpt / checkpoint.HF_DIR)
+    (ckpt / checkpoint.LEARNER_DIR).mkdir()
+    (ckpt / checkpoint.STATE_FILE).write_text(json.dumps({"state_version": checkpoint.STATE_VERSION, "step": 4}))
+    (run / "checkpoints" / checkpoint.LATEST_FILE).write_text("step_000004\n")
+    (ckpt / checkpoint.HF_DIR / "config.json").write_text('{"step": 4}')
+    out = checkpoint.export(str(run), tmp_path / "out2")  # the newest checkpoint
+    assert json.loads((out / "config.json").read_text()) == {"step": 4}
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        checkpoint.export(str(run), tmp_path / "out2")
+    with pytest.raises(CheckpointError, match="no checkpoint there .*or a policy/ directory"):
+        checkpoint.export(str(tmp_path / "nothing"), tmp_path / "out3")

@@ -27,6 +27,8 @@ def test_every_yaml_composes(group, option, tmp_path):
     if (group, option) == ("judge", "vllm"):  # needs a local model directory
         (tmp_path / "config.json").write_text("{}")
         extra = [f"judge.model={tmp_path}"]
+    if (group, option) == ("experiment", "hf"):  # the user's model and data
+        extra = [f"model.path={tmp_path}", "data.train_files=train.jsonl"]
     cfg = to_run_config(compose([f"{group}={option}", *extra]))
     assert isinstance(cfg, RunConfig)
 
@@ -135,3 +137,18 @@ def test_actors_that_do_not_fit_name_the_override_that_makes_them_fit():
     gpu = to_run_config(compose(["learner.num_gpus=1"]))
     with pytest.raises(ConfigError, match="GPUs"):
         check_resources(gpu, {"CPU": 8.0})
+
+
+def test_the_hf_experiment_needs_a_model_and_data(tmp_path):
+    with pytest.raises(ConfigError, match=r"experiment=hf needs model.path, data.train_files: add model.path=\.\.\."):
+        to_run_config(compose(["experiment=hf"]))
+    cfg = to_run_config(compose(["experiment=hf", f"model.path={tmp_path}", "data.train_files=[a.jsonl, b.parquet]"]))
+    assert cfg.data.train_files == ["a.jsonl", "b.parquet"] and cfg.max_train_seconds == 0
+    assert cfg.reward.function == "math_verify" and cfg.rollout.max_new_tokens >= 512
+
+
+def test_data_keys_are_checked():
+    with pytest.raises(ConfigError, match="data.overlong_prompts must be one of"):
+        to_run_config(compose(["data.train_files=a.jsonl", "data.overlong_prompts=truncate"]))
+    with pytest.raises(ConfigError, match="data.eval_files is set but data.train_files is not"):
+        to_run_config(compose(["data.eval_files=a.jsonl"]))
