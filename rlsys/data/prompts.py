@@ -174,7 +174,7 @@ def _fit(rows, src: Source, cfg: DataConfig, limit: int) -> tuple[list[tuple[Pro
             "or set data.overlong_prompts=drop"
         )
     ids, texts, refs = (enc.column(c).to_pylist() for c in ("rlsys_id", "rlsys_text", "rlsys_ref"))
-    token_ids = _token_tuples(enc.column("rlsys_ids"))
+    token_ids = _token_arrays(enc.column("rlsys_ids"))
     raws = own.column(cfg.prompt_key).to_pylist()
     split = own.column(cfg.split_key).to_pylist() if src.split == "by_column" else None
     skip = {cfg.prompt_key, cfg.answer_key, cfg.id_key, cfg.split_key}
@@ -189,15 +189,23 @@ def _fit(rows, src: Source, cfg: DataConfig, limit: int) -> tuple[list[tuple[Pro
     return out, len(over)
 
 
-def _token_tuples(col) -> list[tuple[int, ...]]:
-    """A list<int> column as one tuple per row (one flat conversion, then slices: several times
-    faster than ``to_pylist`` on 30M tokens)."""
+def _token_arrays(col) -> list:
+    """A list<int> column as one compact ``array('i')`` per row: 4 bytes a token instead of a
+    Python int object and a tuple slot (200,000 prompts of 150 tokens: ~0.1 GB, not ~1.1 GB)."""
+    from array import array
+
+    import numpy as np
     import pyarrow as pa
 
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    flat = arr.flatten().to_numpy().tolist()
+    flat = memoryview(np.ascontiguousarray(arr.flatten().to_numpy(), dtype=np.int32)).cast("B")
     offsets = (arr.offsets.to_numpy() - arr.offsets[0].as_py()).tolist()
-    return [tuple(flat[a:b]) for a, b in zip(offsets, offsets[1:])]
+    out = []
+    for a, b in zip(offsets, offsets[1:]):
+        row = array("i")
+        row.frombytes(flat[4 * a : 4 * b])
+        out.append(row)
+    return out
 
 
 def _column_values(col) -> list:

@@ -49,6 +49,17 @@ def engine_memory_kwargs(kv_cache_bytes: int, gpu_memory_utilization: float, blo
     return kwargs
 
 
+def seeded_sampling_kwargs(max_model_len: int) -> dict:
+    """Engine settings for per-request seeds (``rollout.reproducible``). On CPU, vLLM 0.32 crashes
+    ("CPU Generator does not use offset") when chunked prefill splits a seeded request's prompt
+    across engine steps: it rewinds the request's generator, which a CPU generator cannot do.
+    Seen with 32 prompts x 8 samples of 20-60 tokens per call; off, prompts prefill whole (a step
+    takes up to max(4096, context) tokens)."""
+    if on_gpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+
+
 def gpu_id() -> Optional[str]:
     import torch
 

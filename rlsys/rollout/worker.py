@@ -64,7 +64,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from rlsys.records import Completion, Group, RolloutRequest
-from rlsys.rollout.engine import engine_memory_kwargs, gpu_id, prepare_vllm_process, stop_token_ids
+from rlsys.rollout.engine import (
+    engine_memory_kwargs,
+    gpu_id,
+    prepare_vllm_process,
+    seeded_sampling_kwargs,
+    stop_token_ids,
+)
 from rlsys.rollout.weight_sync import checkpoint_shapes, validate_weights
 from rlsys.supervision import FaultPoint
 
@@ -305,6 +311,8 @@ class RolloutWorker:
             worker_extension_cls="rlsys.rollout.weight_sync.GpuWeightReceiver",  # the GPU weight transports' end
         )
         kwargs.update(engine_memory_kwargs(cfg.kv_cache_bytes, cfg.gpu_memory_utilization, cfg.block_size))
+        if cfg.reproducible:
+            kwargs.update(seeded_sampling_kwargs(max_len))
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         log.info(

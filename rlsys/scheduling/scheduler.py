@@ -225,7 +225,8 @@ class Prompt:
 
     prompt_id: str
     prompt: str
-    prompt_token_ids: tuple[int, ...]
+    prompt_token_ids: Sequence[int] = field(hash=False)
+    """The tokens the policy sees (an ``array('i')`` from rlsys/data: compact for large data sets)."""
     reference: str
     raw_prompt: Any = field(default=None, hash=False)
     """The prompt as the data gave it (a string, or a list of ``{"role", "content"}`` messages);

