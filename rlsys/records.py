@@ -114,6 +114,9 @@ class StepRecord:
     """Groups dropped for staleness so far (cumulative)."""
     train_seconds: float
     """The run's training clock at the end of the step (earlier segments of a resumed run included)."""
+    extra_scores: dict = field(default_factory=dict)
+    """Mean of each extra score a reward function returned (a dict return) over the step's
+    completions that have it, by name."""
 
     def metrics(self) -> dict[str, float]:
         """The step's scalar figures under their Prometheus names (what the loggers record)."""
@@ -132,4 +135,5 @@ class StepRecord:
             "rlsys_replay_dropped_stale_groups": self.dropped_stale,
             "rlsys_rollout_samples": self.samples,
             "rlsys_rollout_tokens": self.tokens,
+            **{f"rlsys_reward_extra_{name}": value for name, value in self.extra_scores.items()},
         }

@@ -209,7 +209,17 @@ def step_record(
         tokens=tokens,
         dropped_stale=dropped_stale,
         train_seconds=train_seconds,
+        extra_scores=extra_score_means(groups),
     )
+
+
+def extra_score_means(groups: list[Group]) -> dict[str, float]:
+    """Each extra reward score (``Group.meta["scores"]``) averaged over the completions that have it."""
+    values: dict[str, list[float]] = {}
+    for g in groups:
+        for name, per_completion in g.meta.get("scores", {}).items():
+            values.setdefault(name, []).extend(v for v in per_completion if v is not None)
+    return {name: float(np.mean(v)) for name, v in values.items() if v}
 
 
 def progress_line(rec: StepRecord, total_steps: int) -> str:

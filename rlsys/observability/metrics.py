@@ -62,6 +62,12 @@ class Metrics:
             registry=r,
         )
         self.reward_mean = Gauge("rlsys_reward_mean", "Mean reward of the last learner batch", registry=r)
+        self.reward_extra = Gauge(
+            "rlsys_reward_extra",
+            "Mean of an extra score the reward function returned (a dict return), last learner batch",
+            ["score"],
+            registry=r,
+        )
         self.reward_failures = Counter("rlsys_reward_failures", "Completions whose reward function failed", registry=r)
         self.replay_depth = Gauge("rlsys_replay_depth_groups", "Groups waiting in the replay store", registry=r)
         self.replay_dropped_stale = Counter(
@@ -177,6 +183,8 @@ class Metrics:
         self.loss.set(rec.loss)
         self.grad_norm.set(rec.grad_norm)
         self.reward_mean.set(rec.reward_mean)
+        for name, value in rec.extra_scores.items():
+            self.reward_extra.labels(score=name).set(value)
         self.step_seconds.observe(rec.step_seconds)
         self.sync_seconds.observe(rec.weight_sync_seconds)
         for lag in rec.staleness:

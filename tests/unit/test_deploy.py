@@ -51,7 +51,8 @@ def yaml_docs(path: Path) -> list[dict]:
 
 def exported_series() -> set[str]:
     """Sample names the endpoints serve (the controller's and every actor role's): what
-    Prometheus stores."""
+    Prometheus stores. A labelled gauge serves samples only once a label value is set (the
+    reward's extra scores: one per name the reward function returns), so its name counts too."""
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -62,7 +63,7 @@ def exported_series() -> set[str]:
         for r in all_registries()
         for f in text_string_to_metric_families(generate_latest(r).decode())
         for s in f.samples
-    }
+    } | {f.name for r in all_registries() for f in r.collect() if f.type == "gauge"}
 
 
 def dashboard_queries(d: dict) -> list[str]:

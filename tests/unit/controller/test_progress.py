@@ -99,3 +99,16 @@ def test_an_old_checkpoint_without_the_clock_resumes_from_its_last_step_time():
     old = asdict(Progress(step=3, step_time=[1.0, 2.0, 3.5]))
     del old["train_seconds"]
     assert Progress.from_checkpoint(old).train_seconds == 3.5
+
+
+def test_extra_reward_scores_are_averaged_per_step_and_exported():
+    groups = _groups(0)
+    groups[0].meta["scores"] = {"format": [1.0, 0.0, None, 1.0], "length": [0.5, 0.5, 0.5, 0.5]}
+    groups[1].meta["scores"] = {"format": [1.0, 1.0, 1.0, 1.0]}
+    rec = step_record(1, 1, groups, _stats(), 8, 40, 0, 0, 0.1, 0.02, 1.0)
+    assert rec.extra_scores == {"format": pytest.approx(6 / 7), "length": 0.5}  # None: the call failed
+    assert rec.metrics()["rlsys_reward_extra_format"] == pytest.approx(6 / 7)
+    m = Metrics()
+    m.observe_step(rec, ReplayCounters())
+    exported = generate_latest(m.registry).decode()
+    assert re.search(r'^rlsys_reward_extra\{score="length"\} 0\.5$', exported, re.M)
