@@ -328,35 +328,10 @@ def save_hf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, ou
     save_chat_tokenizer(tokenizer, out_dir)
 
 
-def build_hf_model(
-    out_dir: Path,
-    arch: str,
-    tokenizer: PreTrainedTokenizerFast,
-    *,
-    hidden: int,
-    layers: int,
-    heads: int,
-    intermediate: int,
-    max_position: int,
-    seed: int,
-    eos_ids: Sequence[int],
-    kv_heads: Optional[int] = None,
-    tie_embeddings: Optional[bool] = None,
-) -> PreTrainedModel:
-    """:func:`new_hf_model` saved into ``out_dir`` by :func:`save_hf_model`; returns the model."""
-    model = new_hf_model(
-        arch,
-        tokenizer,
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        intermediate=intermediate,
-        max_position=max_position,
-        seed=seed,
-        eos_ids=eos_ids,
-        kv_heads=kv_heads,
-        tie_embeddings=tie_embeddings,
-    )
+def build_hf_model(out_dir: Path, arch: str, tokenizer: PreTrainedTokenizerFast, **model_kwargs) -> PreTrainedModel:
+    """:func:`new_hf_model` (same keyword arguments) saved into ``out_dir`` by
+    :func:`save_hf_model`; returns the model."""
+    model = new_hf_model(arch, tokenizer, **model_kwargs)
     save_hf_model(model, tokenizer, Path(out_dir))
     return model
 
