@@ -301,7 +301,8 @@ class _Encoder:
                 if bad:
                     raise DatasetError(
                         f"{self.label}: row {indices[j] + 1}: field {cfg.prompt_key!r} has characters the "
-                        f"tokenizer has no token for: {''.join(bad)!r}"
+                        f"tokenizer has no token for: {''.join(bad)!r} (a word-level tokenizer, such as the "
+                        "built-in tiny model's, reads only its own alphabet: set model.path to your model)"
                     )
         if cfg.id_key is None:  # stable across runs and row order: the content, as the policy sees it
             ids = [hashlib.sha1(f"{t}\0{r}".encode()).hexdigest()[:16] for t, r in zip(texts, refs)]
