@@ -64,6 +64,7 @@ from rlsys.controller.progress import (
 from rlsys.controller.recovery import Recovery
 from rlsys.controller.weights import WeightPublisher
 from rlsys.data.loading import read_sources
+from rlsys.data.prompts import PromptSet
 from rlsys.learner.batch import build_batch, contributing_rows, shard_indices
 from rlsys.learner.losses import LossNormalizer
 from rlsys.observability.loggers import MetricLoggers
@@ -72,7 +73,6 @@ from rlsys.records import Group, StepRecord
 from rlsys.replay import make_store
 from rlsys.replay.base import ReplayStore, StoreClosed, reserve_or_stop
 from rlsys.scheduling.sampling import Sampler
-from rlsys.scheduling.scheduler import Prompt
 from rlsys.supervision import is_worker_failure, with_deadline
 from rlsys.tasks.arithmetic import load_task
 from rlsys.tasks.preference_model import ensure_reward_model
@@ -107,8 +107,8 @@ class Controller:
         self.resume: Optional[ResumePoint] = None
         self.model_path = ""
         self.pad_id = 0
-        self.train_prompts: list[Prompt] = []
-        self.eval_prompts: list[Prompt] = []
+        self.prompts = PromptSet([], [])
+        """Training and held-out prompts, tokenized for the policy (rlsys/data/prompts.py)."""
         self.run_id = self.run_dir.name
         """The replay store's run id (a resumed run keeps its own: on Redis its groups are still there)."""
         self.fleet: Optional[Fleet] = None
@@ -151,7 +151,7 @@ class Controller:
             with ThreadPoolExecutor(1) as pool:  # its own event loop: setup() may run inside one
                 pool.submit(asyncio.run, check_auth(cfg.replay)).result()
         self.model_path, self.pad_id, prompts = prompts_for(cfg, sources if cfg.data.enabled else None)
-        self.train_prompts, self.eval_prompts = prompts.train, prompts.eval
+        self.prompts = prompts
         log_prompts(self.model_path, prompts, time.perf_counter() - t0)
         rm_path = None
         if cfg.reward.mode in ("rm_judge_router", "rm_pointwise"):
@@ -174,7 +174,7 @@ class Controller:
             self.run_dir.name,
             config={"steps": cfg.steps, "strategy": cfg.scheduler.strategy, "max_staleness": cfg.replay.max_staleness},
         )
-        self.fleet.start(self.train_prompts, res.state["scheduler"] if res else None, str(res.path) if res else None)
+        self.fleet.start(self.prompts.train, res.state["scheduler"] if res else None, str(res.path) if res else None)
         self.store = make_store(cfg.replay, cfg.scheduler.prompts_per_step, run_id=self.run_id)
         self.weights = WeightPublisher(cfg, self.run_dir, version0)
         self.weights.pick_transport(self.fleet)
@@ -247,7 +247,7 @@ class Controller:
         if not p.eval_curve or p.eval_curve[-1][0] != p.step:
             p.eval_curve.append([p.step, acc_before])
             p.eval_times.append(round(p.train_seconds - p.timing.evaluation, 3))
-        log.info("eval accuracy before training: %.3f (%d held-out prompts)", acc_before, len(self.eval_prompts))
+        log.info("eval accuracy before training: %.3f (%d held-out prompts)", acc_before, len(self.prompts.eval))
         self.clock = TrainingClock(p.train_seconds)  # a resumed run's clock goes on from its checkpoint
         step0 = p.step  # > 0 when resuming
         self._failed = asyncio.get_running_loop().create_future()
@@ -290,6 +290,7 @@ class Controller:
             rollout_workers=list(self.fleet.records.values()),
             reward_stats=self.reward_stats,
             held_at_end=self._held_at_end,
+            data=self.prompts.describe(),
         )
         return summary(self.cfg, p, out, self.store.counters, self.model_path, str(self.run_dir))
 
@@ -513,7 +514,7 @@ class Controller:
         mean@k / pass@k and sample completions go into the progress record and eval_samples.jsonl."""
         e = self.cfg.eval
         res = await evaluate_prompts(
-            self.fleet.workers, self.eval_prompts, self.cfg.rollout.call_timeout_s, self.scorer, e.samples,
+            self.fleet.workers, self.prompts.eval, self.cfg.rollout.call_timeout_s, self.scorer, e.samples,
             e.temperature, e.examples,
         )  # fmt: skip
         self.metrics.eval_accuracy.set(res.accuracy)

@@ -276,6 +276,8 @@ class RunOutcome:
     rollout_workers: list[WorkerRecord]
     reward_stats: RewardStats
     held_at_end: Optional[int]
+    data: dict = field(default_factory=dict)
+    """What the run trained on (``PromptSet.describe()``): prompt counts, sources, over-long prompts dropped."""
 
 
 def summary(cfg, p: Progress, out: RunOutcome, replay_counters, model_path: str, run_dir: str) -> dict:
@@ -352,6 +354,7 @@ def summary(cfg, p: Progress, out: RunOutcome, replay_counters, model_path: str,
         "share_weight_sync": p.timing.weight_sync / train_s,
         "share_evaluation": p.timing.evaluation / train_s,
         "model_path": model_path,
+        "data": out.data,
         "run_dir": run_dir,
     }
 

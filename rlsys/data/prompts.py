@@ -62,6 +62,16 @@ class PromptSet:
     """Whether prompts went through a chat template."""
     sources: list[str] = field(default_factory=list)
 
+    def describe(self) -> dict:
+        """For the run's summary."""
+        return {
+            "train_prompts": len(self.train),
+            "eval_prompts": len(self.eval),
+            "dropped_overlong": self.dropped_overlong,
+            "chat_template": self.templated,
+            "sources": list(self.sources),
+        }
+
 
 def prepare_tokenizer(tok, cfg: DataConfig):
     """Apply ``data.chat_template`` to ``tok``; returns whether prompts are rendered with a template."""

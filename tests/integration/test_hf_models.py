@@ -93,6 +93,10 @@ def test_train_a_hf_model_on_messages_then_export_and_reload(arch, fmt, tmp_path
     (run,) = run_root.iterdir()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["reward_failures"] == 0
+    assert summary["data"] == {
+        "train_prompts": 20, "eval_prompts": 4, "dropped_overlong": 0, "chat_template": True,
+        "sources": summary["data"]["sources"],
+    } and str(data) in summary["data"]["sources"][0]  # fmt: skip
     last = summary["curves"]["evaluations"][-1]
     assert last["k"] == 2 and 0 <= last["pass_at_k"] <= 1
     assert last["extra_scores"] == {"saw_prompt": 1.0, "saw_meta": 1.0}  # the reward saw the row

@@ -130,6 +130,9 @@ def test_overlong_prompts_are_dropped_and_counted_or_refused(tmp_path, chatml, c
     path = write_jsonl(tmp_path / "d.jsonl", data)
     ps = build_prompts(cfg(path), chatml, 60)
     assert ps.dropped_overlong == 1 and len(ps.train) == 3
+    assert ps.describe() == {
+        "train_prompts": 3, "eval_prompts": 2, "dropped_overlong": 1, "chat_template": True, "sources": [path],
+    }  # fmt: skip
     assert "dropped 1 prompt(s) longer than the 60 tokens" in caplog.text
     with pytest.raises(DatasetError, match=r"d.jsonl: row 4: prompt has \d+ tokens, more than the 60"):
         build_prompts(cfg(path, overlong_prompts="error"), chatml, 60)
