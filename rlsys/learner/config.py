@@ -112,6 +112,10 @@ class LearnerConfig:
     its denominators over the whole batch, so the update is unchanged; only the compute goes.
     Per-token statistics (KL to the behaviour policy, clip fraction) then cover the trained
     tokens only."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer layer's activations in the backward pass instead of keeping
+    them (the model's own support in transformers, non-reentrant): activation memory of one
+    layer instead of all, for about one more forward pass of compute. Same loss and update."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The policy-gradient objective."""
 

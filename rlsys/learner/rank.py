@@ -148,6 +148,11 @@ class LearnerRank:
 
                 initial_weights = list(load_file(initial_weights).items())
             model.load_state_dict(dict(initial_weights), strict=True)
+        if cfg.gradient_checkpointing:
+            if not model.supports_gradient_checkpointing:
+                raise ValueError(f"{type(model).__name__} does not support learner.gradient_checkpointing")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world_size)
         )
