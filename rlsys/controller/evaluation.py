@@ -28,6 +28,8 @@ from rlsys.reward.worker import (
     aligned_scores,
     call_with_timeout,
     check_reward_fn,
+    reward_kwargs,
+    score_means,
 )
 from rlsys.scheduling.scheduler import Prompt
 from rlsys.supervision import describe, is_worker_failure, with_deadline
@@ -49,12 +51,7 @@ class EvalScores:
 
     def extra_means(self) -> dict[str, float]:
         """Each extra score's mean over the completions that have it."""
-        out = {}
-        for name, values in self.extras.items():
-            got = [v for v in values if v is not None]
-            if got:
-                out[name] = sum(got) / len(got)
-        return out
+        return score_means(self.extras)
 
 
 @dataclass
@@ -102,7 +99,7 @@ class EvalScorer:
             )
         correct, extras, failures, first = [], [], 0, None
         for text, ref, prompt, meta in zip(completions, references, prompts, metas):
-            kwargs = {k: v for k, v in (("prompt", prompt), ("meta", meta)) if k in self.keywords}
+            kwargs = reward_kwargs(self.keywords, prompt, meta)
             try:
                 value = call_with_timeout(self.fn, text, ref, self.timeout_s, self._thread, kwargs)
             except RewardFunctionError as e:

@@ -28,6 +28,7 @@ import numpy as np
 
 from rlsys.observability.metrics import Metrics
 from rlsys.records import Group, StepRecord
+from rlsys.reward.worker import score_means
 from rlsys.scheduling.allocation import effective_gradient_ratio, effective_prompt_ratio
 from rlsys.supervision import is_worker_failure, with_deadline
 
@@ -215,11 +216,11 @@ def step_record(
 
 def extra_score_means(groups: list[Group]) -> dict[str, float]:
     """Each extra reward score (``Group.meta["scores"]``) averaged over the completions that have it."""
-    values: dict[str, list[float]] = {}
+    merged: dict[str, list] = {}
     for g in groups:
         for name, per_completion in g.meta.get("scores", {}).items():
-            values.setdefault(name, []).extend(v for v in per_completion if v is not None)
-    return {name: float(np.mean(v)) for name, v in values.items() if v}
+            merged.setdefault(name, []).extend(per_completion)
+    return score_means(merged)
 
 
 def progress_line(rec: StepRecord, total_steps: int) -> str:

@@ -22,7 +22,7 @@ import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -41,8 +41,9 @@ CACHE_DIR = Path("~/.cache/rlsys/data")
 COLUMNS = ("rlsys_id", "rlsys_text", "rlsys_ids", "rlsys_len", "rlsys_ref")
 """What the encoder adds per row (the source's own columns are read beside them, not copied)."""
 ENCODE_THREADS = 2
-"""Threads tokenizing a batch: the fast tokenizer releases the GIL, and its own parallelism does
-not engage on batches this size (measured: 2 threads ~2x one on 2 cores; scripts/bench_data.py)."""
+"""Threads tokenizing a batch (the fast tokenizer releases the GIL). They matter when the
+tokenizer's own parallelism is off (TOKENIZERS_PARALLELISM=false, as in the tests, or in a forked
+map process): measured 2x one thread on 2 cores; with it on, both come out level."""
 BATCH_ROWS = 4000
 MAP_PROCESSES = max(1, min(8, os.cpu_count() or 1))
 """Processes of the batched map on a large file (checks, template and tokenizer are Python-bound
@@ -243,13 +244,7 @@ def _check_unique(lists: list[list[Prompt]], derived: bool) -> None:
                     f"prompt id {p.prompt_id!r} appears more than once (data.id_key); ids must be unique"
                 )
             seen[p.prompt_id] += 1
-            prompts[i] = _with_id(p, f"{p.prompt_id}~{seen[p.prompt_id]}")
-
-
-def _with_id(p: Prompt, new_id: str) -> Prompt:
-    from dataclasses import replace
-
-    return replace(p, prompt_id=new_id)
+            prompts[i] = replace(p, prompt_id=f"{p.prompt_id}~{seen[p.prompt_id]}")
 
 
 class _Encoder:

@@ -332,16 +332,11 @@ class GroupScorer:
         self._reported: set[str] = set()
         self._thread = CallThread()
 
-    def call_kwargs(self, prompt: object, meta: dict) -> dict:
-        """The keyword arguments the reward function takes, of these values."""
-        values = {"prompt": prompt, "meta": meta}
-        return {k: values[k] for k in self.keywords}
-
     def score_group(self, group: Group) -> Group:
         rewards = np.empty(group.size, dtype=np.float32)
         extras: list[dict[str, float]] = [{}] * group.size
         failures = 0
-        kwargs = self.call_kwargs(group.meta.get("prompt", group.prompt), group.meta.get("row", {}))
+        kwargs = reward_kwargs(self.keywords, group.meta.get("prompt", group.prompt), group.meta.get("row", {}))
         for i, c in enumerate(group.completions):
             try:
                 rewards[i], extras[i] = call_with_timeout(
@@ -367,6 +362,22 @@ class GroupScorer:
             meta = {k: v for k, v in group.meta.items() if k != "scores"}
             scored = dataclasses.replace(scored, meta={**meta, "scores": scores} if scores else meta)
         return scored
+
+
+def reward_kwargs(keywords: tuple[str, ...], prompt: object, meta: dict) -> dict:
+    """The keyword arguments a reward function that takes ``keywords`` (``check_reward_fn``) gets."""
+    values = {"prompt": prompt, "meta": meta}
+    return {k: values[k] for k in keywords}
+
+
+def score_means(scores: dict[str, list[Optional[float]]]) -> dict[str, float]:
+    """Each extra score's mean over the completions that have it (``{name: [value or None]}``)."""
+    out = {}
+    for name, values in scores.items():
+        got = [v for v in values if v is not None]
+        if got:
+            out[name] = sum(got) / len(got)
+    return out
 
 
 def aligned_scores(extras: list[dict[str, float]]) -> dict[str, list[Optional[float]]]:
