@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE, LATEST_FILE = "state.json", "latest"
 HF_DIR, LEARNER_DIR, LEARNER_TAG = "hf", "learner", "learner"
+ADAPTER_DIR = "adapter"
+"""LoRA runs: the adapters alone (peft format) beside the merged policy in ``hf/``."""
 STATE_VERSION = 1
 TOKENIZER_FILES = (
     "tokenizer.json",

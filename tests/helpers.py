@@ -528,3 +528,41 @@ def prompt_aware_reward(completion: str, reference: str, *, prompt, meta) -> dic
         "saw_prompt": float(bool(saw_prompt)),
         "saw_meta": float(meta.get("level") is not None),
     }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def learner_groups(rng, k=4, n=4, max_completion=4):
+    """``k`` scored groups of ``n`` random completions (1 to ``max_completion`` tokens) over the
+    tiny model's vocabulary, each with non-zero reward variance (every group carries gradient)."""
+    gs = []
+    for i in range(k):
+        rewards = rng.integers(0, 2, size=n).astype(np.float32)
+        rewards[0], rewards[1] = 1.0, 0.0
+        lens = list(rng.integers(1, max_completion + 1, n))
+        g = make_group(version=0, rewards=rewards, prompt=(1, 3 + i, 12, 4), completion_lens=lens)
+        for c in g.completions:
+            c.token_ids = rng.integers(3, 14, size=len(c.token_ids)).astype(np.int32)
+            c.logprobs = np.full(len(c.token_ids), -2.5, np.float32)
+        gs.append(g)
+    return gs
+
+
+def set_learner_options(rank, opts: dict, start: str) -> None:
+    """Switch a rank to the options ``opts`` and back to the state saved in ``start`` (weights and
+    optimizer), so that every variant takes its step from the same point."""
+    import dataclasses
+
+    rank.cfg = dataclasses.replace(rank.cfg, **opts)
+    model = rank.engine.module
+    if opts.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    rank.engine.load_checkpoint(start, tag="start", load_optimizer_states=True, load_lr_scheduler_states=False)

@@ -72,3 +72,25 @@ def prompts_for(cfg: RunConfig, sources: Optional[tuple] = None) -> tuple[str, i
             data_cfg, tok, limit, task_sources(task.train, f"{name} (train)"), task_sources(task.eval, f"{name} (eval)")
         ),
     )
+
+
+def check_learner(cfg: RunConfig, model_path: str, prompts: PromptSet) -> None:
+    """Learner options that cannot work with this model or these prompts, refused before any
+    actor starts: a token budget the longest sequence cannot fit, LoRA targets that match no
+    module of the model (checked on its architecture alone, without reading weights)."""
+    lc = cfg.learner
+    if lc.max_tokens_per_micro_batch:
+        longest = max((len(p.prompt_token_ids) for p in prompts.train), default=0) + cfg.rollout.max_new_tokens
+        if longest > lc.max_tokens_per_micro_batch:
+            raise ConfigError(
+                f"learner.max_tokens_per_micro_batch={lc.max_tokens_per_micro_batch} is smaller than the longest "
+                f"sequence a step can hold: {longest} tokens (the longest training prompt plus "
+                f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}); raise it to at least {longest}"
+            )
+    if lc.lora.enabled:
+        from rlsys.learner.lora import check_lora_targets
+
+        try:
+            check_lora_targets(model_path, lc.lora)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None

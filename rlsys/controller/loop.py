@@ -50,7 +50,7 @@ from rlsys.controller.checkpointing import Checkpointer, PendingCheckpoint, Resu
 from rlsys.controller.cluster import check_resources, start_ray
 from rlsys.controller.elastic import ControlLoop
 from rlsys.controller.evaluation import EvalScorer, evaluate_prompts
-from rlsys.controller.inputs import log_prompts, prompts_for
+from rlsys.controller.inputs import check_learner, log_prompts, prompts_for
 from rlsys.controller.progress import (
     Progress,
     RecentErrors,
@@ -65,7 +65,7 @@ from rlsys.controller.recovery import Recovery
 from rlsys.controller.weights import WeightPublisher
 from rlsys.data.loading import read_sources
 from rlsys.data.prompts import PromptSet
-from rlsys.learner.batch import build_batch, contributing_rows, shard_indices
+from rlsys.learner.batch import build_batch, contributing_rows, split_for_ranks
 from rlsys.learner.losses import LossNormalizer
 from rlsys.observability.loggers import MetricLoggers
 from rlsys.observability.metrics import Metrics, MetricsServer, serve
@@ -150,9 +150,9 @@ class Controller:
 
             with ThreadPoolExecutor(1) as pool:  # its own event loop: setup() may run inside one
                 pool.submit(asyncio.run, check_auth(cfg.replay)).result()
-        self.model_path, self.pad_id, prompts = prompts_for(cfg, sources if cfg.data.enabled else None)
-        self.prompts = prompts
-        log_prompts(self.model_path, prompts, time.perf_counter() - t0)
+        self.model_path, self.pad_id, self.prompts = prompts_for(cfg, sources if cfg.data.enabled else None)
+        log_prompts(self.model_path, self.prompts, time.perf_counter() - t0)
+        check_learner(cfg, self.model_path, self.prompts)
         rm_path = None
         if cfg.reward.mode in ("rm_judge_router", "rm_pointwise"):
             rm_path = str(ensure_reward_model(cfg.reward.model, cfg.task))
@@ -349,8 +349,8 @@ class Controller:
             rows = contributing_rows(batch, len(ranks))
             self.progress.zero_advantage_skipped += batch.num_seqs - len(rows)
             batch = batch.select(rows)
-        shards = [batch.select(ix) for ix in shard_indices(batch.attention_mask.sum(1), len(ranks))]
-        steps = asyncio.gather(*[r.train_step.remote(s, norm) for r, s in zip(ranks, shards)])
+        parts = split_for_ranks(batch, len(ranks), cfg.learner)  # shards and their micro-batches
+        steps = asyncio.gather(*[r.train_step.remote(s, norm, p) for r, (s, p) in zip(ranks, parts)])
         return await with_deadline(steps, cfg.learner.step_timeout_s), trained
 
     async def _commit(self, groups: list[Group], version: int) -> Optional[PendingCheckpoint]:

@@ -51,6 +51,41 @@ class LossConfig:
             )
 
 
+PACKED_ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""Attention that transformers keeps within each packed sequence (from restarting position ids)."""
+ATTENTION = PACKED_ATTENTION + ("paged|eager",)
+"""Every attention the learner accepts; paged attention serves generation and mixes a packed row."""
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft): train small matrices beside frozen weights."""
+
+    rank: int = 0
+    """Adapter rank r; 0 trains every weight (no LoRA)."""
+    alpha: float = 32.0
+    """Scaling numerator: the adapter's update is (alpha / rank) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (or name suffixes) that get adapters; ``[all-linear]``: every linear layer
+    but the output head."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"learner.lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
+        if self.rank and not self.alpha > 0:
+            raise ValueError(f"learner.lora.alpha must be > 0, got {self.alpha}")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ValueError(f"learner.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.rank and not self.target_modules:
+            raise ValueError("learner.lora.target_modules is empty: name the modules that get adapters")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 @dataclass
 class LearnerConfig:
     """DeepSpeed learner ranks and the optimizer."""
@@ -116,6 +151,30 @@ class LearnerConfig:
     """Recompute each transformer layer's activations in the backward pass instead of keeping
     them (the model's own support in transformers, non-reentrant): activation memory of one
     layer instead of all, for about one more forward pass of compute. Same loss and update."""
+    max_tokens_per_micro_batch: int = 0
+    """Form each rank's micro-batches by a token budget instead of a count: a balanced bin
+    packing of the sequences where each micro-batch holds at most this many tokens (padded
+    tokens, rows x the longest row; real tokens with ``packing``). 0: ``grad_accum_steps``
+    micro-batches in arrival order. Same loss and update either way (the loss is normalised
+    over the whole batch); must fit the longest prompt plus ``rollout.max_new_tokens``."""
+    packing: bool = False
+    """Pack each micro-batch's sequences back to back into one row, with position ids that
+    restart at each sequence and attention that does not cross sequences (transformers' packed
+    sequence support: flash attention's variable-length kernels on GPU, a block-diagonal causal
+    mask with sdpa or eager): no arithmetic on padding. Same loss and update as padded."""
+    attn_implementation: str = "auto"
+    """The learner model's attention: 'auto' (flash_attention_2 on GPU when flash-attn is
+    installed, else sdpa), 'sdpa', 'eager', 'flash_attention_2', 'flash_attention_3',
+    'flex_attention' or 'paged|eager' (not with packing)."""
+    offload_optimizer: bool = False
+    """ZeRO offload of the optimizer state (and its step) to CPU memory: needs zero_stage >= 1.
+    GPU only in effect: on CPU the state is already in CPU memory."""
+    offload_params: bool = False
+    """ZeRO-3 offload of the parameters to CPU memory between uses: needs zero_stage 3. GPU
+    only in effect, like offload_optimizer."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters (``learner.lora.rank`` > 0): only the adapters are trained and held by
+    the optimizer; the rollout workers get the merged weights."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The policy-gradient objective."""
 
@@ -142,3 +201,29 @@ class LearnerConfig:
             raise ValueError("learner.max_nonfinite_steps must be >= 1 and learner.step_timeout_s >= 0 (0 = none)")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"learner.dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.max_tokens_per_micro_batch < 0:
+            raise ValueError(
+                f"learner.max_tokens_per_micro_batch must be >= 0 (0 = micro-batches by count), "
+                f"got {self.max_tokens_per_micro_batch}"
+            )
+        if self.max_tokens_per_micro_batch and self.grad_accum_steps != 1:
+            raise ValueError(
+                "learner.max_tokens_per_micro_batch and learner.grad_accum_steps both set how a rank's batch is "
+                "cut into micro-batches: set one (grad_accum_steps=1 with a token budget)"
+            )
+        if self.attn_implementation not in ATTENTION:
+            raise ValueError(
+                f"learner.attn_implementation must be one of {', '.join(ATTENTION)}, got {self.attn_implementation!r}"
+            )
+        if self.packing and self.attn_implementation not in PACKED_ATTENTION:
+            raise ValueError(
+                f"learner.packing needs attention that keeps packed sequences apart "
+                f"({', '.join(PACKED_ATTENTION)}); learner.attn_implementation={self.attn_implementation} cannot"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("learner.offload_optimizer needs ZeRO (learner.zero_stage 1, 2 or 3), got zero_stage=0")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"learner.offload_params offloads ZeRO-3's parameter partitions: it needs learner.zero_stage=3, "
+                f"got {self.zero_stage}"
+            )

@@ -62,15 +62,22 @@ def policy_loss(
     mask_BT: torch.Tensor,
     cfg: LossConfig,
     norm: LossNormalizer,
+    seq_ids_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-ratio policy loss for one micro-batch, as this micro-batch's share of the
     global objective (summing it over micro-batches and ranks gives the full loss).
 
     ratio = pi_theta / pi_old; per-token loss = max(-A ratio, -A clip(ratio, 1-el, 1+eh)),
     times the detached TIS weight min(pi_old / pi_behav, C) when tis_cap > 0.
+
+    Packed rows (several sequences per row) pass ``seq_ids_BT``: each token's sequence, an
+    index into ``advantages_B`` (then of length S, the sequences), -1 on padding.
     """
     mask_BT = mask_BT.to(logprobs_BT.dtype)
-    adv_BT = advantages_B[:, None].to(logprobs_BT.dtype)
+    if seq_ids_BT is None:
+        adv_BT = advantages_B[:, None].to(logprobs_BT.dtype)
+    else:
+        adv_BT = advantages_B.to(logprobs_BT.dtype)[seq_ids_BT.clamp(min=0)]
     log_ratio_BT = (logprobs_BT - old_logprobs_BT) * mask_BT
     ratio_BT = torch.exp(log_ratio_BT)
     clipped_BT = torch.clamp(ratio_BT, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
@@ -84,8 +91,13 @@ def policy_loss(
     if cfg.aggregation == "token_mean":
         loss = per_token_BT.sum() / max(norm.num_tokens, 1)
     elif cfg.aggregation == "seq_mean_token_mean":
-        lengths_B = mask_BT.sum(-1).clamp(min=1.0)
-        loss = (per_token_BT.sum(-1) / lengths_B).sum() / max(norm.num_seqs, 1)
+        if seq_ids_BT is None:
+            sums_S, lengths_S = per_token_BT.sum(-1), mask_BT.sum(-1)
+        else:  # per sequence of the packed rows
+            ids, zeros = seq_ids_BT.clamp(min=0).flatten(), per_token_BT.new_zeros(len(advantages_B))
+            sums_S = zeros.index_add(0, ids, per_token_BT.flatten())
+            lengths_S = zeros.index_add(0, ids, mask_BT.flatten())
+        loss = (sums_S / lengths_S.clamp(min=1.0)).sum() / max(norm.num_seqs, 1)
     else:  # seq_mean_token_sum_norm (Dr. GRPO)
         loss = per_token_BT.sum() / max(norm.num_seqs * norm.max_new_tokens, 1)
 

@@ -30,18 +30,28 @@ import numpy as np
 
 from rlsys.learner.batch import TrainBatch, micro_batches
 from rlsys.learner.config import LearnerConfig
+from rlsys.learner.lora import PublishedWeights, base_model
 from rlsys.learner.losses import LossNormalizer, policy_loss, token_logprobs
 from rlsys.supervision import FaultPoint
 
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(cfg: LearnerConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: LearnerConfig, world_size: int, on_gpu: bool = False) -> dict:
+    """The DeepSpeed config of a rank. Micro-batches per step may vary (a token budget), so the
+    rank marks the accumulation boundary itself; ``gradient_accumulation_steps`` is nominal.
+    Offload applies on GPU only: on CPU the state already lives in CPU memory."""
+    zero: dict = {"stage": cfg.zero_stage}
+    offload = on_gpu and (cfg.offload_optimizer or cfg.offload_params)
+    if on_gpu and cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if on_gpu and cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     ds = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "train_batch_size": cfg.grad_accum_steps * world_size,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -49,7 +59,8 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int) -> dict:
                 "betas": [cfg.adam_beta1, cfg.adam_beta2],
                 "eps": 1e-8,
                 "weight_decay": cfg.weight_decay,
-                "torch_adam": True,
+                # torch's AdamW (no compiled op); offloaded state steps with DeepSpeed's CPU Adam
+                "torch_adam": not offload,
             },
         },
         "steps_per_print": 10**9,
@@ -119,7 +130,7 @@ class LearnerRank:
         if not on_gpu:
             # Not needed for training; avoids a ~45 s JIT build on a cold machine.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        from transformers import AutoModelForCausalLM
+        from rlsys.learner.model import load_policy
 
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
@@ -141,21 +152,13 @@ class LearnerRank:
             world_size=world_size,
         )
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        if initial_weights is not None:  # restart after a failure: the last committed policy
-            if isinstance(initial_weights, str):  # published through shared memory
-                from safetensors.torch import load_file
-
-                initial_weights = list(load_file(initial_weights).items())
-            model.load_state_dict(dict(initial_weights), strict=True)
-        if cfg.gradient_checkpointing:
-            if not model.supports_gradient_checkpointing:
-                raise ValueError(f"{type(model).__name__} does not support learner.gradient_checkpointing")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+        model = load_policy(cfg, model_path, on_gpu, initial_weights)
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world_size)
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters only
+            config=deepspeed_config(cfg, world_size, on_gpu),
         )
+        self.published = PublishedWeights(self.engine.module)
         self.steps = 0
         self.faults = FaultPoint()
         self._poison = False
@@ -185,31 +188,41 @@ class LearnerRank:
             torch.from_numpy(b.advantages).to(d),
         )
 
-    def _logprobs(self, input_ids, attn):
-        logits = self.engine(input_ids=input_ids, attention_mask=attn).logits
-        return token_logprobs(logits, input_ids, self.temperature)
+    def _logprobs(self, b: TrainBatch):
+        """Per-token log-probabilities of a padded or packed micro-batch."""
+        import torch
 
-    def train_step(self, shard: TrainBatch, norm: LossNormalizer) -> StepStats:
-        """One optimizer step on this rank's shard of the global batch."""
+        ids = torch.from_numpy(b.input_ids).to(self.device)
+        if b.packed:  # no mask: transformers keeps the sequences apart from the restarting position ids
+            pos = torch.from_numpy(b.position_ids).to(self.device)
+            logits = self.engine(input_ids=ids, position_ids=pos, use_cache=False).logits
+        else:
+            attn = torch.from_numpy(b.attention_mask).to(self.device)
+            logits = self.engine(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        return token_logprobs(logits, ids, self.temperature)
+
+    def train_step(self, shard: TrainBatch, norm: LossNormalizer, plan: Optional[list] = None) -> StepStats:
+        """One optimizer step on this rank's shard of the global batch, in the micro-batches of
+        ``plan`` (index lists into the shard, as many on every rank: ``batch.plan_micro_batches``),
+        by default ``grad_accum_steps`` chunks. Packed when ``learner.packing``."""
         import torch
 
         self.faults.hang_here()
         t0 = time.perf_counter()
         self.engine.train()
         total, agg = 0.0, {}
-        chunks = micro_batches(shard.num_seqs, self.cfg.grad_accum_steps)
-        for idx in chunks:
-            mb = shard.select(idx) if len(idx) else None
-            if mb is None:  # keep the collective schedule identical on every rank
-                mb = shard.select(np.arange(1))
-                weight = 0.0
-            else:
-                weight = 1.0
-            ids, attn, mask, behav, adv = self._tensors(mb)
-            logp = self._logprobs(ids, attn)
-            loss, stats = policy_loss(logp, logp.detach(), behav, adv, mask * weight, self.cfg.loss, norm)
+        chunks = plan if plan is not None else micro_batches(shard.num_seqs, self.cfg.grad_accum_steps)
+        for i, idx in enumerate(chunks):
+            weight = 1.0 if len(idx) else 0.0  # an empty one keeps the collective schedule identical
+            idx = idx if len(idx) else np.arange(1)
+            mb = shard.pack(idx) if self.cfg.packing else shard.select(idx)
+            _, _, mask, behav, adv = self._tensors(mb)
+            seq_ids = torch.from_numpy(mb.seq_ids).to(self.device) if mb.packed else None
+            logp = self._logprobs(mb)
+            loss, stats = policy_loss(logp, logp.detach(), behav, adv, mask * weight, self.cfg.loss, norm, seq_ids)
             # DeepSpeed averages gradients over ranks; the loss is already this shard's share
             # of the global mean, so undo the average (and do not divide by accumulation steps).
+            self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             self.engine.step()
             total += float(loss.detach())
@@ -263,26 +276,29 @@ class LearnerRank:
 
         self.engine.eval()
         with torch.no_grad():
-            ids, attn, *_ = self._tensors(batch)
-            return self._logprobs(ids, attn).float().cpu().numpy()
+            return self._logprobs(batch).float().cpu().numpy()
 
     def gather_weights(self) -> Optional[list[tuple[str, object]]]:
         """Full HF-named weights on rank 0 (collective under ZeRO-3); None on other ranks.
 
         Under ZeRO-3 the shards are gathered one bucket (``gather_bucket_mb``) at a time and
         released before the next, so no rank ever materialises the whole model for this."""
+        view = self.published
+        out: Optional[list] = [] if self.rank == 0 else None
+        sized = [(n, self.published.params[view.sources[n][0]]) for n in view.names]
+        for bucket in param_buckets(sized, self.cfg.gather_bucket_mb << 20):
+            with self._gathering(view.source_params([n for n, _ in bucket])):
+                if out is not None:
+                    out.extend((n, view.tensor(n).float().cpu().clone()) for n, _ in bucket)
+        return out
+
+    def _gathering(self, params: list):
+        """Under ZeRO-3, a context in which ``params`` are whole (a collective)."""
+        if self.cfg.zero_stage != 3:
+            return _Null()
         import deepspeed
 
-        params = list(self.engine.module.named_parameters())
-        keep = self.rank == 0
-        if self.cfg.zero_stage != 3:
-            return [(n, p.detach().float().cpu().clone()) for n, p in params] if keep else None
-        out: Optional[list] = [] if keep else None
-        for bucket in param_buckets(params, self.cfg.gather_bucket_mb << 20):
-            with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
-                if out is not None:
-                    out.extend((n, p.detach().float().cpu().clone()) for n, p in bucket)
-        return out
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def publish_weights(self, path: str) -> Optional[str]:
         """Collective: gather, and on rank 0 write the weights to ``path`` (safetensors, written
@@ -308,11 +324,10 @@ class LearnerRank:
     # -- GPU weight publication over NCCL (rlsys.rollout.weight_sync) ----------------------------
     def weight_plan(self, dtype: str) -> list:
         """The bucket plan of this model's parameters as ``dtype`` (the engines' dtype)."""
-        from rlsys.rollout.weight_sync import local_params, plan_buckets
+        from rlsys.rollout.weight_sync import plan_buckets
 
-        return plan_buckets(
-            [(n, dtype, shape) for n, _, shape in local_params(self.engine.module)], self.cfg.gather_bucket_mb << 20
-        )
+        view = self.published
+        return plan_buckets([(n, dtype, view.shape(n)) for n in view.names], self.cfg.gather_bucket_mb << 20)
 
     def join_weight_group(self, world_size: int) -> tuple[str, int]:
         """Rank 0: start forming the weight group as its root (rank 0) and return the (host, port)
@@ -346,15 +361,12 @@ class LearnerRank:
         return gpu_id()
 
     def _gathered(self, plan: list):
-        """Yield (bucket, its full parameters) bucket by bucket (collective under ZeRO-3)."""
-        import deepspeed
-
-        params = dict(self.engine.module.named_parameters())
+        """Yield (bucket, its published tensors) bucket by bucket (collective under ZeRO-3)."""
+        view = self.published
         for bucket in plan:
-            ps = [params[s.name] for s in bucket.slots]
-            ctx = deepspeed.zero.GatheredParameters(ps, modifier_rank=None) if self.cfg.zero_stage == 3 else _Null()
-            with ctx:
-                yield bucket, ps
+            names = [s.name for s in bucket.slots]
+            with self._gathering(view.source_params(names)):
+                yield bucket, [view.tensor(n) for n in names]
 
     def export_weights_ipc(self, plan: list) -> Optional[list]:
         """cuda_ipc: pack the weights on this GPU (collective gathers under ZeRO-3) and return one
@@ -398,21 +410,32 @@ class LearnerRank:
     def save_checkpoint(self, directory: str) -> None:
         """Collective (every rank): DeepSpeed state of each rank under ``learner/``, and on rank 0
         the policy in Hugging Face format under ``hf/`` (full weights, gathered under ZeRO-3)."""
-        from rlsys.checkpoint import HF_DIR, LEARNER_DIR, LEARNER_TAG
+        from rlsys.checkpoint import ADAPTER_DIR, HF_DIR, LEARNER_DIR, LEARNER_TAG
 
         self.engine.save_checkpoint(str(Path(directory) / LEARNER_DIR), tag=LEARNER_TAG)
-        weights = self.gather_weights()
-        if self.rank == 0:
-            self.engine.module.save_pretrained(
-                Path(directory) / HF_DIR, state_dict=dict(weights), safe_serialization=True
-            )
+        self.save_policy(str(Path(directory) / HF_DIR))
+        if self.cfg.lora.enabled:  # the adapters alone, in peft's format (loadable onto the base model)
+            adapters = [p for _, p in self.published.adapter_params()]
+            with self._gathering(adapters):
+                if self.rank == 0:
+                    self.engine.module.save_pretrained(Path(directory) / ADAPTER_DIR, safe_serialization=True)
 
     def save_policy(self, directory: str) -> None:
         """Collective (every rank): the policy's weights in Hugging Face format (safetensors,
         config, generation_config) written by rank 0 into ``directory`` (gathered under ZeRO-3)."""
         weights = self.gather_weights()
-        if self.rank == 0:
-            self.engine.module.save_pretrained(directory, state_dict=dict(weights), safe_serialization=True)
+        if self.rank == 0:  # merged under LoRA: a plain model directory
+            base_model(self.engine.module).save_pretrained(directory, state_dict=dict(weights), safe_serialization=True)
+
+    def optimizer_params(self) -> tuple[list[str], int]:
+        """Names and element count of the parameters the optimizer updates (all ranks' shares)."""
+        trained = {id(p) for g in self.engine.optimizer.param_groups for p in g["params"]}
+        if hasattr(self.engine.optimizer, "bit16_groups"):  # ZeRO 1/2: groups of the model's own params
+            trained = {id(p) for g in self.engine.optimizer.bit16_groups for p in g}
+        elif hasattr(self.engine.optimizer, "fp16_groups"):  # ZeRO-3
+            trained = {id(p) for g in self.engine.optimizer.fp16_groups for p in g}
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if id(p) in trained]
+        return [n for n, _ in named], sum(int(getattr(p, "ds_numel", p.numel())) for _, p in named)
 
     def weights_digest(self) -> str:
         """sha256 over all (gathered) parameters: equal digests mean identical ranks."""

@@ -182,8 +182,31 @@ def free_loopback_port() -> int:
         (["reward.target=helpers.reward_with_three_args"], "which rlsys cannot call with (completion, reference)"),
         (["scheduler.samples_per_prompt=1"], "scheduler.samples_per_prompt=1 gives every group one completion"),
         (["replay=redis", "replay.redis.url=redis://127.0.0.1:{port}/0"], "nothing answers at replay.redis.url="),
+        (
+            ["learner.lora.rank=8", "learner.lora.target_modules=[qkv_proj]"],
+            "learner.lora.target_modules=['qkv_proj'] matches no module of LlamaForCausalLM",
+        ),
+        (
+            ["learner.max_tokens_per_micro_batch=12"],
+            "learner.max_tokens_per_micro_batch=12 is smaller than the longest sequence a step can hold",
+        ),
+        (["learner.offload_optimizer=true", "learner.zero_stage=0"], "learner.offload_optimizer needs ZeRO"),
+        (
+            ["learner.packing=true", "learner.attn_implementation=paged|eager"],
+            "learner.packing needs attention that keeps packed sequences apart",
+        ),
     ],
-    ids=["reward-not-importable", "reward-not-callable", "reward-signature", "one-sample-per-prompt", "no-redis"],
+    ids=[
+        "reward-not-importable",
+        "reward-not-callable",
+        "reward-signature",
+        "one-sample-per-prompt",
+        "no-redis",
+        "lora-targets-nothing",
+        "token-budget-below-longest",
+        "offload-without-zero",
+        "packing-with-paged-attention",
+    ],
 )
 def test_a_run_that_cannot_work_is_refused_before_ray_starts(tmp_path, overrides, message):
     """Each refused with an ``rlsys:`` line and no traceback, before the Ray cluster exists (its

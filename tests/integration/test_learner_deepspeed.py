@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 import pytest
-from helpers import make_group
+from helpers import free_port as _free_port
+from helpers import learner_groups as _groups
 
 from rlsys.learner.batch import build_batch, shard_indices
 from rlsys.learner.config import LearnerConfig, LossConfig
@@ -12,29 +13,6 @@ from rlsys.learner.losses import LossNormalizer
 from rlsys.learner.rank import LearnerRank
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _groups(rng, k=4, n=4):
-    gs = []
-    for i in range(k):
-        rewards = rng.integers(0, 2, size=n).astype(np.float32)
-        rewards[0], rewards[1] = 1.0, 0.0  # non-zero variance: every group carries gradient
-        g = make_group(
-            version=0, rewards=rewards, prompt=(1, 3 + i, 12, 4), completion_lens=list(rng.integers(1, 5, n))
-        )
-        for c in g.completions:
-            c.token_ids = rng.integers(3, 14, size=len(c.token_ids)).astype(np.int32)
-            c.logprobs = np.full(len(c.token_ids), -2.5, np.float32)
-        gs.append(g)
-    return gs
 
 
 @pytest.mark.parametrize("zero_stage", [1, 3])

@@ -453,3 +453,23 @@ def test_image_has_the_ray_dashboard_for_job_submission():
     assert re.search(r'"ray\[default\]==', py), (
         'pyproject.toml must depend on "ray[default]==..." (dependencies or the gpu extra) for cluster use'
     )
+
+
+def test_gpu_and_cpu_extras_pin_the_same_tested_engine_versions():
+    """A cluster (the gpu extra, the image) runs the vLLM and DeepSpeed releases the code was
+    written and tested against (the cpu extra), not whatever is newest on the day it installs."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def pins(extra: str) -> dict:
+        out = {}
+        for req in extras[extra]:
+            m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[.*\])?==([0-9][^,;\s]*)", req.strip())
+            if m:
+                out[m.group(1).lower().removesuffix("-cpu")] = m.group(3)
+        return out
+
+    cpu, gpu = pins("cpu"), pins("gpu")
+    assert {"vllm", "deepspeed"} <= gpu.keys(), f"the gpu extra must pin vllm and deepspeed with ==: {extras['gpu']}"
+    assert gpu["vllm"] == cpu["vllm"] and gpu["deepspeed"] == cpu["deepspeed"], (cpu, gpu)
