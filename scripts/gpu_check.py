@@ -17,7 +17,13 @@ broadcast is measured too. Prints, and writes with --json:
   device-to-device copy bandwidth measured here);
 - ``logprob_gap``: mean |engine logprob - learner logprob| on fresh samples after a sync,
   against ``logprob_gap_before_sync`` (the engine still on the initial weights while the learner
-  has taken 4 steps at lr 1e-2): a sync passes if it cuts the gap at least 5x.
+  has taken 4 steps at lr 1e-2): a sync passes if it cuts the gap at least 5x;
+- ``learner_options``: one fresh rank per learner option on the same samples (bf16 throughout):
+  ``bf16`` (ZeRO-1), ``grad_ckpt``, ``zero3_offload`` (ZeRO-3 with optimizer and parameter
+  offload to CPU), ``lora`` (rank 16; its merged weights then go to the engine by cuda_ipc and
+  must pass the same logprob check), ``packing`` (flash attention's variable-length kernels
+  when flash-attn is installed, else sdpa with a block mask) and ``token_budget`` (packed,
+  ``max_tokens_per_micro_batch``): tokens/s and peak GPU memory of each.
 
 Exits 0 with a message when no GPU is present (nothing to check), 1 if a check fails.
 """
@@ -102,6 +108,75 @@ def d2d_floor_s(nbytes: int) -> float:
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+OPTIONS = {  # name -> LearnerConfig overrides (on top of the check's bf16 ZeRO-1 rank)
+    "bf16": {},
+    "grad_ckpt": {"gradient_checkpointing": True},
+    "zero3_offload": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
+    "lora": {"lora": "rank16"},
+    "packing": {"packing": True},
+    "token_budget": {"packing": True, "grad_accum_steps": 1, "max_tokens_per_micro_batch": 8192},
+}
+
+
+def learner_options(ray, lc, model: str, rc, batch, norm, engine, version: int, logprob_gap, failures) -> dict:
+    """Each learner option on a fresh rank (the check's own rank is gone): a warm-up step, then
+    the median of 2 timed steps, and the peak GPU memory of the rank from its start."""
+    from rlsys.controller.loop import _free_port as free_port
+    from rlsys.learner.batch import split_for_ranks
+    from rlsys.learner.config import LoraConfig
+    from rlsys.learner.rank import LearnerRank
+    from rlsys.rollout.weight_sync import publish
+
+    results = {}
+    tokens = int(batch.attention_mask.sum())
+    for name, overrides in OPTIONS.items():
+        opts = dict(overrides)
+        if opts.get("lora"):
+            opts["lora"] = LoraConfig(rank=16, alpha=32.0)
+        cfg = dataclasses.replace(lc, **opts)
+        rank = None
+        try:
+            rank = ray.remote(num_cpus=1, num_gpus=0.5)(LearnerRank).remote(
+                cfg, model, 0, 1, free_port(), rc.temperature, rc.max_new_tokens
+            )
+            ((shard, plan),) = split_for_ranks(batch, 1, cfg)
+            ray.get(rank.train_step.remote(shard, norm, plan))  # warm-up
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                ray.get(rank.train_step.remote(shard, norm, plan))
+                times.append(time.perf_counter() - t0)
+            peak = ray.get(rank.__ray_call__.remote(lambda self: __import__("torch").cuda.max_memory_allocated()))
+            attn = ray.get(rank.__ray_call__.remote(lambda self: self.engine.module.config._attn_implementation))
+            results[name] = {
+                "tokens_per_s": tokens / statistics.median(times),
+                "step_s": statistics.median(times),
+                "peak_gpu_mb": peak / 2**20,
+                "attn_implementation": attn,
+                "micro_batches": len(plan),
+            }
+            if name == "lora":  # merged adapters reach the engine and it serves them
+                plan_w = ray.get(rank.weight_plan.remote("bfloat16"))
+                asyncio.run(publish("cuda_ipc", version + 1, [rank], [engine], plan_w))
+                learner_gap = logprob_gap(engine, rank)
+                results[name]["logprob_gap"] = learner_gap
+                if not learner_gap < 0.05:
+                    failures.append(f"lora: engine vs learner logprob gap {learner_gap:.4f} after a merged sync")
+            r = results[name]
+            print(
+                f"learner option {name:14s}: {r['tokens_per_s']:8.0f} tokens/s, peak {r['peak_gpu_mb']:7.0f} MB "
+                f"({attn}, {len(plan)} micro-batches)",
+                flush=True,
+            )
+        except Exception as e:  # noqa: BLE001 - one option failing must not hide the others
+            failures.append(f"learner option {name}: {type(e).__name__}: {str(e)[:300]}")
+            results[name] = {"error": str(e)[:300]}
+        finally:
+            if rank is not None:
+                ray.kill(rank)
+    return results
 
 
 def main() -> int:
@@ -225,13 +300,13 @@ def main() -> int:
             floor = d2d_floor_s(nbytes)
             out.update({"sync_bytes": nbytes, "sync_buckets": len(plan), "copy_floor_s": floor, "sync": {}})
 
-            def logprob_gap(eng) -> float:
+            def logprob_gap(eng, rank=None) -> float:
                 """Mean |engine - learner| logprob of fresh samples (both bf16)."""
                 fresh = ray.get(eng.generate.remote(reqs[:16]))
                 fb = build_batch(
                     [g.with_rewards(np.zeros(g.size, np.float32), 0) for g in fresh.groups], LossConfig(), pad_id=0
                 )
-                learner_lp = ray.get(learner.compute_logprobs.remote(fb))
+                learner_lp = ray.get((rank or learner).compute_logprobs.remote(fb))
                 return float(np.abs((learner_lp - fb.behav_logprobs) * fb.mask).sum() / fb.mask.sum())
 
             out["logprob_gap_before_sync"] = before = logprob_gap(engine)
@@ -270,6 +345,10 @@ def main() -> int:
                     )
             worst = max(v["sync_over_floor"] for v in out["sync"].values())
             out["sync_over_floor"] = worst
+            ray.kill(learner)
+            out["learner_options"] = learner_options(
+                ray, lc, str(model), rc, batch, norm, engine, version, logprob_gap, failures
+            )
     finally:
         ray.shutdown()
     out["failures"] = failures

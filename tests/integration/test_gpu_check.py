@@ -40,3 +40,8 @@ def test_gpu_check_small_model(tmp_path):
     assert "cuda_ipc" in r["sync"]
     for t in r["sync"].values():
         assert t["logprob_gap"] < r["logprob_gap_before_sync"] / 5
+    options = r["learner_options"]
+    assert set(options) == {"bf16", "grad_ckpt", "zero3_offload", "lora", "packing", "token_budget"}
+    assert all("error" not in v and v["tokens_per_s"] > 0 for v in options.values()), options
+    assert options["grad_ckpt"]["peak_gpu_mb"] < options["bf16"]["peak_gpu_mb"]
+    assert options["lora"]["peak_gpu_mb"] < options["bf16"]["peak_gpu_mb"]
