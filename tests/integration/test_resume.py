@@ -60,3 +60,18 @@ def test_resume_continues_exactly_where_the_run_stopped(ray_cluster, tiny_model,
     assert resumed["samples_per_s"] == pytest.approx(resumed["samples"] / resumed["train_seconds"], rel=1e-3)
     assert resumed["step_seconds_mean"] == pytest.approx(resumed["train_seconds"] / 5, rel=1e-3)
     assert resumed["samples_per_s"] < 3 * full["samples_per_s"]
+
+
+def test_lora_resume_continues_exactly_where_the_run_stopped(ray_cluster, tiny_model, tmp_path):
+    """A LoRA run resumes from its checkpoint (the merged policy, then the DeepSpeed state that
+    holds the base weights, the adapters and their Adam moments) and takes the same next steps;
+    each checkpoint also holds the adapters alone, in peft's format."""
+    lora = [*BASE, "learner.lora.rank=8", "learner.lr=1e-3"]
+    full = run_training(to_run_config(compose(lora)), tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoints" / "step_000003"
+    assert (ckpt / "adapter" / "adapter_config.json").is_file()
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    resumed = run_training(to_run_config(compose([*lora, f"resume={ckpt}"])), tmp_path / "resumed")
+    assert resumed["steps"] == 5 and resumed["steps_this_run"] == 2
+    np.testing.assert_allclose(resumed["curves"]["loss"][3:], full["curves"]["loss"][3:], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(resumed["curves"]["reward"][3:], full["curves"]["reward"][3:])
