@@ -47,6 +47,7 @@ equal cost with a threshold, give the baseline the number of pairs the threshold
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
@@ -92,21 +93,35 @@ class RouterConfig:
             raise ValueError(f"reward.router.signal must be one of {', '.join(SIGNALS)}; got {self.signal!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"reward.router.policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        if not (0.0 <= self.budget_fraction <= 1.0):
-            raise ValueError(f"reward.router.budget_fraction must be in [0, 1], got {self.budget_fraction}")
-        if self.max_pairs_per_step < 0:
+        if not (_is_number(self.budget_fraction) and 0.0 <= self.budget_fraction <= 1.0):
+            raise ValueError(f"reward.router.budget_fraction must be in [0, 1], got {_shown(self.budget_fraction)}")
+        m = self.max_pairs_per_step
+        if not (isinstance(m, (int, np.integer)) and not isinstance(m, bool) and m >= 0):
             raise ValueError(
-                f"reward.router.max_pairs_per_step must be >= 0 (0 = no cap), got {self.max_pairs_per_step}"
+                f"reward.router.max_pairs_per_step must be an integer >= 0 (0 = no cap), "
+                f"got {_shown(self.max_pairs_per_step)}"
             )
-        if not (math.isfinite(self.threshold) and self.threshold >= 0.0):
-            raise ValueError(f"reward.router.threshold must be a finite number >= 0, got {self.threshold}")
+        if not (_is_number(self.threshold) and math.isfinite(self.threshold) and self.threshold >= 0.0):
+            raise ValueError(f"reward.router.threshold must be a finite number >= 0, got {_shown(self.threshold)}")
         if self.threshold > 0 and self.policy != "uncertainty":
             raise ValueError(
                 f"reward.router.threshold applies only to policy=uncertainty; set "
                 f"reward.router.threshold=0 for policy={self.policy}"
             )
-        if not (math.isfinite(self.verdict_scale) and self.verdict_scale > 0):
-            raise ValueError(f"reward.router.verdict_scale must be a finite number > 0, got {self.verdict_scale}")
+        if not (_is_number(self.verdict_scale) and math.isfinite(self.verdict_scale) and self.verdict_scale > 0):
+            raise ValueError(
+                f"reward.router.verdict_scale must be a finite number > 0, got {_shown(self.verdict_scale)}"
+            )
+
+
+def _is_number(value: object) -> bool:
+    """A real number, not a bool or a string (``"0.2" <= 1`` is a TypeError, ``True`` is not a fraction)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_whole(value: object) -> bool:
+    """A finite real number without a fractional part (3 or 3.0; not 2.5, NaN or "3")."""
+    return _is_number(value) and math.isfinite(value) and int(value) == value
 
 
 # --------------------------------------------------------------------------- pairwise algebra
@@ -233,6 +248,10 @@ def select_pairs(
 
     Otherwise K = min(budget, P) exactly. Ties in uncertainty or margin are broken at random
     (by ``rng``), so equal scores do not systematically favour low pair indices.
+
+    Raises ValueError on an unknown policy, mismatched arrays, a budget that is not a whole
+    number >= 0 (NaN, 2.5 or "3"), or a threshold that is not a finite number >= 0 or is set
+    for another policy.
     """
     u = np.asarray(uncertainty, dtype=np.float64)
     m = np.abs(np.asarray(margin, dtype=np.float64))
@@ -240,8 +259,10 @@ def select_pairs(
         raise ValueError(f"routing policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     if u.ndim != 1 or u.shape != m.shape:
         raise ValueError(f"uncertainty and margin must be 1-D with one entry per pair, got {u.shape} and {m.shape}")
-    if budget < 0:
-        raise ValueError(f"budget must be >= 0, got {budget}")
+    if not (_is_whole(budget) and budget >= 0):
+        raise ValueError(f"budget must be a whole number of pairs >= 0, got {_shown(budget)}")
+    if not (_is_number(threshold) and math.isfinite(threshold)):
+        raise ValueError(f"threshold must be a finite number >= 0, got {_shown(threshold)}")
     if threshold < 0 or (threshold > 0 and policy != "uncertainty"):
         raise ValueError("threshold must be >= 0 and applies only to policy='uncertainty'")
     p = len(u)
@@ -334,6 +355,11 @@ class PairScores:
         return pairwise_matrix(self.n, self.pairs, self.s)
 
 
+U_GP_TOLERANCE = 1e-9
+"""How far below 1 ``rm_uncertainty`` lets u_gp = sqrt(1 + a var) fall (float round-off of a
+variance near 0); anything lower is a negative variance and refused."""
+
+
 def rm_uncertainty(signal: str, logit_ij: np.ndarray, logit_ji: np.ndarray, u_gp: np.ndarray) -> np.ndarray:
     """The uncertainty a pair is routed by, from an SNGP pairwise RM's outputs.
 
@@ -346,10 +372,24 @@ def rm_uncertainty(signal: str, logit_ij: np.ndarray, logit_ji: np.ndarray, u_gp
       is what catches the RM's errors on typical inputs, where the variance is uniformly low
       (scripts/train_rm.py reports accuracy per decile of both signals).
     - ``variance``: ``u_gp`` itself (epistemic only: rises on inputs unlike the training pairs).
+
+    Raises ValueError unless ``u_gp`` has one finite value >= 1 per pair: a GP variance is
+    >= 0, so sqrt(1 + a var) < 1 (or NaN) means a negative variance from a broken head.
+    Values within ``U_GP_TOLERANCE`` below 1 are accepted as round-off.
     """
     if signal not in SIGNALS:
         raise ValueError(f"signal must be one of {', '.join(SIGNALS)}; got {signal!r}")
     u = np.asarray(u_gp, dtype=np.float64)
+    shape = np.shape(logit_ij)
+    if u.shape != shape:
+        raise ValueError(f"u_gp needs one entry per pair: logits of shape {shape}, u_gp of shape {u.shape}")
+    bad = ~(np.isfinite(u) & (u >= 1.0 - U_GP_TOLERANCE))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"u_gp = sqrt(1 + a var) must be finite and >= 1 (a GP variance is >= 0), got {u.flat[i]} at "
+            f"index {i} ({int(bad.sum())} of {u.size} pairs): the RM head gave a negative or non-finite variance"
+        )
     if signal == "variance":
         return u
     return 1.0 - np.abs(np.tanh(antisymmetrize(logit_ij, logit_ji) / (2.0 * u)))
@@ -574,6 +614,11 @@ def rm_judge_agreement(s_rm: np.ndarray, verdicts: Sequence[Optional[int]]) -> f
         return float("nan")
     v = np.array([verdicts[k] for k in keep], dtype=np.float64)
     return float(np.mean(np.sign(s[keep]) == v))
+
+
+def _shown(value: object) -> object:
+    """A value for an error message: strings quoted, numbers as printed (``nan``, ``2.5``)."""
+    return repr(value) if isinstance(value, str) else value
 
 
 def _check_pairs(n: int, pairs: np.ndarray) -> np.ndarray:

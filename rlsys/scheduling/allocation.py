@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from typing import Callable, Sequence
 
 import numpy as np
@@ -85,11 +86,14 @@ import numpy as np
 def knapsack_value(n: np.ndarray | int, p: np.ndarray | float) -> np.ndarray:
     """``V(N, p) = (1 - p^N - (1-p)^N) * p * (1-p)^2``, vectorised; ``V(0, p) = 0``.
 
+    p is a success probability: ValueError unless every p lies in [0, 1] (NaN refused).
+
     >>> float(knapsack_value(8, 0.5))  # doctest: +ELLIPSIS
     0.12402...
     """
     n = np.asarray(n, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
+    _check_probabilities("p", p)
     v = (1.0 - p**n - (1.0 - p) ** n) * p * (1.0 - p) ** 2
     return np.where(n >= 1, v, 0.0)
 
@@ -100,11 +104,42 @@ def _marginal_gain(n: int, p: float) -> float:
     return p * q * q * (p**n * q + q**n * p)
 
 
-def _check_bounds(n_min: int, n_max: int) -> None:
+def _check_probabilities(name: str, p: np.ndarray, note: str = "") -> None:
+    """ValueError unless every entry of ``p`` is a success probability in [0, 1] (NaN and
+    infinities refused); the message names the first bad entry."""
+    bad = ~((p >= 0.0) & (p <= 1.0))  # NaN compares False both ways
+    if bad.any():
+        at = np.argwhere(bad)[0]
+        where = "" if p.ndim == 0 else f" at index {int(at[0]) if p.ndim == 1 else tuple(int(i) for i in at)}"
+        raise ValueError(
+            f"{name} must lie in [0, 1] (success probabilities{note}), got {p[tuple(at)]}{where} "
+            f"({int(bad.sum())} of {p.size} entries invalid)"
+        )
+
+
+def _whole(name: str, value: object, unit: str) -> int:
+    """``value`` as an int; ValueError unless it is a whole number (an int, or a float without a
+    fractional part). A bound of 2.5 would let the greedy hand out 3 and overshoot n_max."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or int(value) != value
+    ):
+        shown = repr(value) if isinstance(value, str) else value
+        raise ValueError(f"{name} must be a whole number of {unit}, got {shown}")
+    return int(value)
+
+
+def _check_bounds(n_min: int, n_max: int) -> tuple[int, int]:
+    """(n_min, n_max) as ints, after checking both are whole numbers with 1 <= n_min <= n_max."""
+    n_min = _whole("n_min", n_min, "rollouts per prompt")
+    n_max = _whole("n_max", n_max, "rollouts per prompt")
     if n_min < 1:
         raise ValueError(f"n_min must be >= 1 (V(N, p) is concave only from N = 1), got {n_min}")
     if n_min > n_max:
         raise ValueError(f"n_min ({n_min}) must be <= n_max ({n_max}); raise n_max or lower n_min")
+    return n_min, n_max
 
 
 def _spend(
@@ -152,9 +187,11 @@ def allocate_knapsack(
     cost: optional float [M] > 0, expected tokens per rollout of each prompt.
     zero_cap: most rollouts a p̂ = 0 prompt may get from the surplus (rule 4); None: n_max.
 
-    Raises ValueError on n_min < 1, n_min > n_max, a budget below the fixed minimum (unseen
-    prompts at uniform_n, the rest at n_min) or above what n_max lets the prompts take, a
-    non-finite budget, p̂ outside [0, 1], or arrays of mismatched length.
+    Raises ValueError on n_min < 1, n_min > n_max, n_min, n_max, uniform_n or zero_cap that
+    are not whole numbers (counts are integers: a bound of 2.5 is refused, not rounded), a
+    budget below the fixed minimum (unseen prompts at uniform_n, the rest at n_min) or above
+    what n_max lets the prompts take, a non-finite budget, p̂ outside [0, 1], or arrays of
+    mismatched length.
 
     >>> allocate_knapsack(np.array([0.1, 0.5, 0.95]), 24, 2, 64).tolist()
     [15, 7, 2]
@@ -163,7 +200,11 @@ def allocate_knapsack(
     if p.ndim != 1:
         raise ValueError(f"p_hat must be 1-D, got shape {p.shape}")
     m = len(p)
-    _check_bounds(n_min, n_max)
+    n_min, n_max = _check_bounds(n_min, n_max)
+    if uniform_n is not None:
+        uniform_n = _whole("uniform_n", uniform_n, "rollouts per unseen prompt")
+    if zero_cap is not None:
+        zero_cap = _whole("zero_cap", zero_cap, "rollouts per p_hat = 0 prompt")
     unseen = np.isnan(p) if unseen_mask is None else np.asarray(unseen_mask, dtype=bool)
     if unseen.shape != p.shape:
         raise ValueError(f"unseen_mask has shape {unseen.shape}, p_hat has {p.shape}")
@@ -229,10 +270,18 @@ def allocate_dp(p_hat: np.ndarray, budget: int, n_min: int, n_max: int) -> np.nd
 
     A test oracle for ``allocate_knapsack`` in the rollout-budget case (no unseen prompts, no
     costs). Optimal allocations need not be unique; compare objective values, not counts.
+
+    Raises ValueError on p̂ that is not 1-D or not in [0, 1] (NaN included: there are no unseen
+    prompts here), bounds as ``allocate_knapsack`` refuses them, a budget that is not a whole
+    number, or one outside [M * n_min, M * n_max]; so the counts always sum to the budget.
     """
     p = np.asarray(p_hat, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"p_hat must be 1-D, got shape {p.shape}")
+    _check_probabilities("p_hat", p, "; allocate_dp has no unseen prompts, so NaN is not allowed")
     m = len(p)
-    _check_bounds(n_min, n_max)
+    n_min, n_max = _check_bounds(n_min, n_max)
+    budget = _whole("budget", budget, "rollouts")
     if not (m * n_min <= budget <= m * n_max):
         raise ValueError(f"budget {budget} must lie in [M*n_min, M*n_max] = [{m * n_min}, {m * n_max}]")
     extra = budget - m * n_min
@@ -314,8 +363,26 @@ def dapo_keep(rewards: Sequence[float] | np.ndarray) -> bool:
 
     For binary rewards this is exactly ``0 < correct < n``; for real-valued rewards it keeps
     any group whose rewards are not all equal. A group of size <= 1 is never kept.
+
+    Raises ValueError on a non-finite reward: NaN compares unequal to everything, so it would
+    silently drop the group. A reward function that fails is scored ``reward.failure_reward``
+    (finite), so a NaN here is a bug upstream.
     """
+    return _varies(rewards, "the group")
+
+
+def _varies(rewards: Sequence[float] | np.ndarray, what: str) -> bool:
+    """``dapo_keep`` with ``what`` (which group) named in its errors."""
     r = np.asarray(rewards, dtype=np.float64)
+    if r.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of rewards, one per rollout, got shape {r.shape}")
+    bad = ~np.isfinite(r)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{what} has reward {r[i]} at index {i}: rewards must be finite (a failed reward function "
+            "scores reward.failure_reward), so this is a bug upstream of the DAPO filter and metrics"
+        )
     return bool(r.size > 1 and r.max() > r.min())
 
 
@@ -338,20 +405,24 @@ def dapo_prompts_to_sample(kept: int, target: int, rounds_done: int, max_rounds:
 
 def effective_gradient_ratio(groups_rewards: Sequence[Sequence[float]]) -> float:
     """Fraction of rollouts that sit in groups with non-zero reward variance (0.0 when there
-    are no rollouts). The figure Knapsack RL raises by 20–40%."""
+    are no rollouts). The figure Knapsack RL raises by 20–40%.
+
+    Raises ValueError, naming the group, on a non-finite reward (see ``dapo_keep``): a NaN would
+    otherwise count its group as one without gradient."""
+    useful = np.array([_varies(g, f"group {k}") for k, g in enumerate(groups_rewards)], dtype=bool)
     sizes = np.array([len(g) for g in groups_rewards], dtype=np.int64)
     total = int(sizes.sum())
     if total == 0:
         return 0.0
-    useful = np.array([dapo_keep(g) for g in groups_rewards], dtype=bool)
     return float(sizes[useful].sum() / total)
 
 
 def effective_prompt_ratio(groups_rewards: Sequence[Sequence[float]]) -> float:
-    """Fraction of groups (prompts) with non-zero reward variance (0.0 when there are none)."""
+    """Fraction of groups (prompts) with non-zero reward variance (0.0 when there are none).
+    Raises ValueError, naming the group, on a non-finite reward (see ``dapo_keep``)."""
     if len(groups_rewards) == 0:
         return 0.0
-    return float(np.mean([dapo_keep(g) for g in groups_rewards]))
+    return float(np.mean([_varies(g, f"group {k}") for k, g in enumerate(groups_rewards)]))
 
 
 def allocation_histogram(counts: np.ndarray, bins: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -130,6 +130,26 @@ def test_config_errors_name_the_key(kwargs, key):
         RouterConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budget_fraction": "0.2"}, "reward.router.budget_fraction must be in [0, 1], got '0.2'"),
+        ({"budget_fraction": None}, "reward.router.budget_fraction must be in [0, 1], got None"),
+        ({"budget_fraction": True}, "reward.router.budget_fraction must be in [0, 1], got True"),
+        ({"budget_fraction": float("nan")}, "reward.router.budget_fraction must be in [0, 1], got nan"),
+        ({"max_pairs_per_step": "5"}, "reward.router.max_pairs_per_step must be an integer >= 0 (0 = no cap), got '5'"),
+        ({"max_pairs_per_step": 2.5}, "reward.router.max_pairs_per_step must be an integer >= 0 (0 = no cap), got 2.5"),
+        ({"threshold": "0.5"}, "reward.router.threshold must be a finite number >= 0, got '0.5'"),
+        ({"verdict_scale": "1"}, "reward.router.verdict_scale must be a finite number > 0, got '1'"),
+    ],
+)
+def test_config_refuses_non_numbers_in_rlsys_words(kwargs, message):
+    # a string budget_fraction used to fail with Python's "'<=' not supported between ..."
+    with pytest.raises(ValueError) as e:
+        RouterConfig(**kwargs)
+    assert message in str(e.value)
+
+
 def test_rm_uncertainty_predictive_and_variance_signals():
     lij = np.array([0.0, 2.0, -2.0, 2.0, 6.0, 1.0])
     lji = np.array([0.0, -2.0, 2.0, -2.0, -6.0, 1.0])  # the last pair: pure position bias, s = 0
@@ -145,6 +165,26 @@ def test_rm_uncertainty_predictive_and_variance_signals():
     np.testing.assert_array_equal(rm_uncertainty("variance", lij, lji, u_gp), u_gp)
     with pytest.raises(ValueError, match="signal must be one of predictive, variance"):
         rm_uncertainty("entropy", lij, lji, u_gp)
+
+
+@pytest.mark.parametrize("signal", ["predictive", "variance"])
+@pytest.mark.parametrize("bad", [0.5, 0.0, -1.0, np.nan, np.inf])
+def test_rm_uncertainty_refuses_a_negative_or_non_finite_gp_variance(signal, bad):
+    # u_gp = sqrt(1 + a var) < 1 means var < 0; it used to be accepted (and returned as is by 'variance')
+    u_gp = np.array([1.0, bad, 1.2])
+    with pytest.raises(ValueError, match=r"u_gp = sqrt\(1 \+ a var\) must be finite and >= 1") as e:
+        rm_uncertainty(signal, np.zeros(3), np.zeros(3), u_gp)
+    assert f"got {bad} at index 1 (1 of 3 pairs)" in str(e.value)
+
+
+def test_rm_uncertainty_accepts_round_off_below_one_and_checks_shapes():
+    u_gp = np.array([1.0 - 1e-12, 1.0, 1.3])  # a variance of ~0 computed as a hair below 0
+    np.testing.assert_array_equal(rm_uncertainty("variance", np.zeros(3), np.zeros(3), u_gp), u_gp)
+    assert rm_uncertainty("predictive", np.zeros(3), np.zeros(3), u_gp).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(
+        ValueError, match=r"u_gp needs one entry per pair: logits of shape \(3,\), u_gp of shape \(2,\)"
+    ):
+        rm_uncertainty("predictive", np.zeros(3), np.zeros(3), np.ones(2))
 
 
 def test_judge_budget_is_an_integer_floor_with_cap():
@@ -202,6 +242,36 @@ def test_uncertainty_takes_the_most_uncertain_and_margin_the_smallest_margin():
     assert select_pairs("uncertainty", u, m, 1, rng, threshold=0.6).tolist() == [1]
     with pytest.raises(ValueError, match="only to policy='uncertainty'"):
         select_pairs("random", u, m, 2, rng, threshold=0.6)
+
+
+@pytest.mark.parametrize(
+    "budget, shown",
+    [
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        (2.5, "2.5"),
+        ("3", "'3'"),
+        (None, "None"),
+        (-1, "-1"),
+        (True, "True"),
+    ],
+)
+def test_select_pairs_refuses_a_budget_that_is_not_a_whole_number(budget, shown):
+    # budget=nan used to fail in int() with Python's "cannot convert float NaN to integer"
+    u, m = np.random.default_rng(0).random((2, 5))
+    for policy in POLICIES:
+        with pytest.raises(ValueError, match=rf"budget must be a whole number of pairs >= 0, got {shown}$"):
+            select_pairs(policy, u, m, budget, np.random.default_rng(0))
+
+
+def test_select_pairs_accepts_whole_budgets_of_any_numeric_type_and_checks_the_threshold():
+    u, m = np.random.default_rng(0).random((2, 5))
+    want = select_pairs("uncertainty", u, m, 3, np.random.default_rng(0)).tolist()
+    for budget in (np.int64(3), 3.0, np.float64(3.0)):
+        assert select_pairs("uncertainty", u, m, budget, np.random.default_rng(0)).tolist() == want
+    for threshold, shown in ((float("nan"), "nan"), ("0.5", "'0.5'"), (float("inf"), "inf")):
+        with pytest.raises(ValueError, match=rf"threshold must be a finite number >= 0, got {shown}$"):
+            select_pairs("uncertainty", u, m, 3, np.random.default_rng(0), threshold=threshold)
 
 
 def test_ties_are_broken_at_random_not_by_index():

@@ -229,6 +229,72 @@ def test_bad_estimates_are_errors():
         allocate_knapsack(np.array([0.5, 0.5]), 8.5, 2, 8)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        pytest.param(dict(n_max=2.5), "n_max must be a whole number of rollouts per prompt, got 2.5", id="n_max-2.5"),
+        pytest.param(dict(n_min=1.5), "n_min must be a whole number of rollouts per prompt, got 1.5", id="n_min-1.5"),
+        pytest.param(dict(n_max=float("nan")), "n_max must be a whole number", id="n_max-nan"),
+        pytest.param(dict(n_max=float("inf")), "n_max must be a whole number", id="n_max-inf"),
+        pytest.param(dict(n_min="2"), "n_min must be a whole number of rollouts per prompt, got '2'", id="n_min-str"),
+        pytest.param(dict(n_min=True), "n_min must be a whole number", id="n_min-bool"),
+        pytest.param(dict(uniform_n=2.5), "uniform_n must be a whole number", id="uniform_n-2.5"),
+        pytest.param(dict(zero_cap=float("nan")), "zero_cap must be a whole number", id="zero_cap-nan"),
+    ],
+)
+def test_non_integer_bounds_are_refused_not_overshot(kwargs, message):
+    # n_max = 2.5 used to let the greedy hand a prompt 3 rollouts: [2, 3, 2] for a budget of 7
+    args = dict(p_hat=np.array([0.1, 0.5, 0.95]), budget=7, n_min=2, n_max=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError) as e:
+        allocate_knapsack(args.pop("p_hat"), args.pop("budget"), args.pop("n_min"), args.pop("n_max"), **args)
+    assert message in str(e.value)
+    if "n_min" in kwargs or "n_max" in kwargs:
+        dp_args = {"n_min": 2, "n_max": 3, **{k: v for k, v in kwargs.items() if k in ("n_min", "n_max")}}
+        with pytest.raises(ValueError, match="must be a whole number"):
+            allocate_dp(np.array([0.1, 0.5, 0.95]), 7, dp_args["n_min"], dp_args["n_max"])
+
+
+def test_whole_number_bounds_of_any_numeric_type_are_accepted_as_ints():
+    p = np.array([0.1, 0.5, 0.95])
+    expected = allocate_knapsack(p, 24, 2, 64)
+    np.testing.assert_array_equal(allocate_knapsack(p, 24, 2.0, np.int64(64), zero_cap=16.0), expected)
+    np.testing.assert_array_equal(allocate_dp(p, 9, np.int64(2), 3.0), allocate_dp(p, 9, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "p_hat, message",
+    [
+        pytest.param([np.nan, 0.5], "got nan at index 0", id="nan"),
+        pytest.param([0.5, np.inf], "got inf at index 1", id="inf"),
+        pytest.param([0.5, 1.5], "got 1.5 at index 1", id="above-1"),
+        pytest.param([-0.1, 0.5], "got -0.1 at index 0", id="below-0"),
+    ],
+)
+def test_dp_refuses_success_rates_that_are_not_probabilities(p_hat, message):
+    # a NaN p used to give counts summing to 4 for a budget of 8
+    with pytest.raises(ValueError, match=r"p_hat must lie in \[0, 1\]") as e:
+        allocate_dp(np.array(p_hat), 8, 2, 8)
+    assert message in str(e.value)
+    assert "allocate_dp has no unseen prompts" in str(e.value)
+
+
+def test_dp_refuses_bad_shapes_and_non_whole_budgets():
+    with pytest.raises(ValueError, match="p_hat must be 1-D"):
+        allocate_dp(np.full((2, 2), 0.5), 8, 2, 8)
+    with pytest.raises(ValueError, match="budget must be a whole number of rollouts, got 8.5"):
+        allocate_dp(np.array([0.5, 0.5]), 8.5, 2, 8)
+    with pytest.raises(ValueError, match="budget must be a whole number of rollouts, got nan"):
+        allocate_dp(np.array([0.5, 0.5]), float("nan"), 2, 8)
+
+
+@pytest.mark.parametrize("p", [1.5, -0.5, np.nan, np.inf, [0.5, 1.0001]])
+def test_value_refuses_p_outside_zero_one(p):
+    # knapsack_value(8, 1.5) used to return a negative value
+    with pytest.raises(ValueError, match=r"p must lie in \[0, 1\] \(success probabilities\), got"):
+        knapsack_value(8, p)
+
+
 def test_no_prompts():
     assert allocate_knapsack(np.zeros(0), 0, 2, 8).shape == (0,)
     with pytest.raises(ValueError, match="could not be spent"):
@@ -274,6 +340,22 @@ def test_dapo_keep_is_zero_lt_correct_lt_n_for_binary_rewards():
     assert dapo_keep([0.2, 0.7]) and not dapo_keep([0.4, 0.4, 0.4]) and not dapo_keep([1.0]) and not dapo_keep([])
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_dapo_keep_refuses_a_non_finite_reward_instead_of_dropping_the_group(bad):
+    # [nan, 0, 1] used to be dropped as a no-gradient group
+    with pytest.raises(ValueError, match=rf"the group has reward {bad} at index 0: rewards must be finite"):
+        dapo_keep([bad, 0.0, 1.0])
+    with pytest.raises(ValueError, match="reward.failure_reward"):
+        dapo_keep(np.array([0.0, 1.0, bad], dtype=np.float32))
+
+
+def test_dapo_keep_refuses_a_group_that_is_not_one_dimensional():
+    with pytest.raises(ValueError, match=r"must be a 1-D sequence of rewards, one per rollout, got shape \(\)"):
+        dapo_keep(None)
+    with pytest.raises(ValueError, match=r"got shape \(2, 2\)"):
+        dapo_keep([[0.0, 1.0], [1.0, 0.0]])
+
+
 def test_dapo_resamples_until_full_or_out_of_rounds():
     assert dapo_prompts_to_sample(kept=10, target=16, rounds_done=1, max_rounds=3) == 6
     assert dapo_prompts_to_sample(kept=16, target=16, rounds_done=1, max_rounds=3) == 0
@@ -290,6 +372,14 @@ def test_effective_ratios_count_rollouts_and_prompts():
     assert effective_gradient_ratio(groups) == pytest.approx(6 / 10)
     assert effective_prompt_ratio(groups) == pytest.approx(2 / 4)
     assert effective_gradient_ratio([]) == 0.0 and effective_prompt_ratio([]) == 0.0
+
+
+def test_effective_ratios_refuse_a_nan_reward_and_name_the_group():
+    # a NaN used to count its group as one without gradient: 2/7 here instead of an error
+    groups = [[1, 0], [0, 0, 0], [np.nan, 0, 1]]
+    for ratio in (effective_gradient_ratio, effective_prompt_ratio):
+        with pytest.raises(ValueError, match="group 2 has reward nan at index 0: rewards must be finite"):
+            ratio(groups)
 
 
 def test_allocation_histogram():
