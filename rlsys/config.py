@@ -132,6 +132,12 @@ class RunConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.max_train_seconds < 0 or self.eval_every < 0 or self.log_every < 1:
             raise ValueError("max_train_seconds and eval_every must be >= 0 and log_every >= 1")
+        lc = self.learner
+        if lc.warmup_steps > self.steps or lc.lr_decay_steps > 0 and lc.lr_decay_steps <= lc.warmup_steps:
+            raise ValueError(
+                f"learner.warmup_steps={lc.warmup_steps} must fit the run (steps={self.steps}) and end before "
+                f"learner.lr_decay_steps={lc.lr_decay_steps or self.steps}"
+            )
         if self.scheduler.samples_per_prompt < 2:
             raise ValueError(
                 f"scheduler.samples_per_prompt={self.scheduler.samples_per_prompt} gives every group one completion, "

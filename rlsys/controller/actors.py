@@ -3,6 +3,7 @@ that list their endpoints. The cluster they run on: rlsys/controller/cluster.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -128,13 +129,15 @@ class Fleet:
             .remote(jc, str(self.run_dir), self.metrics_host)
         )
 
-    def start_ranks(self, weights_ref, resume_dir: Optional[str] = None) -> list:
+    def start_ranks(self, weights_ref, resume_dir: Optional[str] = None, start_step: Optional[int] = None) -> list:
         """Create the learner ranks (from the policy, a committed weights ObjectRef, or a checkpoint)
-        in the learner placement group, rank r in bundle r."""
+        in the learner placement group, rank r in bundle r. ``start_step``: the committed optimizer
+        steps, where the LR schedule continues (default: the starting version's)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         lc, rc = self.cfg.learner, self.cfg.rollout
+        lc = dataclasses.replace(lc, lr_decay_steps=lc.lr_decay_steps or self.cfg.steps)
         pg = self._learner_group()
         port, rendezvous = free_port(), uuid.uuid4().hex
         return [
@@ -157,6 +160,7 @@ class Fleet:
                 resume_dir,
                 self.metrics_host,
                 rendezvous,
+                self.version0 if start_step is None else start_step,
             )
             for r in range(lc.num_ranks)
         ]

@@ -298,9 +298,9 @@ class Recovery:
         ckpt = self.checkpoints.last  # ranks restarted at its version restore its optimizer state too
         if ckpt is not None and ckpt[1] == self.store.learner_version:
             log.info("learner ranks restart from checkpoint %s (policy version %d, optimizer state included)", *ckpt)
-            self.fleet.ranks = self.fleet.start_ranks(None, resume_dir=ckpt[0])
+            self.fleet.ranks = self.fleet.start_ranks(None, resume_dir=ckpt[0], start_step=ckpt[1])
         else:
-            self.fleet.ranks = self.fleet.start_ranks(self.weights.committed)
+            self.fleet.ranks = self.fleet.start_ranks(self.weights.committed, start_step=self.store.learner_version)
         await with_deadline(
             asyncio.gather(*[r.ready.remote() for r in self.fleet.ranks]), self.cfg.cluster.actor_start_timeout_s
         )

@@ -95,7 +95,16 @@ class LearnerConfig:
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     lr: float = 1e-4
-    """AdamW learning rate (constant)."""
+    """AdamW learning rate (the peak, with a schedule: ``lr_schedule``)."""
+    lr_schedule: str = "constant"
+    """After ``warmup_steps``: 'constant', 'linear' or 'cosine' decay to ``min_lr_ratio * lr`` at
+    ``lr_decay_steps`` (rlsys/learner/schedule.py)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from ``lr / warmup_steps`` to ``lr``."""
+    lr_decay_steps: int = 0
+    """The step at which a decaying schedule reaches its floor; 0: the run's ``steps``."""
+    min_lr_ratio: float = 0.0
+    """The decay's floor as a fraction of ``lr``."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_beta1: float = 0.9
@@ -201,6 +210,15 @@ class LearnerConfig:
             raise ValueError("learner.max_nonfinite_steps must be >= 1 and learner.step_timeout_s >= 0 (0 = none)")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"learner.dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"learner.lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or self.lr_decay_steps < 0:
+            raise ValueError(
+                f"learner.warmup_steps and learner.lr_decay_steps must be >= 0, got {self.warmup_steps} and "
+                f"{self.lr_decay_steps}"
+            )
+        if not (0.0 <= self.min_lr_ratio <= 1.0):
+            raise ValueError(f"learner.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_tokens_per_micro_batch < 0:
             raise ValueError(
                 f"learner.max_tokens_per_micro_batch must be >= 0 (0 = micro-batches by count), "

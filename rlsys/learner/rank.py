@@ -100,9 +100,11 @@ class LearnerRank:
         resume_dir: Optional[str] = None,
         metrics_host: Optional[str] = None,
         rendezvous: Optional[str] = None,
+        start_step: int = 0,
     ):
         """``rendezvous``: a name the ranks of one group share (unique per group start); they meet
-        through a file of that name in the node's temp dir (default: named after master_port)."""
+        through a file of that name in the node's temp dir (default: named after master_port).
+        ``start_step``: optimizer steps the run has committed (where the LR schedule continues)."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.metrics = self.metrics_endpoint_ = None
         if metrics_host is not None:  # this rank's own Prometheus endpoint (rlsys.observability.metrics)
@@ -153,10 +155,14 @@ class LearnerRank:
         )
         torch.manual_seed(0)
         model = load_policy(cfg, model_path, on_gpu, initial_weights)
+        from rlsys.learner.schedule import lr_factor
+
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters only
             config=deepspeed_config(cfg, world_size, on_gpu),
+            # stepped by DeepSpeed after each optimizer step; the run's step count, not this rank's
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(start_step + k, cfg)),
         )
         self.published = PublishedWeights(self.engine.module)
         self.steps = 0

@@ -116,3 +116,33 @@ def test_gradient_checkpointing_gives_the_same_step(ray_cluster, tiny_model, zer
         np.testing.assert_allclose(w_ckpt[name].numpy(), t.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
         moved += 1
     assert moved == len(w_ckpt) > 0
+
+
+def test_learning_rate_follows_the_schedule_from_the_committed_step(ray_cluster, tiny_model):
+    """DeepSpeed steps the schedule after each optimizer step; a rank started at committed step
+    k (a restart or a resume) continues it at k, not at 0."""
+    from rlsys.learner.schedule import lr_factor
+
+    cfg = LearnerConfig(lr=1e-3, lr_schedule="cosine", warmup_steps=2, lr_decay_steps=5, min_lr_ratio=0.1)
+    rng = np.random.default_rng(3)
+    batch = build_batch(_groups(rng), LossConfig(), pad_id=0)
+    norm = LossNormalizer(batch.num_tokens, batch.num_seqs, 6)
+
+    def lr(rank) -> float:
+        return ray_cluster.get(rank.__ray_call__.remote(lambda self: self.engine.get_lr()[0]))
+
+    fresh = ray_cluster.remote(num_cpus=0.5)(LearnerRank).remote(cfg, tiny_model, 0, 1, _free_port(), 1.0, 6)
+    later = ray_cluster.remote(num_cpus=0.5)(LearnerRank).remote(
+        cfg, tiny_model, 0, 1, _free_port(), 1.0, 6, start_step=3
+    )
+    try:
+        seen = [lr(fresh)]
+        for _ in range(5):
+            ray_cluster.get(fresh.train_step.remote(batch, norm))
+            seen.append(lr(fresh))
+        assert seen == pytest.approx([1e-3 * lr_factor(s, cfg) for s in range(6)], rel=1e-9)
+        assert seen[0] == pytest.approx(5e-4) and seen[-1] == pytest.approx(1e-4)  # warmup, then the floor
+        assert lr(later) == pytest.approx(seen[3], rel=1e-9)
+    finally:
+        ray_cluster.kill(fresh)
+        ray_cluster.kill(later)

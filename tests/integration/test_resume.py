@@ -14,6 +14,10 @@ pytestmark = pytest.mark.integration
 
 BASE = [
     "steps=5",
+    # the schedule's position is part of what a resume restores
+    "learner.lr_schedule=cosine",
+    "learner.warmup_steps=2",
+    "learner.min_lr_ratio=0.1",
     "scheduler.prompts_per_step=8",
     "checkpoint.every_steps=1",
     "checkpoint.keep_last=3",
