@@ -2,7 +2,7 @@
 """Reward routing on a synthetic world where the RM's error grows with its uncertainty.
 
 Uncertainty-routed reward (arXiv 2510.20369; docs/algorithms.md §2, §6), run through the real
-``rlsys.reward.routing`` functions (``pair_scores``, ``route_batch``, ``parse_verdict_or_fallback``,
+``rlsys.reward.routing`` and ``verdicts`` functions (``pair_scores``, ``route_batch``, ``parse_verdict_or_fallback``,
 ``RoutePlan.apply``).
 
 World, per seed: a step of G groups (default 256) of n = 8 responses, 28 pairs each.
@@ -51,7 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rlsys.reward.routing import RouterConfig, pair_scores, parse_verdict_or_fallback, rm_judge_agreement, route_batch
+from rlsys.reward.routing import RouterConfig, pair_scores, rm_judge_agreement, route_batch
+from rlsys.reward.verdicts import parse_verdict_or_fallback
 
 BUDGETS = (0.05, 0.10, 0.20, 0.40)
 POLICIES = ("none", "random", "margin", "uncertainty", "null", "all")

@@ -8,7 +8,7 @@
                                              or a vLLM engine owned by the worker
                                                    │ text
                                                    ▼
-                                    routing.parse_verdict (strict) ──▶ +1 / -1 / 0, or None
+                                    verdicts.parse_verdict (strict) ──▶ +1 / -1 / 0, or None
 
 ``None`` means "no verdict": the call timed out after its retries, the endpoint failed, the
 answer did not parse, or the step's budget (``judge.max_pairs_per_step``) was exhausted. The
@@ -42,11 +42,11 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from rlsys.reward.routing import JudgeParseError, parse_verdict, render_judge_prompt
+from rlsys.reward.verdicts import JudgeParseError, parse_verdict, render_judge_prompt
 from rlsys.supervision import FaultPoint, with_deadline
 
 VERDICT_LINES = ("VERDICT: A", "VERDICT: B", "VERDICT: TIE")
-"""Everything ``routing.parse_verdict`` accepts (what a constrained engine may emit)."""
+"""Everything ``verdicts.parse_verdict`` accepts (what a constrained engine may emit)."""
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,8 @@ from rlsys.replay.codec import (
     encode_group,
 )
 from rlsys.reward.judge import JudgeConfig, JudgePair, JudgeQueue, OpenAIChatBackend
-from rlsys.reward.routing import apply_verdicts, render_judge_prompt
+from rlsys.reward.routing import apply_verdicts
+from rlsys.reward.verdicts import render_judge_prompt
 from rlsys.reward.worker import GroupScorer, RewardConfig, RewardFunctionError, call_with_timeout
 from rlsys.rollout.weight_sync import WeightMismatchError, check_plan, pack, plan_buckets, validate_weights
 from rlsys.scheduling.allocation import allocate_knapsack, ar3po_reuse

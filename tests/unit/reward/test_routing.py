@@ -5,10 +5,7 @@ import numpy as np
 import pytest
 
 from rlsys.reward.routing import (
-    JUDGE_MAX_CHARS,
-    JUDGE_PROMPT_TEMPLATE,
     POLICIES,
-    JudgeParseError,
     RouterConfig,
     all_pairs,
     antisymmetrize,
@@ -18,9 +15,6 @@ from rlsys.reward.routing import (
     pair_scores,
     pairwise_advantage,
     pairwise_matrix,
-    parse_verdict,
-    parse_verdict_or_fallback,
-    render_judge_prompt,
     rm_judge_agreement,
     rm_uncertainty,
     route_batch,
@@ -28,6 +22,14 @@ from rlsys.reward.routing import (
     routed_fraction,
     select_pairs,
     verifier_separable,
+)
+from rlsys.reward.verdicts import (
+    JUDGE_MAX_CHARS,
+    JUDGE_PROMPT_TEMPLATE,
+    JudgeParseError,
+    parse_verdict,
+    parse_verdict_or_fallback,
+    render_judge_prompt,
 )
 
 
