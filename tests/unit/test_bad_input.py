@@ -449,6 +449,13 @@ def test_config_non_finite_value_names_the_key(override, key):
             ["model.hidden_size=96", "model.num_heads=5"],
             "model.hidden_size (96) must be divisible by model.num_heads (5)",
         ),
+        (["learner.offload_optimizer=true", "learner.zero_stage=0"], "learner.offload_optimizer needs ZeRO"),
+        (["learner.offload_params=true", "learner.zero_stage=2"], "it needs learner.zero_stage=3, got 2"),
+        (
+            ["learner.packing=true", "learner.attn_implementation=paged|eager"],
+            "learner.packing needs attention that keeps packed sequences apart",
+        ),
+        (["learner.warmup_steps=500", "steps=100"], "learner.warmup_steps=500 must fit the run (steps=100)"),
     ],
     ids=[
         "min-above-max",
@@ -460,6 +467,10 @@ def test_config_non_finite_value_names_the_key(override, key):
         "judge-ftp-url",
         "judge-without-model",
         "heads-do-not-divide-hidden",
+        "offload-without-zero",
+        "param-offload-below-zero3",
+        "packing-with-paged-attention",
+        "warmup-longer-than-the-run",
     ],
 )
 def test_config_conflicting_options_name_the_keys_to_change(overrides, message):
