@@ -118,6 +118,7 @@ def test_gradient_checkpointing_gives_the_same_step(ray_cluster, tiny_model, zer
     assert moved == len(w_ckpt) > 0
 
 
+@pytest.mark.slow  # ~45 s; the resume test checks the schedule's continuation in the default run
 def test_learning_rate_follows_the_schedule_from_the_committed_step(ray_cluster, tiny_model):
     """DeepSpeed steps the schedule after each optimizer step; a rank started at committed step
     k (a restart or a resume) continues it at k, not at 0."""

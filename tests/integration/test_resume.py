@@ -66,6 +66,7 @@ def test_resume_continues_exactly_where_the_run_stopped(ray_cluster, tiny_model,
     assert resumed["samples_per_s"] < 3 * full["samples_per_s"]
 
 
+@pytest.mark.slow  # ~75 s; the default run's resume test covers the schedule, LoRA runs end to end in test_e2e
 def test_lora_resume_continues_exactly_where_the_run_stopped(ray_cluster, tiny_model, tmp_path):
     """A LoRA run resumes from its checkpoint (the merged policy, then the DeepSpeed state that
     holds the base weights, the adapters and their Adam moments) and takes the same next steps;
