@@ -16,7 +16,8 @@ from rlsys.controller.loop import Controller
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("mode", ["wait_for_all", "partial"])
+# wait_for_all is opt-in (--runslow): partial scales the same fleet and adds the drain of unfinished groups
+@pytest.mark.parametrize("mode", [pytest.param("wait_for_all", marks=pytest.mark.slow), "partial"])
 def test_scale_rollout_workers_during_a_run(ray_cluster, tiny_model, tmp_path, mode):
     """``partial``: partial rollouts with carry-over (2-token segments of the 6-token answers), so
     leaving workers hold unfinished groups that must be drained, not lost."""

@@ -69,7 +69,8 @@ def write(tmp_path: Path, fmt: str) -> Path:
 
 @pytest.mark.parametrize(
     "arch, fmt",
-    [("qwen2", "jsonl"), ("llama", "parquet"), ("qwen2", "save_to_disk")],
+    # save_to_disk is opt-in (--runslow): the same training path; tests/unit/data reads every format
+    [("qwen2", "jsonl"), ("llama", "parquet"), pytest.param("qwen2", "save_to_disk", marks=pytest.mark.slow)],
     ids=["qwen2-chatml-jsonl", "llama3-nopad-parquet", "qwen2-save_to_disk"],
 )
 def test_train_a_hf_model_on_messages_then_export_and_reload(arch, fmt, tmp_path):

@@ -51,7 +51,9 @@ def _steps(ray, model, world, zero_stage, batch, norm, tmp_path) -> dict:
             ray.kill(r)
 
 
-@pytest.mark.parametrize("world, zero_stage", [(1, 1), (1, 3), (2, 1), (2, 2), (2, 3)])
+@pytest.mark.parametrize(
+    "world, zero_stage", [(1, 1), (1, 3), (2, 1), pytest.param(2, 2, marks=pytest.mark.slow), (2, 3)]
+)
 def test_memory_and_batching_options_give_the_same_step(ray_cluster, tiny_model, world, zero_stage, tmp_path):
     rng = np.random.default_rng(7)
     batch = build_batch(learner_groups(rng, k=4, n=4, max_completion=12), LossConfig(), pad_id=0)
