@@ -182,16 +182,18 @@ class LearnerRank:
             log.info("learner rank %d: resumed module and optimizer state from %s", rank, resume_dir)
         log.info("learner rank %d/%d ready (ZeRO-%d)", rank, world_size, cfg.zero_stage)
 
-    def _tensors(self, b: TrainBatch):
+    def _loss_tensors(self, b: TrainBatch):
+        """The loss's inputs of a micro-batch on this rank's device: completion mask, behaviour
+        log-probabilities, advantages and (packed rows) each token's sequence."""
         import torch
 
         d = self.device
+        seq_ids = torch.from_numpy(b.seq_ids).to(d) if b.packed else None
         return (
-            torch.from_numpy(b.input_ids).to(d),
-            torch.from_numpy(b.attention_mask).to(d),
             torch.from_numpy(b.mask).to(d),
             torch.from_numpy(b.behav_logprobs).to(d),
             torch.from_numpy(b.advantages).to(d),
+            seq_ids,
         )
 
     def _logprobs(self, b: TrainBatch):
@@ -222,8 +224,7 @@ class LearnerRank:
             weight = 1.0 if len(idx) else 0.0  # an empty one keeps the collective schedule identical
             idx = idx if len(idx) else np.arange(1)
             mb = shard.pack(idx) if self.cfg.packing else shard.select(idx)
-            _, _, mask, behav, adv = self._tensors(mb)
-            seq_ids = torch.from_numpy(mb.seq_ids).to(self.device) if mb.packed else None
+            mask, behav, adv, seq_ids = self._loss_tensors(mb)
             logp = self._logprobs(mb)
             loss, stats = policy_loss(logp, logp.detach(), behav, adv, mask * weight, self.cfg.loss, norm, seq_ids)
             # DeepSpeed averages gradients over ranks; the loss is already this shard's share

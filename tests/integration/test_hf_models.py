@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port as _free_port
 
 pytestmark = pytest.mark.integration
 
@@ -185,11 +186,3 @@ def test_learner_logprobs_of_chat_templated_prompts_match_vllm(arch, ray_cluster
     finally:
         ray_cluster.kill(w)
         ray_cluster.kill(rank)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
